@@ -1,0 +1,23 @@
+"""sgjax: decoupled training with synthetic gradients in JAX.
+
+Four small ideas (see the README): pure ``(init, apply)`` layers
+(:mod:`sgjax.layers`), synthetic-gradient predictors (:mod:`sgjax.predictors`),
+feedback methods (:mod:`sgjax.feedback`), and :func:`split_at`, which cuts a
+network into independently updated stages run by the schedules of
+:mod:`sgjax.train`.
+"""
+
+from sgjax import feedback, layers, losses, metrics, predictors, train
+from sgjax.feedback import Feedback, Target
+from sgjax.layers import Layer
+from sgjax.predictors import Predictor
+from sgjax.split import Split, Stage, StageState, split_at
+from sgjax.train import Runner, Schedule, TrainState, fused, stochastic, sync
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Feedback", "Layer", "Predictor", "Runner", "Schedule", "Split", "Stage", "StageState",
+    "Target", "TrainState", "feedback", "fused", "layers", "losses", "metrics", "predictors",
+    "split_at", "stochastic", "sync", "train",
+]

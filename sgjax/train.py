@@ -1,0 +1,265 @@
+"""Schedules that run the stages of a :class:`~sgjax.split.Split`.
+
+* :func:`sync` — every stage processes batch *t* in order (the papers'
+  protocol, used by the reproduction tables). Returns a pure, jittable
+  ``step``; :func:`fused` wraps it in ``jax.lax.scan`` so a chunk of steps is
+  one compiled program, and it can be ``jax.vmap``-ed over seeds.
+* :func:`stochastic` — like ``sync`` but each stage updates only with
+  probability ``p_update`` (DNI §3.1 "Sparse updates", Fig. 5 left); a stage
+  that skips still runs forward but sends no target down. Pure and fusable.
+* :class:`Runner` — runs ``sync`` or ``pipelined`` with every stage's state on
+  its own device (``jax.device_put``; computation follows the data). Each stage
+  function is jitted once.
+
+How targets flow. With feedbacks that are not update locked (DNI, cDNI,
+No Bprop, stale) stage *k* receives, with batch *t*, the target the stage above
+computed for batch *t − 1*: it fits its predictor to it and then predicts for
+batch *t*. That is exactly the order of DNI Fig. 2 (use on *t*, fit on *t*, use
+on *t + 1*) and needs one forward pass per stage. With update-locked feedbacks
+(Bprop, SG + prop, FA, DFA, Kickback) the schedule first runs the stages
+forward, then updates them from the top down with this batch's targets.
+
+``pipelined`` (Runner only): on tick *t* stage *k* processes batch *t − k*,
+and every stage of a tick is dispatched before any result is awaited, so on *K*
+devices they run at the same time. The target a stage receives on tick *t* was
+computed by the stage above on tick *t − 1*, for batch *t − k − 2*: one batch
+older than under ``sync``. Update-locked feedbacks cannot be pipelined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sgjax.feedback import Target
+from sgjax.split import Split, StageState
+
+
+class TrainState(NamedTuple):
+    """All stages' states and, per stage, the newest target it has received
+    (``pending[k]`` is ``None`` for the top stage)."""
+
+    stages: tuple[StageState, ...]
+    pending: tuple[Target | None, ...]
+
+
+class Schedule(NamedTuple):
+    """``init(key, x, y) -> TrainState`` and a pure ``step``."""
+
+    init: Callable[..., TrainState]
+    step: Callable[..., tuple[TrainState, dict]]
+
+
+def _direct(split: Split):
+    def call(k, name):
+        return getattr(split.stages[k], name)
+
+    return call
+
+
+def _placeholders(split: Split, stages: Sequence[StageState], x, y) -> tuple:
+    """``valid=False`` zero targets with the exact shapes each stage will receive."""
+    inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+    for stage, state in zip(split.stages[:-1], stages):
+        inputs.append(jax.eval_shape(stage.forward, state, inputs[-1]))
+    pending: list = [None] * len(split.stages)
+    target = None
+    for k in reversed(range(len(split.stages))):
+        pending[k] = target
+        if k == 0:
+            break
+        out = jax.eval_shape(split.stages[k].update, stages[k], inputs[k], y, target)
+        target = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out[2])
+    return tuple(pending)
+
+
+def _init(split: Split, key, x, y) -> TrainState:
+    stages = split.init(key)
+    return TrainState(stages, _placeholders(split, stages, x, y))
+
+
+def _merge(infos: Sequence[dict]) -> dict:
+    """Flatten per-stage info: the loss keeps its name, others get ``/stage``."""
+    merged = {}
+    for k, info in enumerate(infos):
+        for name, value in info.items():
+            merged[name if name == "loss" else f"{name}/{k}"] = value
+    return merged
+
+
+def _sync_tick(split: Split, call, ts: TrainState, x, y):
+    K = len(split.stages)
+    infos: list = [None] * K
+    new: list = [None] * K
+    pending = list(ts.pending)
+    if split.update_locked:
+        inputs = [x]
+        for k in range(K - 1):
+            inputs.append(call(k, "forward")(ts.stages[k], inputs[-1]))
+        target = None
+        for k in reversed(range(K)):
+            new[k], _, below, infos[k] = call(k, "update")(ts.stages[k], inputs[k], y, target)
+            target = below
+    else:
+        h = x
+        for k in range(K):
+            new[k], h, below, infos[k] = call(k, "update")(ts.stages[k], h, y, ts.pending[k])
+            if k > 0:
+                pending[k - 1] = below
+    return TrainState(tuple(new), tuple(pending)), _merge(infos)
+
+
+def sync(split: Split) -> Schedule:
+    """The papers' synchronous protocol as a pure ``step(state, x, y)``."""
+
+    def step(ts, x, y):
+        return _sync_tick(split, _direct(split), ts, x, y)
+
+    return Schedule(lambda key, x, y: _init(split, key, x, y), step)
+
+
+def stochastic(split: Split, p_update: float) -> Schedule:
+    """Sparse updates (DNI Fig. 5 left) as a pure ``step(state, x, y, key)``:
+    after its forward pass each stage does its backward pass and update only
+    with probability ``p_update``; a stage that skips sends no target down, so
+    the predictor below is not fitted on that step."""
+    if not 0.0 < p_update <= 1.0:
+        raise ValueError(f"p_update={p_update!r} must be in (0, 1]")
+    if split.update_locked:
+        raise ValueError(
+            "stochastic updates need feedbacks that are not update locked (DNI, cDNI, "
+            "none, stale); this split uses an update-locked feedback"
+        )
+
+    def step(ts, x, y, key):
+        active = jax.random.bernoulli(key, p_update, (len(split.stages),))
+        new, infos, pending = [], [], list(ts.pending)
+        h = x
+        for k, stage in enumerate(split.stages):
+            shapes = jax.eval_shape(stage.update, ts.stages[k], h, y, ts.pending[k])
+
+            def skip(state, h, target, stage=stage, shapes=shapes):
+                below = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
+                info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[3])
+                return state, stage.forward(state, h), below, info
+
+            def run(state, h, target, stage=stage):
+                return stage.update(state, h, y, target)
+
+            st, h, below, info = jax.lax.cond(active[k], run, skip, ts.stages[k], h,
+                                              ts.pending[k])
+            new.append(st)
+            infos.append({**info, "active": active[k]})
+            if k > 0:
+                pending[k - 1] = below
+        return TrainState(tuple(new), tuple(pending)), _merge(infos)
+
+    return Schedule(lambda key, x, y: _init(split, key, x, y), step)
+
+
+def fused(step: Callable, *, donate: bool = False) -> Callable:
+    """Compile ``n`` steps into one program: ``run(state, xs, ys[, keys])``
+    scans ``step`` over the leading axis of the batches and returns the final
+    state and the per-step infos stacked."""
+
+    def run(state, *batches):
+        def body(state, batch):
+            return step(state, *batch)
+
+        return jax.lax.scan(body, state, batches)
+
+    return jax.jit(run, donate_argnums=(0,) if donate else ())
+
+
+class PipeState(NamedTuple):
+    """Pipelined state: ``inbox[k]`` is the ``(h, y)`` stage ``k`` will process
+    next (``None`` while the pipeline fills)."""
+
+    train: TrainState
+    inbox: tuple[Any, ...]
+
+
+class Runner:
+    """Run a split with stage *k*'s state on ``devices[k]``.
+
+    ``schedule="sync"`` gives the same numbers as :func:`sync` on one device;
+    ``schedule="pipelined"`` overlaps the stages (see the module docstring for
+    its staleness). ``devices=None`` puts every stage on the default device.
+    Each stage's ``update``/``forward`` is jitted once; arguments are moved to
+    the stage's device with ``jax.device_put`` before each call.
+    """
+
+    def __init__(self, split: Split, *, schedule: str = "sync",
+                 devices: Sequence[jax.Device] | None = None):
+        K = len(split.stages)
+        if schedule not in ("sync", "pipelined"):
+            raise ValueError(f"schedule={schedule!r}: Runner supports 'sync' and 'pipelined'")
+        if schedule == "pipelined" and split.update_locked:
+            raise ValueError(
+                "a pipelined schedule needs feedbacks that are not update locked; "
+                "Bprop, SG + prop, FA, DFA and Kickback wait for this batch's target"
+            )
+        if devices is None:
+            devices = [jax.devices()[0]] * K
+        devices = list(devices)
+        if len(devices) < K:
+            raise ValueError(
+                f"{K} stages but only {len(devices)} devices were given: give one device "
+                "per stage (a device may repeat), or use fewer cuts"
+            )
+        self.split, self.schedule, self.devices = split, schedule, devices[:K]
+        self._fns = [
+            {"update": jax.jit(s.update), "forward": jax.jit(s.forward),
+             "apply": jax.jit(s.apply)}
+            for s in split.stages
+        ]
+
+    def _call(self, k, name):
+        fn, device = self._fns[k][name], self.devices[k]
+
+        def call(*args):
+            return fn(*jax.device_put(args, device))
+
+        return call
+
+    def init(self, key, x, y):
+        ts = _init(self.split, key, x, y)
+        stages = tuple(jax.device_put(s, d) for s, d in zip(ts.stages, self.devices))
+        pending = tuple(jax.device_put(p, d) for p, d in zip(ts.pending, self.devices))
+        ts = TrainState(stages, pending)
+        if self.schedule == "pipelined":
+            return PipeState(ts, (None,) * len(self.split.stages))
+        return ts
+
+    def step(self, state, x, y):
+        """One tick. Returns the new state and the info of the stages that ran
+        (arrays are not awaited: dispatch is asynchronous)."""
+        if self.schedule == "sync":
+            return _sync_tick(self.split, self._call, state, x, y)
+        return self._pipelined_tick(state, x, y)
+
+    def _pipelined_tick(self, ps: PipeState, x, y):
+        ts, K = ps.train, len(self.split.stages)
+        new, pending, inbox = list(ts.stages), list(ts.pending), [None] * K
+        infos: list = [{}] * K
+        for k in range(K):
+            message = (x, y) if k == 0 else ps.inbox[k]
+            if message is None:
+                continue
+            new[k], h, below, infos[k] = self._call(k, "update")(
+                ts.stages[k], message[0], message[1], ts.pending[k])
+            if k + 1 < K:
+                inbox[k + 1] = (h, message[1])
+            if k > 0:
+                pending[k - 1] = below
+        return PipeState(TrainState(tuple(new), tuple(pending)), tuple(inbox)), _merge(infos)
+
+    def apply(self, state, x):
+        """Inference through all stages, moving activations between devices."""
+        ts = state.train if isinstance(state, PipeState) else state
+        for k in range(len(self.split.stages)):
+            x = self._call(k, "apply")(ts.stages[k], x)
+        return x
