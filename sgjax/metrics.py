@@ -6,6 +6,7 @@ and return a scalar averaged over the batch.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 

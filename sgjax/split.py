@@ -112,9 +112,9 @@ def _shapes(layers: Sequence[L.Layer], input_shape: tuple[int, ...]) -> list[tup
     """Output shape of each layer, evaluated abstractly (no parameters are made)."""
     shapes, shape = [], tuple(input_shape)
     for layer in layers:
-        box = {}
+        box: dict = {}
 
-        def init(key, layer=layer, shape=shape):
+        def init(key, layer=layer, shape=shape, box=box):
             out_shape, variables = layer.init(key, shape)
             box["shape"] = tuple(out_shape)
             return variables
