@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sgjax import layers as L
 from sgjax.predictors import Predictor
 
 
@@ -180,21 +181,20 @@ def _synthetic_parts(predictor: Predictor, spec: InterfaceSpec):
         return jnp.sum((s - jax.lax.stop_gradient(grad)) ** 2), new_state
 
     def fit(fstate, h, y, target):
-        def do_fit(fstate):
-            params = fstate.variables.get("params", {})
-            (loss, new_state), g = jax.value_and_grad(l2, has_aux=True)(
-                params, fstate.variables, target.inputs, target.labels, target.grad
-            )
-            updates, opt_state = spec.optimizer.update(g, fstate.opt_state, params)
-            variables = {**fstate.variables, **new_state,
-                         "params": optax.apply_updates(params, updates)}
-            return SyntheticState(variables, opt_state), loss
-
-        def skip(fstate):
-            return fstate, jnp.zeros((), jnp.float32)
-
-        fstate, loss = jax.lax.cond(target.valid, do_fit, skip, fstate)
-        return fstate, {"sg_loss": loss}
+        # Computed unconditionally and selected with `where` rather than
+        # `lax.cond`: cheaper inside a fused scan than a branch on CPU/GPU.
+        params = fstate.variables.get("params", {})
+        (loss, new_state), g = jax.value_and_grad(l2, has_aux=True)(
+            params, fstate.variables, target.inputs, target.labels, target.grad
+        )
+        updates, opt_state = spec.optimizer.update(g, fstate.opt_state, params)
+        # Keep the variables' structure (a parameter-free predictor, e.g.
+        # predictors.from_fn, has no "params" entry) so the tree.map below applies.
+        variables = L.with_params({**fstate.variables, **L.state_of(new_state)},
+                                  optax.apply_updates(params, updates))
+        fitted = SyntheticState(variables, opt_state)
+        fstate = jax.tree.map(lambda new, old: jnp.where(target.valid, new, old), fitted, fstate)
+        return fstate, {"sg_loss": jnp.where(target.valid, loss, 0.0)}
 
     return init, predict, l2, fit
 
