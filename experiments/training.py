@@ -3,15 +3,29 @@ trained on device-resident data, a chunk of steps per compiled call.
 
 Each chunk is one ``jax.lax.scan`` over ``chunk`` steps of a schedule from
 :mod:`sgjax.train`; batches are drawn inside the compiled program (uniform
-indices into the training set), so the host only dispatches one call per chunk.
-Test error is measured between chunks. The state, the data key and the curves
-are checkpointed through the framework's :class:`RunContext`, so a killed run
-resumes inside a cell.
+indices into the training set, with replacement), so the host only dispatches
+one call per chunk. Test error is measured between chunks. The state, the data
+key and the curves are checkpointed through the framework's
+:class:`~experiments.framework.RunContext`, so a killed run resumes inside a cell.
+
+Typical use (see ``experiments/dni/table1.py``)::
+
+    layers = mlp_layers(depth=4, width=256, num_classes=10)
+    split = sgjax.split_at(layers, "every", feedback=sgjax.feedback.synthetic(
+        sgjax.predictors.mlp((1024, 1024))), loss=sgjax.losses.softmax_cross_entropy,
+        optimizer=piecewise_adam(3e-5, (300_000, 400_000)), input_shape=(28, 28, 1),
+        batch_size=256, num_classes=10)
+    ts, final = train_classifier(ctx, split, ds, steps=500_000, batch_size=256,
+                                 chunk=1000, eval_every=5000)
+
+``FAST_COMPILE`` (``compiler_options=FAST_COMPILE``) asks XLA for its cheapest
+backend optimisation: it roughly halves compile time, which dominates runs of a
+few steps (smoke presets), at the cost of slower steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -19,6 +33,26 @@ import jax.numpy as jnp
 import numpy as np
 
 import sgjax
+
+FAST_COMPILE: dict[str, Any] = {"xla_backend_optimization_level": 0}
+"""XLA compiler options for runs of a few steps, where compiling dominates."""
+
+
+def inference_fn(split: sgjax.Split, *, compiler_options: Mapping[str, Any] | None = None
+                 ) -> Callable:
+    """A jitted ``apply(stage_states, x) -> logits`` in inference mode (batch norm uses
+    its running statistics).
+
+    Equivalent to ``split.apply`` on one device, but traceable: ``Split.apply`` looks up
+    each stage's device from its state, which fails under ``jax.jit``.
+    """
+
+    def apply(states, x):
+        for stage, state in zip(split.stages, states):
+            x = stage.apply(state, x)
+        return x
+
+    return jax.jit(apply, compiler_options=dict(compiler_options or {}) or None)
 
 
 def evaluate_error(apply: Callable, states, x: jax.Array, y: jax.Array,
@@ -32,11 +66,14 @@ def evaluate_error(apply: Callable, states, x: jax.Array, y: jax.Array,
 
 
 def make_chunk(schedule: sgjax.Schedule, x_train: jax.Array, y_train: jax.Array,
-               batch_size: int, chunk: int, *, keyed: bool = False) -> Callable:
+               batch_size: int, chunk: int, *, keyed: bool = False, with_info: bool = False,
+               compiler_options: Mapping[str, Any] | None = None) -> Callable:
     """``run(train_state, key) -> (train_state, key, mean_loss)``: ``chunk`` steps
     in one compiled scan, batches sampled uniformly from the device-resident
     training set. ``keyed`` passes a per-step key to ``schedule.step`` (the
-    stochastic schedule)."""
+    stochastic schedule). With ``with_info`` the last output is instead the dict
+    of every scalar the schedule reports (``loss``, ``sg_loss/<stage>``, …),
+    each averaged over the chunk."""
     n = x_train.shape[0]
 
     def run(ts, key):
@@ -48,12 +85,21 @@ def make_chunk(schedule: sgjax.Schedule, x_train: jax.Array, y_train: jax.Array,
             i, k = inputs
             args = (ts, x_train[i], y_train[i]) + ((k,) if keyed else ())
             ts, info = schedule.step(*args)
+            if with_info:
+                return ts, {name: jnp.mean(v) for name, v in info.items()
+                            if jnp.ndim(v) == 0 or v.size == 1}
             return ts, info["loss"]
 
-        ts, losses = jax.lax.scan(body, ts, (idx, step_keys))
-        return ts, key, jnp.mean(losses)
+        ts, out = jax.lax.scan(body, ts, (idx, step_keys))
+        return ts, key, jax.tree.map(lambda v: jnp.mean(v.astype(jnp.float32)), out)
 
-    return jax.jit(run, donate_argnums=(0,))
+    return jax.jit(run, donate_argnums=(0,),
+                   compiler_options=dict(compiler_options or {}) or None)
+
+
+def _curve_name(name: str) -> str:
+    """``sg_loss/0`` -> ``sg_loss_0`` (curve names become file names in reports)."""
+    return name.replace("/", "_")
 
 
 def train_classifier(
@@ -69,12 +115,21 @@ def train_classifier(
     keyed: bool = False,
     eval_train: bool = False,
     train_eval_limit: int = 10000,
+    log_info: bool = False,
+    eval_batch_size: int = 1000,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """Train ``split`` on ``data`` (an :class:`experiments.data.Dataset`-like
     object with ``x_train, y_train, x_test, y_test``) and log ``loss`` and
     ``test_error`` (%) every ``eval_every`` steps through ``ctx``.
 
-    Returns the final stage states and ``{"test_error": …, "train_error": …}``.
+    ``eval_train`` also logs ``train_error`` on the first ``train_eval_limit``
+    training examples; ``log_info`` also logs every other scalar the schedule
+    reports, averaged over the last chunk (``sg_loss_<stage>`` for synthetic
+    gradients). ``compiler_options`` go to XLA (e.g. :data:`FAST_COMPILE`).
+
+    Returns the final train state and the last measurement,
+    ``{"test_error": …[, "train_error": …]}``.
     """
     if eval_every % chunk:
         raise ValueError(f"eval_every={eval_every} must be a multiple of chunk={chunk}")
@@ -88,36 +143,43 @@ def train_classifier(
     k_init, k_data = jax.random.split(key)
     ts = schedule.init(k_init, x_train[:batch_size], y_train[:batch_size])
     start, (ts, k_data) = ctx.restore((ts, k_data))
-    run = make_chunk(schedule, x_train, y_train, batch_size, chunk, keyed=keyed)
-    apply = jax.jit(split.apply)
+    run = make_chunk(schedule, x_train, y_train, batch_size, chunk, keyed=keyed,
+                     with_info=log_info, compiler_options=compiler_options)
+    apply = inference_fn(split, compiler_options=compiler_options)
 
     def measure():
-        out = {"test_error": evaluate_error(apply, ts.stages, x_test, y_test)}
+        out = {"test_error": evaluate_error(apply, ts.stages, x_test, y_test, eval_batch_size)}
         if eval_train:
             out["train_error"] = evaluate_error(apply, ts.stages, x_train[:train_eval_limit],
-                                                y_train[:train_eval_limit])
+                                                y_train[:train_eval_limit], eval_batch_size)
         return out
 
     bar = ctx.progress(steps, start=start)
     step = start
+    last: dict[str, float] | None = None
     while step < steps:
-        ts, k_data, loss = run(ts, k_data)
+        ts, k_data, info = run(ts, k_data)
         step += chunk
         bar.update(chunk)
         if step % eval_every == 0 or step >= steps:
-            ctx.log(step, loss=loss, **measure())
+            info = {_curve_name(k): v for k, v in info.items()} if log_info else {"loss": info}
+            last = measure()
+            ctx.log(step, **info, **last)
             ctx.save(step, (ts, k_data))
     ctx.close()
-    final = measure()
-    return ts, final
+    return ts, last if last is not None else measure()
 
 
 def mlp_layers(depth: int, width: int, num_classes: int, *, batch_norm: bool = True,
                activation: sgjax.Layer = sgjax.layers.relu) -> list[sgjax.Layer]:
     """``depth`` layers of DNI A.1's FCN: ``depth − 1`` hidden blocks of linear,
     batch norm and ReLU, then the linear classifier (so ``depth`` layers give
-    ``depth − 1`` interfaces when cut everywhere)."""
+    ``depth − 1`` interfaces when cut everywhere). The first block flattens its input."""
+    if depth < 1:
+        raise ValueError(f"mlp_layers: depth={depth} must be at least 1")
     L = sgjax.layers
+    if depth == 1:
+        return [L.serial(L.flatten, L.dense(num_classes))]
     hidden = [L.serial(L.flatten, L.dense(width), *([L.batch_norm()] if batch_norm else []),
                        activation)]
     hidden += [L.serial(L.dense(width), *([L.batch_norm()] if batch_norm else []), activation)
@@ -128,7 +190,11 @@ def mlp_layers(depth: int, width: int, num_classes: int, *, batch_norm: bool = T
 def cnn_layers(depth: int, channels: int, num_classes: int) -> list[sgjax.Layer]:
     """DNI A.1's CNN: ``depth − 1`` convolutional blocks (5×5, resolution
     preserving, batch norm, ReLU; 3×3 max-pool after the first, avg-pool after
-    the rest), then a linear classifier on the flattened features."""
+    the rest, stride 3, ``SAME`` padding), then a linear classifier on the
+    flattened features. 28×28 inputs shrink to 10×10, 4×4, 2×2; 32×32 to 11×11,
+    4×4, 2×2."""
+    if depth < 2:
+        raise ValueError(f"cnn_layers: depth={depth} must be at least 2")
     L = sgjax.layers
     blocks = [L.serial(L.conv(channels, 5), L.batch_norm(), L.relu, L.max_pool(3))]
     blocks += [L.serial(L.conv(channels, 5), L.batch_norm(), L.relu, L.avg_pool(3))

@@ -84,20 +84,12 @@ class Split(NamedTuple):
         return tuple(s.init(k) for s, k in zip(self.stages, keys))
 
     def apply(self, states: Sequence[StageState], x: jax.Array) -> jax.Array:
-        """Inference through all stages (batch norm uses running statistics)."""
+        """Inference through all stages (batch norm uses running statistics).
+
+        Pure and jittable; for stages on several devices use ``Runner.apply``."""
         for stage, state in zip(self.stages, states):
-            x = stage.apply(state, jax.device_put(x, _device_of(state)))
+            x = stage.apply(state, x)
         return x
-
-
-def _device_of(state: StageState):
-    leaves = jax.tree.leaves(state)
-    for leaf in leaves:
-        if isinstance(leaf, jax.Array):
-            devices = leaf.devices()
-            if len(devices) == 1:
-                return next(iter(devices))
-    return None
 
 
 def _run_layers(layers, params, states, x, train):
@@ -145,6 +137,11 @@ def _check_cuts(cuts, n_layers) -> tuple[int, ...]:
 
 
 def _check_feedback(feedback, n_cuts) -> tuple[Feedback, ...]:
+    if isinstance(feedback, str):
+        raise TypeError(
+            f"feedback={feedback!r} is not an sgjax.feedback.Feedback: build one with a "
+            "constructor, e.g. sgjax.feedback.synthetic(sgjax.predictors.linear())"
+        )
     feedbacks = (feedback,) * n_cuts if isinstance(feedback, Feedback) else tuple(feedback)
     if len(feedbacks) != n_cuts:
         raise ValueError(
@@ -213,9 +210,9 @@ def split_at(
         if not isinstance(layer, L.Layer):
             raise TypeError(f"layers[{i}] is {layer!r}, not an sgjax.layers.Layer")
     cuts = _check_cuts(cuts, len(layers))
-    feedbacks = _check_feedback(feedback, len(cuts)) if cuts else ()
     if feedback is None and cuts:
         raise ValueError("cuts were given but no feedback: pass feedback=sgjax.feedback....")
+    feedbacks = _check_feedback(feedback, len(cuts)) if cuts else ()
     input_shape = tuple(int(s) for s in input_shape)
     shapes = _shapes(layers, input_shape)
     label_fn = default_label_fn(num_classes)
