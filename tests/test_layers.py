@@ -1,0 +1,163 @@
+"""sgjax.layers: shapes, variable structure, batch norm train vs eval."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sgjax import layers as L
+
+B = 4
+
+
+def abstract_init(layer, in_shape):
+    """``layer.init`` evaluated abstractly: ``(out_shape, variables as ShapeDtypeStructs)``."""
+    box = {}
+
+    def init(key):
+        box["shape"], variables = layer.init(key, in_shape)
+        return variables
+
+    variables = jax.eval_shape(init, jax.random.key(0))
+    return box["shape"], variables
+
+
+@pytest.mark.parametrize(
+    "layer, in_shape, out_shape",
+    [
+        (L.dense(16), (8,), (16,)),
+        (L.dense(3, use_bias=False), (5,), (3,)),
+        (L.conv(6, 3), (8, 8, 2), (8, 8, 6)),  # resolution preserving
+        (L.conv(4, (3, 5)), (7, 9, 1), (7, 9, 4)),
+        (L.max_pool(3), (9, 9, 2), (3, 3, 2)),
+        (L.max_pool(2, 1, "VALID"), (5, 5, 2), (4, 4, 2)),
+        (L.avg_pool(2), (8, 8, 3), (4, 4, 3)),
+        (L.flatten, (4, 4, 3), (48,)),
+        (L.relu, (5,), (5,)),
+        (L.tanh, (2, 3), (2, 3)),
+        (L.identity, (7,), (7,)),
+        (L.batch_norm(), (6,), (6,)),
+        (L.batch_norm(), (4, 4, 3), (4, 4, 3)),
+        (L.serial(L.conv(4, 3), L.batch_norm(), L.relu, L.max_pool(2), L.flatten, L.dense(5)),
+         (8, 8, 1), (5,)),
+    ],
+)
+def test_init_shape_matches_apply(layer, in_shape, out_shape):
+    # Abstract evaluation only (no compilation): shapes are all this test is about.
+    shape, variables = abstract_init(layer, in_shape)
+    assert shape == out_shape
+    x = jax.ShapeDtypeStruct((B, *in_shape), jnp.float32)
+    for train in (False, True):
+        h, state = jax.eval_shape(lambda v, x, t=train: layer.apply(v, x, train=t), variables, x)
+        chex.assert_shape(h, (B, *out_shape))
+        chex.assert_trees_all_equal_shapes(state, L.state_of(variables))
+
+
+def test_dense_and_conv_param_shapes():
+    _, v = abstract_init(L.dense(16), (8,))
+    chex.assert_shape(v["params"]["kernel"], (8, 16))
+    chex.assert_shape(v["params"]["bias"], (16,))
+    _, v = abstract_init(L.dense(16, use_bias=False), (8,))
+    assert set(v["params"]) == {"kernel"}
+    _, v = abstract_init(L.conv(6, (3, 5)), (8, 8, 2))
+    chex.assert_shape(v["params"]["kernel"], (3, 5, 2, 6))
+    _, v = abstract_init(L.batch_norm(), (4, 4, 3))
+    chex.assert_shape([v["params"]["scale"], v["batch_stats"]["mean"]], [(3,), (3,)])
+
+
+def test_dense_matches_formula_and_custom_init():
+    ones = jax.nn.initializers.ones
+    layer = L.dense(3, kernel_init=ones, bias_init=ones)
+    _, v = layer.init(jax.random.key(0), (2,))
+    x = jnp.array([[1.0, 2.0], [-1.0, 0.5]])
+    h, _ = layer.apply(v, x)
+    np.testing.assert_array_equal(h, x @ jnp.ones((2, 3)) + 1.0)
+
+
+def test_pools_and_flatten_values():
+    x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    h, _ = L.max_pool(2).apply({}, x)
+    np.testing.assert_array_equal(h[0, :, :, 0], jnp.array([[5.0, 7.0], [13.0, 15.0]]))
+    h, _ = L.avg_pool(2).apply({}, x)
+    np.testing.assert_array_equal(h[0, :, :, 0], jnp.array([[2.5, 4.5], [10.5, 12.5]]))
+    h, _ = L.flatten.apply({}, x)
+    np.testing.assert_array_equal(h, x.reshape(2, 16))
+    np.testing.assert_array_equal(L.relu.apply({}, jnp.array([-1.0, 2.0]))[0], [0.0, 2.0])
+
+
+def test_parameter_free_layers_have_no_variables():
+    for layer in (L.relu, L.sigmoid, L.tanh, L.identity, L.flatten, L.max_pool(2)):
+        _, v = abstract_init(layer, (4, 4, 2))
+        assert v == {}
+        assert L.params_of(v) == {}
+        assert L.state_of(v) == {}
+
+
+def test_params_state_helpers():
+    _, v = L.batch_norm().init(jax.random.key(0), (3,))
+    assert set(L.state_of(v)) == {"batch_stats"}
+    assert set(L.params_of(v)) == {"scale", "bias"}
+    new = L.with_params(L.state_of(v), {"scale": jnp.zeros(3), "bias": jnp.ones(3)})
+    np.testing.assert_array_equal(new["params"]["bias"], jnp.ones(3))
+    assert new["batch_stats"] is v["batch_stats"]
+    assert L.with_params({}, {}) == {}
+
+
+def test_serial_structure_and_equivalence():
+    a, b = L.dense(5), L.serial(L.batch_norm(), L.relu)
+    net = L.serial(a, b, L.dense(2))
+    shape, v = net.init(jax.random.key(0), (3,))
+    assert shape == (2,)
+    assert set(v) == {"params", "state"}
+    assert len(v["params"]) == len(v["state"]) == 3
+    x = jax.random.normal(jax.random.key(1), (B, 3))
+    h, state = net.apply(v, x, train=True)
+    # Same computation done by hand, child by child.
+    ref = x
+    for layer, p, s in zip((a, b, L.dense(2)), v["params"], v["state"]):
+        ref, _ = layer.apply(L.with_params(s, p), ref, train=True)
+    np.testing.assert_allclose(h, ref, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_equal_shapes(state, L.state_of(v))
+
+
+def test_serial_rejects_non_layers():
+    with pytest.raises(TypeError, match="argument 1 is 'relu'"):
+        L.serial(L.dense(3), "relu")
+
+
+def test_batch_norm_train_vs_eval():
+    layer = L.batch_norm(momentum=0.9, epsilon=1e-5)
+    _, v = layer.init(jax.random.key(0), (3,))
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (64, 3))
+
+    # Training: normalised with the batch's own statistics, running averages move.
+    h, new_state = layer.apply(v, x, train=True)
+    np.testing.assert_allclose(jnp.mean(h, 0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jnp.var(h, 0), 1.0, atol=1e-3)
+    stats = new_state["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * jnp.mean(x, 0), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * jnp.var(x, 0), rtol=1e-5)
+
+    # Evaluation: running averages (initially mean 0, var 1), state unchanged.
+    h_eval, same = layer.apply(v, x, train=False)
+    np.testing.assert_allclose(h_eval, x / jnp.sqrt(1.0 + 1e-5), rtol=1e-6)
+    chex.assert_trees_all_equal(same, L.state_of(v))
+
+    # Evaluation with the updated statistics uses them, not the batch's.
+    h_eval2, _ = layer.apply({**v, **new_state}, x, train=False)
+    expected = (x - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5)
+    np.testing.assert_allclose(h_eval2, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_are_pure():
+    layer = L.serial(L.dense(4), L.batch_norm())
+    _, v = layer.init(jax.random.key(0), (3,))
+    before = jax.tree.map(jnp.copy, v)
+    x = jax.random.normal(jax.random.key(1), (B, 3))
+    h1, _ = layer.apply(v, x, train=True)
+    h2, _ = layer.apply(v, x, train=True)
+    np.testing.assert_array_equal(h1, h2)
+    chex.assert_trees_all_equal(v, before)

@@ -1,0 +1,213 @@
+"""Stages on several devices (DESIGN: "stages placed on different devices give the same
+numbers as on one device").
+
+Forcing several CPU devices needs ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+before jax initialises, which must not leak into the rest of the suite. So in a normal
+run this module holds one test, which re-runs this same file under pytest in a
+subprocess with that flag and ``SGJAX_TEST_MULTIDEVICE=1``; in that subprocess the real
+tests below are collected instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+N_DEVICES = 4
+FLAG = "SGJAX_TEST_MULTIDEVICE"
+
+if os.environ.get(FLAG) != "1":
+
+    def test_multidevice_in_subprocess():
+        env = dict(os.environ)
+        env[FLAG] = "1"
+        env["JAX_PLATFORMS"] = "cpu"
+        env["XLA_FLAGS"] = " ".join(
+            [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={N_DEVICES}"]
+        ).strip()
+        env.pop("PYTEST_XDIST_WORKER", None)
+        root = Path(__file__).resolve().parents[1]
+        cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x",
+               "--tb=short", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts="]
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True,
+                              timeout=600)
+        report = proc.stdout[-6000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, report
+        assert " passed" in proc.stdout and "skipped" not in proc.stdout, report
+
+else:
+    import functools
+
+    import chex
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import sgjax
+    from sgjax import feedback as F
+    from sgjax import layers as L
+    from sgjax import losses
+    from sgjax import predictors as P
+
+    B, D, W, C = 8, 8, 16, 4
+    NET = (
+        L.serial(L.dense(W), L.batch_norm(), L.relu),
+        L.serial(L.dense(W), L.tanh),
+        L.dense(W),
+        L.dense(C),
+    )
+
+    def make(feedback, cuts="every"):
+        return sgjax.split_at(NET, cuts, feedback=feedback,
+                              loss=losses.softmax_cross_entropy, optimizer=optax.adam(1e-2),
+                              input_shape=(D,), batch_size=B, num_classes=C)
+
+    def batches(n, seed=1):
+        rng = np.random.default_rng(seed)
+        return (rng.standard_normal((n, B, D), dtype=np.float32),
+                rng.integers(0, C, (n, B), dtype=np.int32))
+
+    @functools.cache
+    def dni():
+        """A 4-stage cDNI split and its single-device sync schedule, jitted (shared)."""
+        split = make(F.synthetic(P.linear(conditioned=True)))
+        sched = sgjax.sync(split)
+        return split, sched, jax.jit(sched.step)
+
+    def assert_on(tree, device):
+        leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+        assert leaves
+        for leaf in leaves:
+            assert leaf.devices() == {device}, (leaf.devices(), device)
+
+    def test_forced_devices():
+        assert len(jax.devices()) == N_DEVICES
+        assert all(d.platform == "cpu" for d in jax.devices())
+
+    def test_runner_sync_on_devices_matches_one_device():
+        split, sched, step = dni()
+        K = len(split.stages)
+        devices = jax.devices()[:K]
+        assert K == N_DEVICES and len(set(devices)) == K
+        xs, ys = batches(4)
+        runner = sgjax.Runner(split, devices=devices)
+        rs = runner.init(jax.random.key(0), xs[0], ys[0])
+        for k in range(K):
+            assert_on(rs.stages[k], devices[k])
+            if k < K - 1:
+                assert_on(rs.pending[k], devices[k])
+
+        ts = sched.init(jax.random.key(0), xs[0], ys[0])
+        for x, y in zip(xs, ys):
+            rs, rinfo = runner.step(rs, x, y)
+            ts, info = step(ts, x, y)
+        for k in range(K):  # still where they belong after training
+            assert_on(rs.stages[k], devices[k])
+            if k < K - 1:  # a message lives where it was made until its stage consumes it
+                assert_on(rs.pending[k], devices[k + 1])
+        chex.assert_trees_all_close(jax.device_get(rs), jax.device_get(ts),
+                                    rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(rinfo["loss"], info["loss"], rtol=1e-6)
+        out = runner.apply(rs, xs[0])
+        assert out.devices() == {devices[-1]}
+        np.testing.assert_allclose(out, split.apply(ts.stages, xs[0]), rtol=1e-6, atol=1e-6)
+        # the lower stages did learn from the synthetic gradients
+        assert not np.allclose(rs.stages[0].params[0][0]["kernel"],
+                               sched.init(jax.random.key(0), xs[0], ys[0])
+                               .stages[0].params[0][0]["kernel"])
+
+    def test_runner_sync_update_locked_on_devices_matches_one_device():
+        split = make(F.backprop(), cuts=(1, 3))
+        devices = jax.devices()[1:]  # any devices, not necessarily the first ones
+        xs, ys = batches(3)
+        runner = sgjax.Runner(split, devices=devices)
+        rs = runner.init(jax.random.key(0), xs[0], ys[0])
+        sched = sgjax.sync(split)
+        ts = sched.init(jax.random.key(0), xs[0], ys[0])
+        step = jax.jit(sched.step)
+        for x, y in zip(xs, ys):
+            rs, _ = runner.step(rs, x, y)
+            ts, _ = step(ts, x, y)
+        for k in range(3):
+            assert_on(rs.stages[k], devices[k])
+        chex.assert_trees_all_close(jax.device_get(rs.stages), jax.device_get(ts.stages),
+                                    rtol=1e-6, atol=1e-6)
+
+    def placeholders(split, states, x, y):
+        """``valid=False`` zero targets, made independently of sgjax.train."""
+        inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+        for stage, state in zip(split.stages[:-1], states[:-1]):
+            inputs.append(jax.eval_shape(stage.forward, state, inputs[-1]))
+        targets, above = [None] * len(split.stages), None
+        for k in reversed(range(1, len(split.stages))):
+            out = jax.eval_shape(split.stages[k].update, states[k], inputs[k], y, above)
+            above = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out[2])
+            targets[k - 1] = above
+        return targets
+
+    def pipelined_reference(split, states, xs, ys):
+        """On tick t stage k processes batch t − k, with the target that stage k + 1
+        produced on tick t − 1 (itself for batch t − k − 2)."""
+        K, T = len(split.stages), len(xs)
+        updates = [jax.jit(s.update) for s in split.stages]
+        states = list(states)
+        targets = placeholders(split, states, xs[0], ys[0])
+        produced = [None] * K  # produced[k] = stage k's output on the previous tick
+        history = [{} for _ in range(K)]  # history[k][b] = stage k's output for batch b
+        for t in range(T):
+            new_produced, new_targets = [None] * K, list(targets)
+            for k in range(K):
+                b = t - k
+                if b < 0:
+                    continue
+                x = xs[t] if k == 0 else produced[k - 1]
+                if targets[k] is not None and bool(targets[k].valid):
+                    # the documented staleness: the target is for batch t − k − 2
+                    np.testing.assert_array_equal(targets[k].inputs, history[k][t - k - 2])
+                states[k], h, below, _ = updates[k](states[k], x, ys[b], targets[k])
+                history[k][b] = h
+                new_produced[k] = h
+                if k > 0:
+                    new_targets[k - 1] = below
+            produced, targets = new_produced, new_targets
+        return tuple(states), tuple(targets)
+
+    def test_pipelined_matches_its_documented_staleness():
+        split, sched, step = dni()
+        K = len(split.stages)
+        devices = jax.devices()[:K]
+        T = 7
+        xs, ys = batches(T)
+        runner = sgjax.Runner(split, schedule="pipelined", devices=devices)
+        ps = runner.init(jax.random.key(0), xs[0], ys[0])
+        init = jax.device_get(ps.train.stages)
+        for t in range(T):
+            ps, info = runner.step(ps, xs[t], ys[t])
+            if t < K - 1:
+                assert "loss" not in info  # the top stage has not received a batch yet
+        assert np.isfinite(float(info["loss"]))
+        for k in range(K):
+            assert_on(ps.train.stages[k], devices[k])
+            assert int(ps.train.stages[k].step) == T - k
+
+        states, targets = pipelined_reference(split, init, xs, ys)
+        chex.assert_trees_all_close(jax.device_get(ps.train.stages), states,
+                                    rtol=1e-6, atol=1e-6)
+        chex.assert_trees_all_close(jax.device_get(ps.train.pending[:-1]), targets[:-1],
+                                    rtol=1e-6, atol=1e-6)
+        # one batch staler than sync: the result differs from the sync schedule's
+        ts = sched.init(jax.random.key(0), xs[0], ys[0])
+        for x, y in zip(xs, ys):
+            ts, _ = step(ts, x, y)
+        assert not np.allclose(ts.stages[K - 2].params[0]["kernel"],
+                               states[K - 2].params[0]["kernel"])
+
+    def test_too_few_devices():
+        split = make(F.none(), cuts=(1, 3))
+        import pytest
+
+        with pytest.raises(ValueError, match="3 stages but only 1 devices"):
+            sgjax.Runner(split, devices=jax.devices()[:1])
