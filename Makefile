@@ -34,9 +34,7 @@ list:  ## list the experiments
 	$(PY) -m experiments list
 
 reproduce-all:  ## every experiment at PRESET (default smoke)
-	@for name in $$($(PY) -m experiments names); do \
-	  $(PY) -m experiments run $$name --preset $(PRESET) --out $(OUT) || exit $$?; \
-	done
+	$(PY) -m experiments run all --preset $(PRESET) --out $(OUT)
 
 reproduce-%:  ## one experiment, e.g. make reproduce-table1 PRESET=quick
 	$(PY) -m experiments run $* --preset $(PRESET) --out $(OUT)

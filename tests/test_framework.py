@@ -1,0 +1,249 @@
+"""The experiments framework: CLI, result files, resume, errors, checkpoints (toy experiment)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import toy_experiment as toy
+
+from experiments import framework, registry
+from experiments.__main__ import main
+from experiments.framework import Cell, Checkpointer, Experiment, check_finite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _toy(monkeypatch):
+    monkeypatch.setenv(registry.ENV_ONLY, "toy_experiment")
+    monkeypatch.delenv(registry.ENV_EXTRA, raising=False)
+    toy.CALLS.clear()
+    toy.STARTS.clear()
+    monkeypatch.setattr(toy, "DIVERGE", False)
+    monkeypatch.setattr(toy, "INTERRUPT_AT", None)
+
+
+def run(tmp_path, *args):
+    return main(["run", "toy", "--preset", "smoke", "--out", str(tmp_path), *args])
+
+
+def test_registry_environment_variables(monkeypatch):
+    monkeypatch.delenv(registry.ENV_ONLY)
+    monkeypatch.setattr(registry, "MODULES", ("experiments.a", "experiments.b"))
+    assert registry.module_paths() == ("experiments.a", "experiments.b")
+    monkeypatch.setenv(registry.ENV_EXTRA, "x.y, experiments.a")
+    assert registry.module_paths() == ("experiments.a", "experiments.b", "x.y")
+    monkeypatch.setenv(registry.ENV_ONLY, "toy_experiment")
+    assert registry.module_paths() == ("toy_experiment", "x.y", "experiments.a")
+
+
+def test_list_and_names(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "toy" in out and "Toy (tests only)" in out and "smoke,quick,paper" in out
+    assert "Toy table: halfway steps to a target" in out
+    assert main(["names"]) == 0
+    assert capsys.readouterr().out.split() == ["toy"]
+
+
+def test_list_reports_broken_module_and_keeps_others(monkeypatch, capsys):
+    monkeypatch.setenv(registry.ENV_EXTRA, "no_such_module_xyz")
+    assert main(["list"]) == 1
+    out = capsys.readouterr().out
+    assert "toy" in out
+    assert "FAILED  no_such_module_xyz: ModuleNotFoundError" in out
+
+
+def test_run_writes_json_csv_table_and_png(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    out_dir = tmp_path / "toy" / "smoke"
+    record = json.loads((out_dir / "cells" / "a-x.json").read_text())
+    assert record["metric"] == pytest.approx(0.875)
+    assert record["config"] == {"steps": 3, "scale": 1.0}
+    assert record["params"] == {"target": 1.0} and record["seed"] == 0
+    assert record["metrics"] == {"final_loss": pytest.approx(0.25**2)}
+    assert record["curves"]["loss"]["step"] == [1, 2, 3]
+    assert record["jax_version"] == jax.__version__ and "cpu" in record["device"].lower()
+    assert record["wall_time_s"] >= 0 and record["timestamp"]
+    assert record["command"] == "python -m experiments run toy --preset smoke"
+    assert not (out_dir / "checkpoints").exists()  # removed once the cells are done
+
+    rows = list(csv.DictReader((out_dir / "results.csv").open()))
+    assert [r["cell"] for r in rows] == ["a-x", "a-y", "b-x", "b-y"]
+    assert float(rows[2]["diff"]) == pytest.approx(3.5 - 3.5)
+    assert rows[3]["paper"] == "" and rows[3]["diff"] == ""
+
+    table = (out_dir / "table.md").read_text()
+    assert "| row | column | paper | ours | diff |" in table
+    assert "| A | x | 1 | 0.875 | -0.125 |" in table
+    assert "| B | y | — | 7 | — |" in table
+    assert "Toy (tests only)" in table and "final w" in table and "not a paper result" in table
+    assert table in capsys.readouterr().out  # also printed at the end
+
+    png = out_dir / "curves-loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_skips_finished_cells_and_fresh_reruns(tmp_path):
+    assert run(tmp_path) == 0
+    assert len(toy.CALLS) == 4
+    assert run(tmp_path) == 0
+    assert len(toy.CALLS) == 4
+    assert run(tmp_path, "--fresh") == 0
+    assert len(toy.CALLS) == 8
+
+
+def test_config_or_seed_change_reruns_cells(tmp_path, monkeypatch):
+    assert run(tmp_path) == 0
+    changed = dataclasses.replace(
+        toy.EXPERIMENT, presets={**toy.EXPERIMENT.presets, "smoke": toy.Config(3, scale=2.0)}
+    )
+    monkeypatch.setattr(toy, "EXPERIMENT", changed)
+    found = framework.load_results(changed, "smoke", tmp_path / "toy" / "smoke")
+    assert found["a-x"] == "missing (stale: config changed, rerun)"
+    assert run(tmp_path) == 0
+    assert len(toy.CALLS) == 8
+    record = json.loads((tmp_path / "toy" / "smoke" / "cells" / "a-x.json").read_text())
+    assert record["metric"] == pytest.approx(1.75)
+    assert run(tmp_path, "--seed", "3") == 0
+    assert len(toy.CALLS) == 12
+
+
+def test_only_runs_matching_cells_and_marks_the_rest_missing(tmp_path):
+    assert run(tmp_path, "--only", "a-*", "b-y") == 0
+    assert toy.CALLS == ["a-x", "a-y", "b-y"]
+    table = (tmp_path / "toy" / "smoke" / "table.md").read_text()
+    assert "| B | x | 3.5 | missing (not run) | — |" in table
+    assert "3/4 done" in table
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "nope", "--preset", "smoke"], ["unknown experiment 'nope'", "toy"]),
+        (["run", "toy", "--preset", "huge"], ["unknown preset 'huge'", "smoke, quick, paper"]),
+        (["run", "toy", "--preset", "smoke", "--only", "zz*"], ["zz*", "a-x, a-y, b-x, b-y"]),
+        (["run", "all", "--preset", "smoke", "--only", "zz"], ["zz", "no cell"]),
+        (["show", "nope"], ["unknown experiment 'nope'"]),
+    ],
+)
+def test_usage_errors_exit_2_and_list_valid_values(tmp_path, capsys, argv, expected):
+    assert main([*argv, *(["--out", str(tmp_path)] if argv[0] == "run" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for text in expected:
+        assert text in err
+    assert toy.CALLS == []
+
+
+def test_nan_loss_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(toy, "DIVERGE", True)
+    assert run(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "experiment 'toy' (smoke), cell 'a-x', step 1, loss is nan" in err
+    assert "learning rate" in err and "--fresh" in err
+    with pytest.raises(FloatingPointError, match=r"here \['b'\] is inf"):
+        check_finite({"a": 1.0, "b": jnp.array([1.0, jnp.inf])}, where="here")
+    assert check_finite(jnp.ones(3, jnp.bfloat16), where="x") is not None
+
+
+@pytest.mark.parametrize("signal_name", ["sigint", "sigterm"])
+def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch, signal_name):
+    monkeypatch.setattr(toy, "INTERRUPT_WITH", signal_name)
+    toy.INTERRUPT_AT = 2
+    assert run(tmp_path) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert (tmp_path / "toy" / "smoke" / "checkpoints" / "a-x" / "state.npz").exists()
+    assert "0/4 done" in (tmp_path / "toy" / "smoke" / "table.md").read_text()
+    toy.INTERRUPT_AT = None
+    assert run(tmp_path) == 0
+    assert toy.STARTS["a-x"] == 2 and toy.STARTS["a-y"] == 0
+    record = json.loads((tmp_path / "toy" / "smoke" / "cells" / "a-x.json").read_text())
+    assert record["resumed_from_step"] == 2
+    assert record["curves"]["loss"]["step"] == [1, 2, 3]
+    assert record["metric"] == pytest.approx(0.875)
+
+
+def test_checkpointer_round_trip(tmp_path):
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3, jnp.bfloat16)}
+    opt_state = optax.adam(1e-3).init(params)
+    state = {
+        "params": params,
+        "opt": opt_state,
+        "key": jax.random.key(7),
+        "raw_key": jax.random.PRNGKey(1),
+        "n": 5,
+        "np": np.arange(3, dtype=np.int16),
+    }
+    ckpt = Checkpointer(tmp_path / "c", fingerprint={"lr": 0.1})
+    assert ckpt.restore(state) == (0, state, {})
+    ckpt.save(42, state, extra={"note": "hi"})
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["state.npz"]  # no temp files left
+
+    zeros = jax.tree.map(lambda x: x * 0 if not framework._is_key(x) else jax.random.key(0), state)
+    step, restored, extra = ckpt.restore(zeros)
+    assert step == 42 and extra == {"note": "hi"}
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        if framework._is_key(a):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        assert type(a) is type(b) and np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+    other = Checkpointer(tmp_path / "c", fingerprint={"lr": 0.2})
+    assert other.restore(state)[0] == 0  # written under another config: ignored
+    with pytest.raises(ValueError, match="--fresh"):
+        ckpt.restore({"just": jnp.zeros(2)})
+
+
+def test_declarations_are_validated():
+    with pytest.raises(ValueError, match="must match"):
+        Cell("bad id", "r", "c")
+    with pytest.raises(ValueError, match="lacks presets"):
+        dataclasses.replace(toy.EXPERIMENT, presets={"smoke": None})
+    with pytest.raises(ValueError, match="duplicate cell ids"):
+        dataclasses.replace(toy.EXPERIMENT, cells=[Cell("a", "r", "c"), Cell("a", "r", "d")])
+    with pytest.raises(ValueError, match="not be 'all'"):
+        dataclasses.replace(toy.EXPERIMENT, name="all")
+    per_preset = dataclasses.replace(
+        toy.EXPERIMENT, cells=lambda preset: toy.EXPERIMENT.cells[: 1 if preset == "smoke" else 4]
+    )
+    assert [c.id for c in framework.select_cells(per_preset, "smoke")] == ["a-x"]
+    assert len(framework.select_cells(per_preset, "paper", ["*-y"])) == 2
+    assert isinstance(toy.EXPERIMENT, Experiment)
+    assert framework.reproduce_command("table1", "quick", make=True) == (
+        "make reproduce-table1 PRESET=quick"
+    )
+    assert framework.reproduce_command("table1", "paper", seed=2, only=["mnist-*"]) == (
+        "python -m experiments run table1 --preset paper --seed 2 --only mnist-*"
+    )
+
+
+def test_cli_entry_point_in_a_subprocess(tmp_path):
+    env = {
+        **os.environ,
+        registry.ENV_ONLY: "toy_experiment",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments", "run", "nope", "--preset", "x"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: unknown experiment 'nope'; valid experiments: toy"
