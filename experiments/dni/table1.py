@@ -1,0 +1,474 @@
+"""DNI (Jaderberg et al. 2016) Table 1: DNI between every layer of FCNs and CNNs on MNIST
+and CIFAR-10 (§3.1 "Every layer DNI", Appendix A.1), both panels, and Fig. 11.
+
+Reproduce with ``make reproduce-table1 PRESET=quick`` or
+``python -m experiments run table1 --preset quick`` (presets ``smoke``, ``quick``,
+``paper``; see :data:`PRESETS`; ``--only 'mnist-fcn*'`` runs one block).
+
+The 48 cells (the paper's 6 rows × 8 columns) are {MNIST, CIFAR-10} × {FCN 3, 4, 5, 6;
+CNN 3, 4} × {No Bprop, Bprop, DNI, cDNI}; ids look like ``mnist-fcn4-cdni`` or
+``cifar10-cnn3-nobprop``. The metric is the
+final test error (%) on the whole test set, as in the paper's left panel; every cell also
+logs its test error during training (the right panel is ``table1-right.png``; Fig. 11's
+four panels are ``fig11-<dataset>-<fcn|cnn>.png``) and its final training error (on the
+first 10k training examples; A.2.1 explains DNI's gap by underfitting).
+
+What is built (A.1):
+
+* Layers. "N layers" is ``N − 1`` hidden layers and one classification layer
+  (:func:`experiments.training.mlp_layers` / :func:`~experiments.training.cnn_layers`).
+  FCN hidden layer: linear, batch norm, ReLU, with 256 units (MNIST) or 1000 (CIFAR-10).
+  CNN hidden layer: 5×5 convolution with resolution-preserving padding, 64 (MNIST) or
+  128 (CIFAR-10) channels, batch norm, ReLU, then 3×3 max-pooling in the first layer and
+  3×3 average-pooling in the others (stride 3, ``SAME``: 28×28 → 10×10 → 4×4 → 2×2); the
+  classification layer is linear on the flattened features.
+* Interfaces. DNI and cDNI cut after every layer (``cuts="every"``: N − 1 synthetic
+  gradient models, Fig. 1 (d)), trained with the synchronous schedule
+  (:func:`sgjax.sync`, DNI Fig. 2): each layer is updated with the synthetic gradient of
+  the model above it, and each model regresses (L2, weight 1) onto the gradient the
+  layer above sends back, which is itself that layer's synthetic gradient
+  backpropagated through it. "Bprop" is the same network uncut (``cuts=()``).
+  "No Bprop" cuts after every layer with :func:`sgjax.feedback.none`: zero gradient
+  crosses every interface, so only the classification layer learns, on the features of
+  the randomly initialised (frozen) hidden layers — whose batch-norm running statistics
+  still track the data. That is what the paper's numbers say it is: a linear
+  classifier on random features gets worse as the random stack deepens (9.3 → 21.4 %
+  for MNIST FCNs, just above a linear classifier on pixels), and §3.1 calls it "using
+  zero gradients (no backpropagation)".
+* Synthetic gradient models (zero-initialised final layer, so the first synthetic
+  gradient is exactly zero). MNIST FCN: DNI two hidden layers of 1024 units (linear,
+  batch norm, ReLU; ``predictors.mlp((1024, 1024))``), cDNI zero hidden layers, i.e.
+  linear in ``[h, one-hot label]`` (``predictors.linear(conditioned=True)``). CIFAR-10
+  FCN: one hidden layer of 4000 units for DNI and cDNI (A.1 gives one architecture).
+  CNN: two hidden 5×5 convolutions of the layer's channel count with batch norm and
+  ReLU, then a 5×5 convolution back to the activation's channels, all
+  resolution-preserving (``predictors.conv((C, C))``); cDNI appends ten one-hot label
+  channel masks to its input. (§3.1 remarks that the best cDNI results "were with
+  linear synthetic gradient models" without saying for which networks; we follow
+  A.1's explicit per-model description.)
+* Optimisation. Adam, batch 256, softmax cross-entropy summed over the batch (A.1 does
+  not say; see :attr:`Config.loss_reduction`), inputs in [0, 1]; ``paper``:
+  learning rate 3e-5, divided by 10 at 300k and 400k steps, 500k steps. The synthetic
+  gradient models use the same Adam and schedule as the layers. Batches are drawn
+  uniformly with replacement. Test error is measured with batch norm's running
+  statistics.
+
+Calibration of ``quick`` (MNIST FCN, seed 0, batch 256, learning rate divided by 10 at
+60 % and 80 % of the steps; final test error %, paper in brackets). "SG/4" means synthetic
+gradient models with hidden layers 4× narrower than A.1's (DNI: 2 × 256 units instead of
+2 × 1024; cDNI's linear model is unaffected):
+
+====================================================  =====  =====  ======  =====  =====  =====
+setting (4k steps unless stated)                       3 DNI  3 cDNI 6 Bprop 4 DNI  6 DNI  6 cDNI
+====================================================  =====  =====  ======  =====  =====  =====
+mean loss, Adam 3e-4, SG/4                             —      —      1.92    —      10.35  4.90
+summed loss, Adam 3e-4, SG/4                           4.16   1.86   (1.92)  —      12.44  1.89
+summed loss, Adam 1e-3, SG/4                           —      —      1.47    —      31.76  1.69
+summed loss, Adam 3e-4, SG/4, 5k steps                 4.37   1.79   1.66    7.37   17.37  1.89
+summed loss, Adam 3e-4, SG/4, no batch norm in SG, 5k  —      —      —       9.07   —      —
+summed loss, Adam 3e-4, SG/4, 15k steps                —      —      —       9.36   —      —
+summed loss, Adam 3e-4, A.1 SG models (``quick``), 5k  —      —      —       4.62   —      —
+summed loss, Adam 3e-4, A.1 SG models                  3.15   —      —       —      —      —
+paper (500k steps, Adam 3e-5)                          [1.9]  [2.2]  [1.8]   [2.2]  [4.3]  [1.6]
+====================================================  =====  =====  ======  =====  =====  =====
+
+What this says. Summing the loss is what makes cDNI work at this length (see
+:attr:`Config.loss_reduction`); a larger learning rate helps Bprop and cDNI but wrecks
+DNI; the batch norm in the SG model helps a little; training the narrow DNI model 3×
+longer does not help, but A.1's wide one does (4.62 vs 7.37 % at 4 layers), so ``quick``
+keeps A.1's models although they make DNI cells about 3× slower on a CPU. Unconditioned
+DNI is the method furthest from the paper at this length, increasingly so with depth: its
+synthetic gradient models learn slowly and noisily (without the label they can only
+predict the gradient averaged over the labels an input could have; the lower models'
+targets, bootstrapped from the models above, shrink towards zero), its test error jumps
+around during training, and its training error stays as high as its test error
+(underfitting, as A.2.1 describes).
+
+The data. MNIST is the original IDX files. CIFAR-10 is whatever
+:func:`experiments.data.load` finds: offline that is a JPEG re-encoding of CIFAR-10 (a
+lossy substitute), and the table's rows then read "CIFAR-10 (JPEG substitute)" (the
+dataset's ``label``; each cell also records it as ``dataset``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sgjax
+from experiments import data, training
+from experiments.framework import Cell, CellResult, Experiment
+
+DATASETS = ("mnist", "cifar10")
+KINDS = ("fcn", "cnn")
+DEPTHS: Mapping[str, tuple[int, ...]] = {"fcn": (3, 4, 5, 6), "cnn": (3, 4)}
+METHODS = ("nobprop", "bprop", "dni", "cdni")
+COLUMNS: Mapping[str, str] = {"nobprop": "No Bprop", "bprop": "Bprop", "dni": "DNI",
+                              "cdni": "cDNI"}
+NUM_CLASSES = 10
+
+PAPER: Mapping[tuple[str, str, int], tuple[float, float, float, float]] = {
+    # (dataset, kind, layers): (No Bprop, Bprop, DNI, cDNI) final test error (%), Table 1.
+    ("mnist", "fcn", 3): (9.3, 2.0, 1.9, 2.2),
+    ("mnist", "fcn", 4): (12.6, 1.8, 2.2, 1.9),
+    ("mnist", "fcn", 5): (16.2, 1.8, 3.4, 1.7),
+    ("mnist", "fcn", 6): (21.4, 1.8, 4.3, 1.6),
+    ("mnist", "cnn", 3): (0.9, 0.8, 0.9, 1.0),
+    ("mnist", "cnn", 4): (2.8, 0.6, 0.7, 0.8),
+    ("cifar10", "fcn", 3): (54.9, 43.5, 42.5, 48.5),
+    ("cifar10", "fcn", 4): (57.2, 43.0, 45.0, 45.1),
+    ("cifar10", "fcn", 5): (59.6, 41.7, 46.9, 43.5),
+    ("cifar10", "fcn", 6): (61.9, 42.0, 49.7, 46.8),
+    ("cifar10", "cnn", 3): (28.7, 17.9, 19.5, 19.0),
+    ("cifar10", "cnn", 4): (38.1, 15.7, 19.5, 16.4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A.1's sizes for one (dataset, kind) block.
+
+    ``width``: units (FCN) or channels (CNN) of every hidden layer. ``dni_hidden`` /
+    ``cdni_hidden``: hidden widths of the DNI / cDNI synthetic gradient model (dense
+    units for FCNs, channels for CNNs; ``()`` is a linear model).
+    """
+
+    width: int
+    dni_hidden: tuple[int, ...]
+    cdni_hidden: tuple[int, ...]
+
+
+A1: Mapping[tuple[str, str], Arch] = {
+    ("mnist", "fcn"): Arch(256, (1024, 1024), ()),
+    ("cifar10", "fcn"): Arch(1000, (4000,), (4000,)),
+    ("mnist", "cnn"): Arch(64, (64, 64), (64, 64)),
+    ("cifar10", "cnn"): Arch(128, (128, 128), (128, 128)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One preset. Every field is recorded with each cell's result.
+
+    ``steps``/``batch_size``: training iterations and batch size. ``lr``: Adam's initial
+    learning rate, multiplied by ``lr_factor`` at each step in ``lr_boundaries``.
+    ``eval_every``: steps between test-error measurements (the curves); ``chunk``: steps
+    per compiled call. ``width_divisor`` divides every A.1 width (layers and synthetic
+    gradient models; 1 = A.1); ``sg_width_divisor`` divides only the synthetic gradient
+    models' hidden widths. ``train_limit``/``test_limit`` keep only the first examples
+    (``None`` = all). ``fast_compile`` trades step speed for compile time
+    (:data:`experiments.training.FAST_COMPILE`).
+
+    ``loss_reduction``: the softmax cross-entropy is summed (``"sum"``) or averaged
+    (``"mean"``) over the batch. A.1 does not say which. With Adam it changes nothing for
+    the layers (Adam is invariant to the scale of the loss) but it sets the scale of the
+    gradients the synthetic gradient models regress: of order 1 per example for
+    ``"sum"``, of order ``1/batch_size`` for ``"mean"``. Adam moves each weight of a
+    model's zero-initialised output layer by about the learning rate per step whatever
+    the scale of the target, so with ``"mean"`` the prediction's own jitter swamps
+    targets of order 1/256 (measured: 6-layer MNIST cDNI 4.9 % test error with
+    ``"mean"`` vs 1.9 % with ``"sum"`` after 4k steps at 3e-4; see "Calibration" in the
+    module docstring). All presets use ``"sum"``.
+
+    ``notes`` says how the preset departs from the paper and how to run it.
+    """
+
+    steps: int
+    lr: float
+    lr_boundaries: tuple[int, ...]
+    eval_every: int
+    chunk: int
+    batch_size: int = 256
+    lr_factor: float = 0.1
+    width_divisor: int = 1
+    sg_width_divisor: int = 1
+    train_limit: int | None = None
+    test_limit: int | None = None
+    fast_compile: bool = False
+    loss_reduction: str = "sum"
+    notes: str = ""
+
+
+SMOKE = Config(
+    steps=4, lr=1e-3, lr_boundaries=(), eval_every=2, chunk=2, batch_size=32,
+    width_divisor=8, train_limit=512, test_limit=256, fast_compile=True,
+    notes=("wiring only, numbers mean nothing: 4 steps of batch 32 on the first 512/256 "
+           "train/test examples, every width (layers and SG models) divided by 8. "
+           "Command: python -m experiments run table1 --preset smoke "
+           "(make reproduce-table1 PRESET=smoke)"),
+)
+"""``smoke``: every one of the 40 cells for a few steps at 1/8 of A.1's widths (CI).
+``python -m experiments run table1 --preset smoke`` (``make reproduce-table1 PRESET=smoke``)."""
+
+QUICK = Config(
+    steps=5_000, lr=3e-4, lr_boundaries=(3_000, 4_000), eval_every=250, chunk=250,
+    notes=("CPU-feasible for the MNIST FCN block (about 40 min on 2 shared cores): A.1's "
+           "networks and synthetic gradient models, batch 256, but Adam 3e-4 (paper 3e-5) "
+           "for 5k steps (paper 500k), divided by 10 at 3k and 4k (paper 300k and 400k: "
+           "the same 60 %/80 % points). "
+           "Command: python -m experiments run table1 --preset quick --only 'mnist-fcn*' "
+           "(make reproduce-table1 PRESET=quick runs all 48 cells: the CNN and CIFAR-10 "
+           "cells need a GPU at this length)"),
+)
+"""``quick``: A.1's networks with a 10× larger learning rate and 100× fewer steps.
+``python -m experiments run table1 --preset quick --only 'mnist-fcn*'`` (the MNIST FCN
+block; ``make reproduce-table1 PRESET=quick`` runs every cell)."""
+
+PAPER_CONFIG = Config(
+    steps=500_000, lr=3e-5, lr_boundaries=(300_000, 400_000), eval_every=5_000, chunk=1_000,
+    notes=("A.1 exactly: Adam 3e-5 divided by 10 at 300k and 400k steps, batch 256, 500k "
+           "steps, inputs in [0, 1], zero-initialised last SG layer. Command: python -m "
+           "experiments run table1 --preset paper (make reproduce-table1 PRESET=paper); "
+           "needs a GPU"),
+)
+"""``paper``: A.1's protocol. ``python -m experiments run table1 --preset paper``
+(``make reproduce-table1 PRESET=paper``)."""
+
+PRESETS: Mapping[str, Config] = {"smoke": SMOKE, "quick": QUICK, "paper": PAPER_CONFIG}
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def arch(dataset: str, kind: str, config: Config | None = None) -> Arch:
+    """A.1's sizes for a block, divided as ``config`` says."""
+    a = A1[(dataset, kind)]
+    if config is None:
+        return a
+    d, s = config.width_divisor, config.width_divisor * config.sg_width_divisor
+
+    def div(n: int, by: int) -> int:
+        return max(1, n // by)
+
+    return Arch(div(a.width, d), tuple(div(n, s) for n in a.dni_hidden),
+                tuple(div(n, s) for n in a.cdni_hidden))
+
+
+def make_layers(dataset: str, kind: str, depth: int, config: Config | None = None
+                ) -> list[sgjax.Layer]:
+    """The ``depth``-layer network of A.1 for ``dataset`` (``depth − 1`` hidden layers
+    and a linear classification layer)."""
+    a = arch(dataset, kind, config)
+    if kind == "fcn":
+        return training.mlp_layers(depth, a.width, NUM_CLASSES)
+    return training.cnn_layers(depth, a.width, NUM_CLASSES)
+
+
+def make_predictor(dataset: str, kind: str, method: str, config: Config | None = None
+                   ) -> sgjax.Predictor:
+    """The synthetic gradient model of A.1 for a DNI or cDNI cell."""
+    if method not in ("dni", "cdni"):
+        raise ValueError(f"{method!r} has no synthetic gradient model (only dni, cdni)")
+    a = arch(dataset, kind, config)
+    conditioned = method == "cdni"
+    hidden = a.cdni_hidden if conditioned else a.dni_hidden
+    if kind == "fcn":
+        return sgjax.predictors.mlp(hidden, conditioned=conditioned)
+    return sgjax.predictors.conv(hidden, 5, conditioned=conditioned)
+
+
+def make_feedback(dataset: str, kind: str, method: str, config: Config | None = None
+                  ) -> sgjax.Feedback | None:
+    """What crosses each interface: ``None`` for Bprop (no cuts), zero for No Bprop, a
+    synthetic gradient for DNI/cDNI."""
+    if method == "bprop":
+        return None
+    if method == "nobprop":
+        return sgjax.feedback.none()
+    return sgjax.feedback.synthetic(make_predictor(dataset, kind, method, config))
+
+
+def make_loss(config: Config):
+    """Softmax cross-entropy, averaged or summed over the batch (``config.loss_reduction``)."""
+    if config.loss_reduction == "mean":
+        return sgjax.losses.softmax_cross_entropy
+    if config.loss_reduction == "sum":
+        def summed_cross_entropy(logits, y):
+            return logits.shape[0] * sgjax.losses.softmax_cross_entropy(logits, y)
+
+        return summed_cross_entropy
+    raise ValueError(f"loss_reduction={config.loss_reduction!r}: use 'mean' or 'sum'")
+
+
+def make_split(dataset: str, kind: str, depth: int, method: str, config: Config,
+               input_shape: Sequence[int]) -> sgjax.Split:
+    """One cell's network as an :func:`sgjax.split_at` split."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    layers = make_layers(dataset, kind, depth, config)
+    feedback = make_feedback(dataset, kind, method, config)
+    return sgjax.split_at(
+        layers, () if feedback is None else "every", feedback=feedback,
+        loss=make_loss(config),
+        optimizer=training.piecewise_adam(config.lr, config.lr_boundaries, config.lr_factor),
+        input_shape=tuple(input_shape), batch_size=config.batch_size,
+        num_classes=NUM_CLASSES,
+    )
+
+
+# --------------------------------------------------------------------------- data and cells
+
+
+@functools.lru_cache(maxsize=1)
+def load_dataset(name: str, train_limit: int | None, test_limit: int | None) -> data.Dataset:
+    """:func:`experiments.data.load`, cached for consecutive cells of one dataset."""
+    ds = data.load(name, train_limit=train_limit, test_limit=test_limit)
+    _LABELS[name] = ds.label
+    return ds
+
+
+_LABELS: dict[str, str] = {}
+_FALLBACK_LABELS = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+
+
+def dataset_label(name: str) -> str:
+    """The table label of ``name``: the loaded dataset's ``label`` if one was loaded in
+    this process, else the label :func:`experiments.data.load` will give (found by
+    looking for the local files without reading them, so listing cells stays cheap)."""
+    if name in _LABELS:
+        return _LABELS[name]
+    try:  # the same lookup data.load does first (local files), without decoding anything
+        dirs, _ = data._candidate_dirs(None)
+        if any(data._find_local(name, d) is not None for d in dirs):
+            return data._LABELS_LOCAL[name]
+        return data._LABELS_TFDS[name]
+    except Exception:  # noqa: BLE001 - a label is cosmetic; never fail listing cells
+        return _FALLBACK_LABELS[name]
+
+
+def cell_id(dataset: str, kind: str, depth: int, method: str) -> str:
+    return f"{dataset}-{kind}{depth}-{method}"
+
+
+def all_cells() -> list[Cell]:
+    """The 40 cells in the paper's order (MNIST block first, then CIFAR-10)."""
+    cells = []
+    for dataset in DATASETS:
+        label = dataset_label(dataset)
+        for kind in KINDS:
+            for depth in DEPTHS[kind]:
+                paper = PAPER[(dataset, kind, depth)]
+                for method, value in zip(METHODS, paper, strict=True):
+                    cells.append(Cell(
+                        cell_id(dataset, kind, depth, method),
+                        row=f"{label} {kind.upper()} {depth}", column=COLUMNS[method],
+                        params={"dataset": dataset, "kind": kind, "depth": depth,
+                                "method": method},
+                        paper=value,
+                    ))
+    return cells
+
+
+def cells(preset: str) -> list[Cell]:
+    del preset  # every preset has all 40 cells
+    return all_cells()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
+    p = cell.params
+    ds = load_dataset(p["dataset"], config.train_limit, config.test_limit)
+    expected = dataset_label(p["dataset"])
+    if ds.label != expected:  # e.g. the data directory changed since the cells were listed
+        warnings.warn(f"{cell.id}: dataset label {ds.label!r} differs from the row's "
+                      f"{expected!r}", stacklevel=1)
+    split = make_split(p["dataset"], p["kind"], p["depth"], p["method"], config,
+                       ds.input_shape)
+    _, final = training.train_classifier(
+        ctx, split, ds, steps=config.steps, batch_size=config.batch_size, chunk=config.chunk,
+        eval_every=config.eval_every, eval_train=True,
+        log_info=p["method"] in ("dni", "cdni"),
+        compiler_options=training.FAST_COMPILE if config.fast_compile else None,
+    )
+    a = arch(p["dataset"], p["kind"], config)
+    predictor = (make_predictor(p["dataset"], p["kind"], p["method"], config).description
+                 if p["method"] in ("dni", "cdni") else None)
+    return {
+        "metric": final["test_error"],
+        "train_error": final["train_error"],
+        "dataset": ds.label,
+        "data_source": ds.source,
+        "width": a.width,
+        "interfaces": len(split.stages) - 1,
+        "sg_model": predictor,
+    }
+
+
+# --------------------------------------------------------------------------- figures
+
+_STYLE = {  # the paper's colours: Bprop grey, DNI blue, cDNI green; No Bprop red (Fig. 9)
+    "nobprop": dict(color="tab:red", ls=":"),
+    "bprop": dict(color="0.45", ls="-"),
+    "dni": dict(color="tab:blue", ls="-"),
+    "cdni": dict(color="tab:green", ls="-"),
+}
+
+
+def _block_figure(by: Mapping, dataset: str, kind: str, methods: Sequence[str], title: str):
+    from matplotlib.figure import Figure
+
+    depths = [d for d in DEPTHS[kind] if any((dataset, kind, d, m) in by for m in methods)]
+    fig = Figure(figsize=(3.2 * max(len(depths), 1) + 0.4, 3.4), layout="constrained")
+    axes = fig.subplots(1, max(len(depths), 1), squeeze=False)[0]
+    for ax, depth in zip(axes, depths):
+        finals = []
+        for m in methods:
+            r = by.get((dataset, kind, depth, m))
+            if r is None or "test_error" not in r.curves:
+                continue
+            steps, err = r.curves["test_error"]
+            ax.plot(steps, err, label=f"{COLUMNS[m]} ({r.metric:.2f} %)", **_STYLE[m])
+            finals.append(float(err[-1]))
+            paper = r.cell.paper
+            if paper is not None:
+                ax.axhline(paper, lw=0.8, alpha=0.6, **{**_STYLE[m], "ls": "--"})
+        ax.set_title(f"{depth} layers")
+        ax.set_xlabel("step")
+        if finals:  # zoom on the end of training: the early error is off the chart
+            top = max(max(finals) * 2.0, max(finals) + 1.0)
+            ax.set_ylim(0, top)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    axes[0].set_ylabel("test error (%)")
+    fig.suptitle(title + " (dashed: paper's final error)", fontsize="medium")
+    return fig
+
+
+def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
+    """``table1-right``: the paper's right panel (MNIST FCN test error during training,
+    Bprop vs DNI vs cDNI, one subplot per depth); ``fig11-<dataset>-<kind>``: every block
+    with all four methods (Fig. 11; No Bprop too)."""
+    by = {(r.cell.params["dataset"], r.cell.params["kind"], r.cell.params["depth"],
+           r.cell.params["method"]): r for r in results}
+    figs = {}
+    if any(k[:2] == ("mnist", "fcn") and k[3] != "nobprop" for k in by):
+        figs["table1-right"] = _block_figure(
+            by, "mnist", "fcn", ("bprop", "dni", "cdni"),
+            "Table 1 (right): MNIST FCN, test error during training")
+    for dataset in DATASETS:
+        for kind in KINDS:
+            if any(k[:2] == (dataset, kind) for k in by):
+                figs[f"fig11-{dataset}-{kind}"] = _block_figure(
+                    by, dataset, kind, METHODS,
+                    f"{dataset_label(dataset)} {kind.upper()}: test error during training")
+    return figs
+
+
+EXPERIMENT = Experiment(
+    name="table1",
+    paper="DNI (Jaderberg et al. 2016)",
+    title="Table 1: every-layer DNI on MNIST and CIFAR-10 FCNs and CNNs",
+    metric="test error (%)",
+    cells=cells,
+    presets=PRESETS,
+    run_cell=run_cell,
+    figures=figures,
+    notes=("'N layers' = N−1 hidden + 1 classification layer; DNI/cDNI cut after every "
+           "layer; No Bprop = zero gradient at every cut (only the top layer learns); "
+           "paper column = final test error after 500k steps"),
+)
