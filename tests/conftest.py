@@ -1,0 +1,40 @@
+"""Shared test configuration.
+
+Tests that train on real MNIST read it from ``SGJAX_DATA_DIR`` (or
+``../shared/data``); they never download it. On a machine without the files such
+a test is *skipped* with the loader's message (which says where to put them),
+unless ``SGJAX_REQUIRE_DATA=1``, which makes the missing dataset a failure
+(``.ci/run`` sets it whenever the offline copy exists).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from experiments.data import DatasetNotFoundError
+
+
+def _missing_dataset(excinfo) -> str | None:
+    if excinfo is None:
+        return None
+    if excinfo.errisinstance(DatasetNotFoundError):
+        return str(excinfo.value).splitlines()[0]
+    text = str(excinfo.value)  # e.g. an nbclient CellExecutionError wrapping it
+    if "DatasetNotFoundError" in text:
+        return "dataset not found (see the notebook's error)"
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    outcome = yield
+    excinfo = outcome.excinfo
+    if excinfo is None or os.environ.get("SGJAX_REQUIRE_DATA") == "1":
+        return
+    from _pytest._code import ExceptionInfo
+
+    reason = _missing_dataset(ExceptionInfo.from_exc_info(excinfo))
+    if reason:
+        outcome.force_exception(pytest.skip.Exception(f"needs real data: {reason}"))
