@@ -11,3 +11,6 @@ Interfaces": one module per table or figure.
 * :mod:`~experiments.understanding.theorem1` — Theorem 1 (supp. B) checked numerically.
 * ``fig2``, ``fig3``, ``fig4``, ``fig5``, ``fig8`` and :mod:`nets` — §4–5's figures.
 """
+
+PAPER = "Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)"
+"""The ``paper`` field shared by every experiment of this folder."""

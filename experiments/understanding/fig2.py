@@ -49,6 +49,7 @@ import optax
 import sgjax
 from experiments import training
 from experiments.framework import Cell, Experiment
+from experiments.understanding import PAPER
 
 CONDITIONINGS = ("cond", "nolabel", "labelonly")
 COND_LABELS = {"cond": "SG(h, y)", "nolabel": "SG(h) (no label)",
@@ -431,7 +432,7 @@ def figures(results, config) -> dict:
 
 EXPERIMENT = Experiment(
     name="understanding-fig2",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER,
     title="Fig. 2 / supp. Fig. 9: true loss vs the loss implied by a linear SG on 2-D grid data",
     metric="final training loss",
     cells=cells,

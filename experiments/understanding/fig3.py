@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.framework import Cell, Experiment
-from experiments.understanding import nets
+from experiments.understanding import PAPER, nets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +169,7 @@ def figures(results, config) -> dict:
 
 EXPERIMENT = Experiment(
     name="understanding-fig3",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER,
     title="Fig. 3 / supp. Fig. 7: RDMs of a 20-hidden-layer MNIST net per training method",
     metric="test error (%)",
     cells=cells,

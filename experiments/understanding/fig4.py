@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from experiments.framework import Cell, Experiment
-from experiments.understanding import nets
+from experiments.understanding import PAPER, nets
 
 METHODS = ("backprop", "sg_single")
 
@@ -105,7 +105,7 @@ def figures(results, config) -> dict:
 
 EXPERIMENT = Experiment(
     name="understanding-fig4",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER,
     title="Fig. 4: MNIST learning curves, 3-50 hidden layers, ReLU/sigmoid, backprop vs "
           "single SG",
     metric="test error (%)",

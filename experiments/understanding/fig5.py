@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from experiments.framework import Cell, Experiment
-from experiments.understanding import nets
+from experiments.understanding import PAPER, nets
 
 METHODS = ("backprop", "sg_single", "sg_every")
 SHORT = {"backprop": "Backprop", "sg_single": "SG", "sg_every": "SG*"}
@@ -112,7 +112,7 @@ def figures(results, config) -> dict:
 
 EXPERIMENT = Experiment(
     name="understanding-fig5",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER,
     title="Fig. 5: normalised squared weight norms per hidden layer, backprop / SG / SG*",
     metric="test error (%)",
     cells=cells,

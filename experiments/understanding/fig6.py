@@ -41,6 +41,7 @@ import optax
 
 import sgjax
 from experiments.framework import Cell, Experiment
+from experiments.understanding import PAPER
 
 X = jnp.array([-2.0, -1.0, 1.0, 2.0])
 SHOWCASE = (1.0, 1.5)
@@ -321,7 +322,7 @@ def figures(results: Sequence, config: Config) -> dict:
 
 EXPERIMENT = Experiment(
     name="understanding-fig6",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER,
     title="Fig. 6 / supp. A: SG introduces new critical points (a ≠ 0, c = 0)",
     metric="final loss L(a, b), mean over starting points",
     cells=[

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from experiments.framework import Cell, Experiment
-from experiments.understanding import nets
+from experiments.understanding import PAPER, nets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,7 @@ def figures(results, config) -> dict:
 
 EXPERIMENT = Experiment(
     name="understanding-fig8",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER,
     title="supp. Fig. 8: linear classifier / regression probes per hidden layer",
     metric="test error (%)",
     cells=cells,

@@ -50,6 +50,7 @@ import optax
 import sgjax
 from experiments import training
 from experiments.framework import Cell, Experiment
+from experiments.understanding import PAPER
 
 # method key -> (paper column name, feedback constructor, loss)
 METHODS: dict[str, tuple[str, Callable[[], sgjax.Feedback]]] = {
@@ -287,7 +288,7 @@ def cells(preset: str) -> list[Cell]:
 
 EXPERIMENT = Experiment(
     name="understanding-table1",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER,
     title="Table 1: unified view of conspiring methods (rows from sgjax.feedback) + MNIST",
     metric="MNIST test error (%)",
     cells=cells,

@@ -59,6 +59,7 @@ import optax
 
 import sgjax
 from experiments.framework import Cell, Experiment
+from experiments.understanding import PAPER as PAPER_TITLE
 
 # (dataset, model) rows of the paper's Table 2 with (MSE, log loss) and bold flags.
 PAPER: dict[tuple[str, str], tuple[float, float]] = {
@@ -361,7 +362,7 @@ def figures(results: Sequence, config: Config) -> dict:
 
 EXPERIMENT = Experiment(
     name="understanding-table2",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER_TITLE,
     title="Table 2 (supp.): final loss of SG minus backprop on artificial data",
     metric="final training loss, SG − backprop (mean of 10 datasets)",
     cells=cells,

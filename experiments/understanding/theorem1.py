@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.framework import Cell, Experiment
+from experiments.understanding import PAPER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +291,7 @@ def figures(results: Sequence, config: Config) -> dict:
 
 EXPERIMENT = Experiment(
     name="understanding-theorem1",
-    paper="Understanding Synthetic Gradients and DNIs (Czarnecki et al. 2017)",
+    paper=PAPER,
     title="Theorem 1 (supp. B): linear regression + linear SG converges to the global optimum",
     metric="final max(‖W − W*‖∞, |α|, |β|, |γ|), worst of the random problems",
     cells=cells,
