@@ -160,16 +160,25 @@ def stochastic(split: Split, p_update: float) -> Schedule:
     return Schedule(lambda key, x, y: _init(split, key, x, y), step)
 
 
-def fused(step: Callable, *, donate: bool = False) -> Callable:
-    """Compile ``n`` steps into one program: ``run(state, xs, ys[, keys])``
-    scans ``step`` over the leading axis of the batches and returns the final
-    state and the per-step infos stacked."""
+def fused(step: Callable, *, batch_fn: Callable | None = None, donate: bool = False
+          ) -> Callable:
+    """Compile a chunk of steps into one program.
 
-    def run(state, *batches):
-        def body(state, batch):
-            return step(state, *batch)
+    Returns ``run(state, *xs, data=None) -> (state, infos)``: one jitted
+    ``jax.lax.scan`` of ``step`` over the leading axis of ``xs``, with the
+    per-step infos stacked. Without ``batch_fn`` the body calls
+    ``step(state, *x_t)`` (``xs`` are the stacked batches). With ``batch_fn``
+    it calls ``step(state, *batch_fn(data, *x_t))``, so the dataset ``data``
+    stays device-resident and each batch is gathered inside the compiled
+    program, e.g. ``batch_fn=lambda d, idx, key: (d.x[idx], d.y[idx], key)``
+    scanned over ``(chunk, B)`` indices and ``chunk`` keys.
+    """
 
-        return jax.lax.scan(body, state, batches)
+    def run(state, *xs, data=None):
+        def body(state, x_t):
+            return step(state, *(batch_fn(data, *x_t) if batch_fn is not None else x_t))
+
+        return jax.lax.scan(body, state, xs)
 
     return jax.jit(run, donate_argnums=(0,) if donate else ())
 
