@@ -1,0 +1,219 @@
+"""DNI (Jaderberg et al. 2016) §3.1: the stale-gradient baseline on MNIST FCNs.
+
+"As another baseline, we tried using historical, stale gradients with respect to
+activations, rather than synthetic gradients. We took an exponential average historical
+gradient, searching over the entire spectrum of decay rates and the best results attained
+on MNIST classification were 9.1%, 11.8%, 15.4%, 19.0% for 3 to 6 layer FCNs respectively
+– marginally better than using zero gradients (no backpropagation) and far worse than the
+associated cDNI results of 2.2%, 1.9%, 1.7%, 1.6%."
+
+The claim, checked by the numbers in ``table.md`` (columns No Bprop | Stale | cDNI) and
+drawn in ``stale-sweep.png``: **at every depth the best stale-gradient network is at most
+marginally better than No Bprop (within a few points of it) and far worse than cDNI.**
+The verdict per depth (:func:`verdicts`, in each panel's title of ``stale-sweep.png``) is
+"holds" when ``cDNI + 3 < Stale ≤ No Bprop + 1`` (percentage points), "differs" otherwise.
+
+What is built. The networks, optimiser, loss and synthetic gradient models are those of
+:mod:`experiments.dni.table1` (A.1; its ``Config`` and builders). Every interface (a cut
+after every layer) uses :func:`sgjax.feedback.stale` with decay ``d``: the substitute for
+``∂L/∂h`` at batch ``t`` is the exponential average ``m ← d·m + (1−d)·δ`` of the gradients
+the layer above sent back for the previous batches, position by position in the batch — so
+it belongs to *other* examples, as the paper notes. The Stale cell of each depth trains one
+network per decay of :attr:`Config.decays` (the "entire spectrum", from 0 — the previous
+batch's gradient — to 0.999) and reports the best final test error; every decay's error
+is in its ``metrics`` and in ``stale-sweep.png``. No Bprop (zero gradient at every cut)
+and cDNI (linear, label-conditioned synthetic gradients) are trained in the same way for
+the comparison.
+
+Reproduce with ``python -m experiments run stale --preset quick``
+(``make reproduce-stale PRESET=quick``; presets ``smoke``, ``quick``, ``paper``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+import sgjax
+from experiments import training
+from experiments.dni import table1
+from experiments.framework import Cell, CellResult, Experiment
+
+PAPER: Mapping[int, tuple[float, float, float]] = {
+    # layers: (No Bprop, best Stale, cDNI) final test error (%), §3.1 and Table 1.
+    3: (9.3, 9.1, 2.2),
+    4: (12.6, 11.8, 1.9),
+    5: (16.2, 15.4, 1.7),
+    6: (21.4, 19.0, 1.6),
+}
+METHODS = ("nobprop", "stale", "cdni")
+COLUMNS = {"nobprop": "No Bprop", "stale": "Stale (best decay)", "cdni": "cDNI"}
+MARGIN_ABOVE_NOBPROP = 1.0
+"""The claim "marginally better than zero gradients": Stale ≤ No Bprop + this (points)."""
+MARGIN_ABOVE_CDNI = 3.0
+"""The claim "far worse than cDNI": Stale > cDNI + this (points)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One preset: ``train`` is a :class:`experiments.dni.table1.Config` (steps, learning
+    rate, widths, data limits); ``decays`` the decay rates searched; ``depths`` the FCN
+    depths (layers, as in Table 1)."""
+
+    train: table1.Config
+    decays: tuple[float, ...]
+    depths: tuple[int, ...] = (3, 4, 5, 6)
+
+
+PRESETS = {
+    "smoke": Config(
+        train=dataclasses.replace(table1.SMOKE, notes="wiring only, numbers mean nothing"),
+        decays=(0.0, 0.9), depths=(3,)),
+    "quick": Config(
+        train=table1.Config(
+            steps=2_000, lr=3e-4, lr_boundaries=(1_200, 1_600), eval_every=500, chunk=250,
+            notes=("A.1's networks, Adam 3e-4 (paper 3e-5) for 2k steps (paper 500k), "
+                   "divided by 10 at 60 %/80 %; about 6 min on 2 CPU cores")),
+        decays=(0.0, 0.5, 0.9, 0.99, 0.999)),
+    "paper": Config(train=table1.PAPER_CONFIG,
+                    decays=(0.0, 0.5, 0.9, 0.95, 0.99, 0.995, 0.999)),
+}
+
+
+def cells(preset: str) -> list[Cell]:
+    out = []
+    for depth in PRESETS[preset].depths:
+        for method, paper in zip(METHODS, PAPER[depth], strict=True):
+            out.append(Cell(f"mnist-fcn{depth}-{method}", row=f"MNIST FCN {depth}",
+                            column=COLUMNS[method], params={"depth": depth, "method": method},
+                            paper=paper))
+    return out
+
+
+class SubContext:
+    """A :class:`~experiments.framework.RunContext` seen by one of several runs inside a
+    cell: its curves get a ``suffix``, its key is folded with ``index``, and it does not
+    checkpoint (a killed sweep restarts the cell)."""
+
+    def __init__(self, ctx, index: int, suffix: str):
+        self._ctx, self._index, self._suffix = ctx, index, suffix
+
+    def key(self):
+        import jax
+
+        return jax.random.fold_in(self._ctx.key(), self._index)
+
+    def restore(self, like):
+        return 0, like
+
+    def save(self, step, state, *, force=False):
+        return False
+
+    def progress(self, total, *, start=0, desc=None):
+        return self._ctx.progress(total, start=start, desc=desc or self._suffix)
+
+    def log(self, step, **values):
+        self._ctx.log(step, **{f"{k}_{self._suffix}": v for k, v in values.items()})
+
+    def close(self):
+        self._ctx.close()
+
+
+def make_split(depth: int, feedback: sgjax.Feedback, config: table1.Config,
+               input_shape: Sequence[int]) -> sgjax.Split:
+    """A.1's ``depth``-layer MNIST FCN cut after every layer with ``feedback``."""
+    return sgjax.split_at(
+        table1.make_layers("mnist", "fcn", depth, config), "every", feedback=feedback,
+        loss=table1.make_loss(config),
+        optimizer=training.piecewise_adam(config.lr, config.lr_boundaries, config.lr_factor),
+        input_shape=tuple(input_shape), batch_size=config.batch_size,
+        num_classes=table1.NUM_CLASSES)
+
+
+def _train(ctx, split, ds, cfg: table1.Config) -> float:
+    _, final = training.train_classifier(
+        ctx, split, ds, steps=cfg.steps, batch_size=cfg.batch_size, chunk=cfg.chunk,
+        eval_every=cfg.eval_every,
+        compiler_options=training.FAST_COMPILE if cfg.fast_compile else None)
+    return float(final["test_error"])
+
+
+def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
+    p, cfg = cell.params, config.train
+    ds = table1.load_dataset("mnist", cfg.train_limit, cfg.test_limit)
+    if p["method"] != "stale":
+        split = table1.make_split("mnist", "fcn", p["depth"], p["method"], cfg, ds.input_shape)
+        return {"metric": _train(ctx, split, ds, cfg)}
+    errors = []
+    for i, decay in enumerate(config.decays):
+        split = make_split(p["depth"], sgjax.feedback.stale(decay), cfg, ds.input_shape)
+        errors.append(_train(SubContext(ctx, i, f"decay{decay:g}"), split, ds, cfg))
+    best = int(np.argmin(errors))
+    return {"metric": errors[best], "best_decay": config.decays[best],
+            "decays": list(config.decays), "errors": errors}
+
+
+def verdicts(results: Sequence[CellResult]) -> dict[int, dict[str, Any]]:
+    """Per depth with all three methods done: the errors and "holds"/"differs" for the
+    claim ``cDNI + MARGIN_ABOVE_CDNI < Stale ≤ No Bprop + MARGIN_ABOVE_NOBPROP``."""
+    by = {(r.cell.params["depth"], r.cell.params["method"]): r.metric for r in results}
+    out = {}
+    for depth in sorted({d for d, _ in by}):
+        if not all((depth, m) in by for m in METHODS):
+            continue
+        nob, st, cd = (by[(depth, m)] for m in METHODS)
+        holds = cd + MARGIN_ABOVE_CDNI < st <= nob + MARGIN_ABOVE_NOBPROP
+        out[depth] = {"nobprop": nob, "stale": st, "cdni": cd,
+                      "verdict": "holds" if holds else "differs"}
+    return out
+
+
+def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
+    """``stale-sweep``: final test error against the decay rate, one panel per depth, with
+    our No Bprop and cDNI as lines and the paper's three numbers as dotted lines."""
+    from matplotlib.figure import Figure
+
+    by = {(r.cell.params["depth"], r.cell.params["method"]): r for r in results}
+    depths = sorted({d for d, _ in by})
+    judged = verdicts(results)
+    fig = Figure(figsize=(3.3 * max(len(depths), 1), 3.4), layout="constrained")
+    axes = fig.subplots(1, max(len(depths), 1), squeeze=False)[0]
+    for ax, depth in zip(axes, depths):
+        stale = by.get((depth, "stale"))
+        if stale is not None:
+            x = np.arange(len(stale.metrics["decays"]))
+            ax.plot(x, stale.metrics["errors"], "o-", color="tab:orange", label="Stale (ours)")
+            ax.set_xticks(x, [f"{d:g}" for d in stale.metrics["decays"]], fontsize="x-small")
+        for m, color in (("nobprop", "tab:red"), ("cdni", "tab:green")):
+            r = by.get((depth, m))
+            if r is not None:
+                ax.axhline(r.metric, color=color, label=f"{COLUMNS[m]} (ours)")
+        for color, v in zip(("tab:red", "tab:orange", "tab:green"), PAPER[depth]):
+            ax.axhline(v, color=color, ls=":", lw=1)
+        verdict = judged.get(depth, {}).get("verdict", "")
+        ax.set_title(f"{depth} layers {('— ' + verdict) if verdict else ''}", fontsize="small")
+        ax.set_xlabel("decay rate")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final test error (%)")
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle("DNI §3.1: stale activation gradients (EMA) vs No Bprop and cDNI "
+                 "(dotted: paper)", fontsize="medium")
+    return {"stale-sweep": fig}
+
+
+EXPERIMENT = Experiment(
+    name="stale",
+    paper="DNI (Jaderberg et al. 2016)",
+    title="§3.1: stale (exponentially averaged) activation gradients on MNIST FCNs",
+    metric="test error (%)",
+    cells=cells,
+    presets=PRESETS,
+    run_cell=run_cell,
+    figures=figures,
+    notes=("claim: the best stale network is only marginally better than No Bprop and far "
+           f"worse than cDNI (holds if cDNI + {MARGIN_ABOVE_CDNI:g} < Stale ≤ No Bprop + "
+           f"{MARGIN_ABOVE_NOBPROP:g}); Stale = best final error over the decays"),
+)
