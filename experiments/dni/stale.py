@@ -39,7 +39,7 @@ import numpy as np
 
 import sgjax
 from experiments import training
-from experiments.dni import table1
+from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Experiment
 
 PAPER: Mapping[int, tuple[float, float, float]] = {
@@ -70,13 +70,10 @@ class Config:
 
 PRESETS = {
     "smoke": Config(
-        train=dataclasses.replace(table1.SMOKE, notes="wiring only, numbers mean nothing"),
-        decays=(0.0, 0.9), depths=(3,)),
+        train=table1.SMOKE, decays=(0.9,), depths=(3,)),
     "quick": Config(
         train=table1.Config(
-            steps=2_000, lr=3e-4, lr_boundaries=(1_200, 1_600), eval_every=500, chunk=250,
-            notes=("A.1's networks, Adam 3e-4 (paper 3e-5) for 2k steps (paper 500k), "
-                   "divided by 10 at 60 %/80 %; about 6 min on 2 CPU cores")),
+            steps=2_000, lr=3e-4, lr_boundaries=(1_200, 1_600), eval_every=500, chunk=250),
         decays=(0.0, 0.5, 0.9, 0.99, 0.999)),
     "paper": Config(train=table1.PAPER_CONFIG,
                     decays=(0.0, 0.5, 0.9, 0.95, 0.99, 0.995, 0.999)),
@@ -91,46 +88,6 @@ def cells(preset: str) -> list[Cell]:
                             column=COLUMNS[method], params={"depth": depth, "method": method},
                             paper=paper))
     return out
-
-
-class SubContext:
-    """A :class:`~experiments.framework.RunContext` seen by one of several runs inside a
-    cell: its curves get a ``suffix``, its key is folded with ``index``, and it does not
-    checkpoint (a killed sweep restarts the cell)."""
-
-    def __init__(self, ctx, index: int, suffix: str):
-        self._ctx, self._index, self._suffix = ctx, index, suffix
-
-    def key(self):
-        import jax
-
-        return jax.random.fold_in(self._ctx.key(), self._index)
-
-    def restore(self, like):
-        return 0, like
-
-    def save(self, step, state, *, force=False):
-        return False
-
-    def progress(self, total, *, start=0, desc=None):
-        return self._ctx.progress(total, start=start, desc=desc or self._suffix)
-
-    def log(self, step, **values):
-        self._ctx.log(step, **{f"{k}_{self._suffix}": v for k, v in values.items()})
-
-    def close(self):
-        self._ctx.close()
-
-
-def make_split(depth: int, feedback: sgjax.Feedback, config: table1.Config,
-               input_shape: Sequence[int]) -> sgjax.Split:
-    """A.1's ``depth``-layer MNIST FCN cut after every layer with ``feedback``."""
-    return sgjax.split_at(
-        table1.make_layers("mnist", "fcn", depth, config), "every", feedback=feedback,
-        loss=table1.make_loss(config),
-        optimizer=training.piecewise_adam(config.lr, config.lr_boundaries, config.lr_factor),
-        input_shape=tuple(input_shape), batch_size=config.batch_size,
-        num_classes=table1.NUM_CLASSES)
 
 
 def _train(ctx, split, ds, cfg: table1.Config) -> float:
@@ -149,8 +106,9 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
         return {"metric": _train(ctx, split, ds, cfg)}
     errors = []
     for i, decay in enumerate(config.decays):
-        split = make_split(p["depth"], sgjax.feedback.stale(decay), cfg, ds.input_shape)
-        errors.append(_train(SubContext(ctx, i, f"decay{decay:g}"), split, ds, cfg))
+        split = fcn.fcn_split(p["depth"], "every", sgjax.feedback.stale(decay), cfg,
+                              ds.input_shape)
+        errors.append(_train(fcn.SubContext(ctx, i, f"decay{decay:g}"), split, ds, cfg))
     best = int(np.argmin(errors))
     return {"metric": errors[best], "best_decay": config.decays[best],
             "decays": list(config.decays), "errors": errors}
@@ -204,6 +162,13 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     return {"stale-sweep": fig}
 
 
+PRESET_NOTES = {
+    "smoke": "wiring only, numbers mean nothing: table1's smoke training, one decay, depth 3",
+    "quick": ("A.1's networks, batch 256, Adam 3e-4 (paper 3e-5) for 2k steps (paper 500k), "
+              "divided by 10 at 60 %/80 % (paper's points); decays 0, 0.5, 0.9, 0.99, 0.999"),
+    "paper": "A.1's protocol (table1's paper preset) for every network, seven decays",
+}
+
 EXPERIMENT = Experiment(
     name="stale",
     paper="DNI (Jaderberg et al. 2016)",
@@ -216,4 +181,5 @@ EXPERIMENT = Experiment(
     notes=("claim: the best stale network is only marginally better than No Bprop and far "
            f"worse than cDNI (holds if cDNI + {MARGIN_ABOVE_CDNI:g} < Stale ≤ No Bprop + "
            f"{MARGIN_ABOVE_NOBPROP:g}); Stale = best final error over the decays"),
+    preset_notes=PRESET_NOTES,
 )

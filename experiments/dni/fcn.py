@@ -1,0 +1,113 @@
+"""Pieces shared by the DNI feed-forward figure experiments (``stale``, ``sparse``,
+``single``, ``linear``, ``underfit``, ``blog``): MNIST FCN splits with arbitrary cuts, the
+synthetic-versus-true gradient comparison of DNI Fig. 10, and a run context for several
+trainings inside one cell.
+
+The networks and synthetic gradient models are those of :mod:`experiments.dni.table1`
+(A.1); the loss is the batch-mean softmax cross-entropy (sgjax regresses per-example
+gradients whatever the reduction, :class:`sgjax.feedback.InterfaceSpec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import sgjax
+from experiments import training
+from experiments.dni import table1
+
+
+def fcn_split(depth: int, cuts: Sequence[int] | str, feedback, config: table1.Config,
+              input_shape: Sequence[int], *, layers: Sequence[sgjax.Layer] | None = None,
+              optimizer=None) -> sgjax.Split:
+    """A.1's ``depth``-layer MNIST FCN (or ``layers``) cut at ``cuts`` with ``feedback``
+    (one for all cuts or one per cut; ``cuts=()`` is backprop), Adam with the preset's
+    piecewise-constant learning rate (or ``optimizer``)."""
+    cuts = cuts if isinstance(cuts, str) else tuple(cuts)
+    return sgjax.split_at(
+        list(layers) if layers is not None else table1.make_layers("mnist", "fcn", depth,
+                                                                   config),
+        cuts, feedback=feedback if cuts else None, loss=sgjax.losses.softmax_cross_entropy,
+        optimizer=optimizer or training.piecewise_adam(config.lr, config.lr_boundaries,
+                                                       config.lr_factor),
+        input_shape=tuple(input_shape), batch_size=config.batch_size,
+        num_classes=table1.NUM_CLASSES)
+
+
+def gradient_pair(split: sgjax.Split, states: Sequence[sgjax.StageState], k: int,
+                  predictor: sgjax.Predictor, x: jax.Array, y: jax.Array,
+                  loss: Callable = sgjax.losses.softmax_cross_entropy
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The synthetic and the true gradient at the output ``h`` of stage ``k`` for the
+    batch ``(x, y)``, both per example (DNI Fig. 10, the blog post's heatmaps).
+
+    ``h`` is computed by the stages ``0..k`` in training mode (as during training);
+    the synthetic gradient is ``predictor``'s prediction from the variables in stage
+    ``k``'s feedback state (``SG(h[, y])``, the per-example gradient the model regresses);
+    the true gradient is ``∂/∂h Σ_examples loss`` backpropagated through every stage above
+    ``k`` in training mode — the gradient backprop would have given, not the bootstrapped
+    target. ``loss`` is the batch-mean loss of the split (multiplied by the batch size to
+    give per-example gradients). Returns two ``(B, *h_shape)`` arrays.
+    """
+    if not 0 <= k < len(split.stages) - 1:
+        raise ValueError(f"stage {k} has no interface above it: use 0..{len(split.stages) - 2}")
+    h = x
+    for stage, state in zip(split.stages[:k + 1], states):
+        h = stage.forward(state, h)
+    labels = split.label_fn(y)
+    variables = training.synthetic_variables(states[k].feedback)
+    synthetic, _ = predictor.apply(variables, h, labels if predictor.conditioned else None,
+                                   train=True)
+
+    def summed_loss(h):
+        out = h
+        for stage, state in zip(split.stages[k + 1:], states[k + 1:]):
+            out = stage.forward(state, out)
+        return x.shape[0] * loss(out, y)
+
+    return synthetic, jax.grad(summed_loss)(h)
+
+
+def gradient_quality(split, states, k, predictor, x, y) -> dict[str, jax.Array]:
+    """:func:`sgjax.metrics.all_metrics` of :func:`gradient_pair`: ``l2_error`` (mean
+    squared distance per example), ``cosine`` and ``sign_error`` (fraction of dimensions
+    whose sign is wrong)."""
+    s, t = gradient_pair(split, states, k, predictor, x, y)
+    return sgjax.metrics.all_metrics(s, t)
+
+
+class SubContext:
+    """A :class:`~experiments.framework.RunContext` as seen by one of several trainings
+    inside a cell: its curves get the suffix ``_<suffix>``, its key is folded with
+    ``index``, and it does not checkpoint (a killed cell restarts from its first run)."""
+
+    def __init__(self, ctx, index: int, suffix: str):
+        self._ctx, self._index, self._suffix = ctx, index, suffix
+
+    def key(self) -> jax.Array:
+        return jax.random.fold_in(self._ctx.key(), self._index)
+
+    def restore(self, like: Any) -> tuple[int, Any]:
+        return 0, like
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+        return False
+
+    def progress(self, total: int, *, start: int = 0, desc: str | None = None):
+        return self._ctx.progress(total, start=start, desc=desc or self._suffix)
+
+    def log(self, step: int, **values: Any) -> None:
+        self._ctx.log(step, **{f"{k}_{self._suffix}": v for k, v in values.items()})
+
+    def close(self) -> None:
+        self._ctx.close()
+
+
+def final_curve(result, name: str) -> tuple[Any, Any]:
+    """``(steps, values)`` of a logged curve of a :class:`CellResult` (empty if absent)."""
+    c = result.curves.get(name)
+    return (c.step, c.value) if c is not None else (jnp.zeros(0), jnp.zeros(0))
