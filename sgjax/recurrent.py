@@ -1,0 +1,448 @@
+"""Recurrent DNI: truncated BPTT with a synthetic gradient at the truncation boundary
+(DNI §2.2, Fig. 3–4, Appendix A.3).
+
+An LSTM core runs over a long stream in chunks of ``T`` steps; the state (the *carry*
+``s = (h, c)``) crosses from chunk to chunk unchanged, gradients never do. What stands
+in for the gradient from the future at the end of a chunk is an ordinary
+:class:`sgjax.feedback.Feedback` placed at the cut, whose "activation" is the flattened
+carry ``s = [h, c]`` of shape ``(B, 2n)``:
+
+* ``feedback.none()`` — plain truncated BPTT (``δ_T = 0``, DNI eq. 3);
+* ``feedback.scaled(feedback.synthetic(sg_model(n)), 0.1)`` — DNI as in A.3: a
+  synthetic gradient ``M(s_T)`` for both ``h`` and ``c``, multiplied by 0.1 when consumed.
+
+One training step on chunk ``k`` (Fig. 4), all in one pure, jittable function:
+
+1. unroll the core ``T`` steps from ``s_{k-1}`` (a constant: gradients stop there),
+   summing the task loss ``L_k``;
+2. ask the feedback for ``δ̂_k = grad(s_k)`` and backpropagate ``L_k + <δ̂_k, s_k>``
+   through the chunk (one ``jax.vjp``): the parameter gradient of DNI eq. (3), and
+   ``δ_{k-1} = ∂(L_k + <δ̂_k, s_k>)/∂s_{k-1}``, the *bootstrapped* target for the
+   synthetic gradient that was used at ``s_{k-1}`` at the end of the previous chunk;
+3. update the parameters, and fit the feedback to ``Target(grad=δ_{k-1},
+   inputs=s_{k-1})`` (invalid on the first chunk, where no synthetic gradient was used).
+
+DNI + Aux (§2.2, Fig. 3 (b)): an extra linear head on the LSTM output predicts, at every
+step ``t``, the synthetic gradient ``δ̂_{t+T}`` that the predictor produces ``T`` steps
+later (what it actually produces there, per example, as consumed; zero when an episode
+reset lies in between, since no gradient crosses a reset). Its target for the steps of
+chunk ``k − 1`` exists only once chunk ``k`` has run, so step ``k`` re-runs chunk
+``k − 1`` from its stored start carry (again a constant) and backpropagates the
+auxiliary loss ``Σ_t mean_b ||â_t − δ̂_{t+T}||²`` (weight 1, A.3) through it. The cost is
+one extra forward/backward pass over one chunk per step (Fig. 4 keeps one extra core
+in memory; we keep the previous chunk's inputs and start carry instead).
+
+Episode resets: a chunk's ``resets[t]`` sets the carry back to zeros before step ``t``
+(a new Copy episode). The gradient through a reset is zero, so a bootstrapped target
+whose chunk starts with a reset is zero, as it should be.
+
+Units: the trainer's loss is the batch *mean* of the per-example losses summed over the
+chunk's steps, and the interface is built with ``example_scale = B`` so synthetic
+gradient models regress per-example gradients (see :class:`sgjax.feedback.InterfaceSpec`).
+
+The LSTM is flax's ``OptimizedLSTMCell`` (no peephole connections, unlike Graves 2013's
+form that the paper cites), adapted by :func:`sgjax.layers.from_flax` into a pure
+``(init, apply)`` step on ``[h, c, x]``; the output head is a linear layer on ``h``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sgjax import layers as L
+from sgjax import predictors as P
+from sgjax.feedback import Feedback, InterfaceSpec, Target
+
+__all__ = [
+    "Backward", "Chunk", "Core", "LSTMState", "Net", "RecurrentState", "Trainer",
+    "aux_targets", "chunked", "flatten_carry", "lstm", "net", "sg_model", "truncated_bptt",
+    "unflatten_carry", "unroll",
+]
+
+
+class LSTMState(NamedTuple):
+    """The carry of an LSTM: output ``h`` and cell ``c``, each ``(B, n)``."""
+
+    h: jax.Array
+    c: jax.Array
+
+
+def flatten_carry(carry: LSTMState) -> jax.Array:
+    """``(B, 2n)``: ``[h, c]``, the activation at the truncation cut."""
+    return jnp.concatenate([carry.h, carry.c], axis=-1)
+
+
+def unflatten_carry(s: jax.Array) -> LSTMState:
+    """Inverse of :func:`flatten_carry`."""
+    n = s.shape[-1] // 2
+    return LSTMState(s[..., :n], s[..., n:])
+
+
+class Core(NamedTuple):
+    """A recurrent core as a pure pair: ``init(key, input_size) -> variables`` and
+    ``apply(variables, carry, x) -> carry`` (``x`` ``(B, input_size)``); the output
+    of a step is ``carry.h``."""
+
+    init: Callable[[jax.Array, int], Any]
+    apply: Callable[[Any, LSTMState, jax.Array], LSTMState]
+    width: int
+
+    def initial_carry(self, batch_size: int) -> LSTMState:
+        z = jnp.zeros((batch_size, self.width), jnp.float32)
+        return LSTMState(z, z)
+
+
+def lstm(width: int) -> Core:
+    """An LSTM core of ``width`` units (flax ``OptimizedLSTMCell``) via
+    :func:`sgjax.layers.from_flax`: the layer maps ``[h, c, x]`` to ``[h', c']``."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"lstm(width={width!r}): width must be a positive integer")
+
+    def call(module, z, train):
+        del train
+        h, c, x = z[..., :width], z[..., width:2 * width], z[..., 2 * width:]
+        (c, h), _ = module((c, h), x)
+        return jnp.concatenate([h, c], axis=-1)
+
+    layer = L.from_flax(nn.OptimizedLSTMCell(width), call)
+
+    def init(key, input_size):
+        _, variables = layer.init(key, (2 * width + int(input_size),))
+        return variables
+
+    def apply(variables, carry, x):
+        z = jnp.concatenate([carry.h, carry.c, x.reshape(x.shape[0], -1)], axis=-1)
+        s, _ = layer.apply(variables, z)
+        return unflatten_carry(s)
+
+    return Core(init, apply, width)
+
+
+class Net(NamedTuple):
+    """A core with a linear output head (and, for DNI + Aux, a linear head predicting
+    the synthetic gradient ``T`` steps ahead): ``init(key) -> params`` with entries
+    ``core``, ``head`` (and ``aux``)."""
+
+    core: Core
+    input_size: int
+    num_outputs: int
+    init: Callable[[jax.Array], dict]
+    head: L.Layer
+    aux: L.Layer | None
+
+
+def net(core: Core, input_size: int, num_outputs: int, *, aux: bool = False) -> Net:
+    """The A.3 model: ``core``, then a linear layer on its output ``h`` for the task;
+    with ``aux`` a second linear layer ``h -> 2n`` for future synthetic gradient
+    prediction (zero-initialised, like every synthetic-gradient output)."""
+    for name, v in (("input_size", input_size), ("num_outputs", num_outputs)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"net({name}={v!r}): must be a positive integer")
+    head = L.dense(num_outputs)
+    zeros = jax.nn.initializers.zeros
+    aux_head = L.dense(2 * core.width, kernel_init=zeros, bias_init=zeros) if aux else None
+
+    def init(key):
+        k_core, k_head, k_aux = jax.random.split(key, 3)
+        params = {"core": core.init(k_core, input_size),
+                  "head": head.init(k_head, (core.width,))[1]}
+        if aux_head is not None:
+            params["aux"] = aux_head.init(k_aux, (core.width,))[1]
+        return params
+
+    return Net(core, int(input_size), int(num_outputs), init, head, aux_head)
+
+
+def sg_model(width: int, hidden: int | None = None) -> P.Predictor:
+    """A.3's synthetic gradient model for an LSTM of ``width`` units: it reads the
+    LSTM's output ``h`` (the first half of the carry ``[h, c]``), has one hidden ReLU
+    layer of ``hidden`` units (default ``width``) and a zero-initialised linear
+    projection to ``2 width`` (the gradients for ``h`` and ``c``).
+
+    (``predictors.mlp((width,), batch_norm=False)`` is the variant reading ``h`` and ``c``.)
+    """
+    hidden = width if hidden is None else hidden
+    zeros = jax.nn.initializers.zeros
+    layer = L.serial(L.elementwise(lambda s: s[:, :width]), L.dense(hidden), L.relu,
+                     L.dense(2 * width, kernel_init=zeros, bias_init=zeros))
+    return P.from_layer(layer, description=f"sg_model(h[{width}] -> {hidden} -> {2 * width})")
+
+
+# --------------------------------------------------------------------------- unrolling
+
+
+class Chunk(NamedTuple):
+    """``T`` steps of ``B`` streams: ``inputs`` ``(T, B, input_size)``, ``targets`` any
+    pytree with leading ``(T, B)`` (passed to the loss step by step) and ``resets``
+    ``(T, B)`` bool (zero the carry before that step: a new episode)."""
+
+    inputs: jax.Array
+    targets: Any
+    resets: jax.Array
+
+
+def chunked(inputs: jax.Array, targets: Any, T: int, resets: jax.Array | None = None
+            ) -> Chunk:
+    """Cut a sequence with leading time axis ``(K·T, B, ...)`` into a :class:`Chunk`
+    stacked over chunks, ``(K, T, B, ...)``, for :func:`sgjax.fused` / ``lax.scan``.
+
+    Raises ``ValueError`` if the length is not a multiple of ``T``.
+    """
+    _check_T(T)
+    n = inputs.shape[0]
+    if n % T:
+        raise ValueError(
+            f"a sequence of {n} steps does not divide into chunks of T={T}: trim it to "
+            f"{n - n % T} steps or pad it to {n + T - n % T}"
+        )
+    if resets is None:
+        resets = jnp.zeros(inputs.shape[:2], bool)
+
+    def cut(a):
+        a = jnp.asarray(a)
+        return a.reshape(n // T, T, *a.shape[1:])
+
+    return Chunk(cut(inputs), jax.tree.map(cut, targets), cut(resets))
+
+
+def unroll(net_: Net, loss: Callable, params, carry: LSTMState, chunk: Chunk):
+    """Run the core over a chunk from ``carry``.
+
+    Returns ``(per_step_loss (T, B), final carry, outputs h (T, B, n), carries
+    (T, B, 2n))`` where ``carries[t]`` is the flattened carry after step ``t``.
+    ``loss(logits (B, C), target_t) -> (B,)`` is the per-example loss of one step.
+    """
+    zero = net_.core.initial_carry(carry.h.shape[0])
+
+    def body(carry, step):
+        x, target, reset = step
+        carry = jax.tree.map(lambda z, s: jnp.where(reset[:, None], z, s), zero, carry)
+        carry = net_.core.apply(params["core"], carry, x)
+        logits, _ = net_.head.apply(params["head"], carry.h)
+        return carry, (loss(logits, target), carry.h, flatten_carry(carry))
+
+    carry, (losses, hs, carries) = jax.lax.scan(
+        body, carry, (chunk.inputs, chunk.targets, chunk.resets))
+    return losses, carry, hs, carries
+
+
+def aux_targets(future_sg: jax.Array, prev_resets: jax.Array, resets: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """Targets for the DNI + Aux predictions made at the ``T`` steps of the previous
+    chunk: step ``i`` of that chunk (time ``t``) predicts the synthetic gradient
+    produced at step ``i`` of this chunk (time ``t + T``), ``future_sg[i]``.
+
+    ``future_sg`` ``(T, B, D)``: the synthetic gradient at every step of this chunk;
+    ``prev_resets``/``resets`` ``(T, B)``: the two chunks' resets. Returns
+    ``(targets (T, B, D), valid (T, B))``: a pair is invalid (target zero) when an
+    episode reset lies in ``(t, t + T]``.
+    """
+    T = future_sg.shape[0]
+    both = jnp.concatenate([prev_resets, resets], axis=0).astype(jnp.int32)  # (2T, B)
+    csum = jnp.cumsum(both, axis=0)
+    crossed = csum[T:2 * T] - csum[:T] > 0  # resets at times (i, i + T]
+    valid = ~crossed
+    return jnp.where(valid[..., None], future_sg, 0.0), valid
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class RecurrentState(NamedTuple):
+    """Everything a truncated-BPTT run carries from chunk to chunk.
+
+    ``carry``: ``s_{k-1}``, where the next chunk starts; ``started``: whether a chunk
+    has run (so a synthetic gradient was used at ``carry`` and its target is valid);
+    ``prev_chunk``/``prev_carry``: the previous chunk and its start carry (DNI + Aux
+    only, else ``None``); ``step``: chunks done.
+    """
+
+    params: Any
+    opt_state: Any
+    fstate: Any
+    carry: LSTMState
+    started: jax.Array
+    prev_chunk: Chunk | None
+    prev_carry: LSTMState | None
+    step: jax.Array
+
+
+class Backward(NamedTuple):
+    """One chunk's backward pass (before any update).
+
+    ``grads``: parameter gradient (task loss + consumed synthetic gradient + Aux);
+    ``sg``: the synthetic gradient consumed at the chunk's end ``(B, 2n)``;
+    ``sg_target``: the bootstrapped target for the carry the chunk started from;
+    ``losses`` ``(T, B)`` per-example task losses; ``carry``: the final carry;
+    ``aux_loss``: the DNI + Aux loss (0 without Aux); ``carries`` ``(T, B, 2n)``.
+    """
+
+    grads: Any
+    sg: jax.Array
+    sg_target: jax.Array
+    losses: jax.Array
+    carry: LSTMState
+    aux_loss: jax.Array
+    carries: jax.Array
+
+
+class Trainer(NamedTuple):
+    """``init(key) -> RecurrentState``; ``step(state, chunk) -> (state, info)`` (pure,
+    jit once, fusable with :func:`sgjax.fused`); ``backward(state, chunk) ->
+    Backward`` and ``apply(state, chunk, backward) -> (state, info)`` are its two
+    halves; ``interface`` is the feedback bound to the cut."""
+
+    init: Callable[[jax.Array], RecurrentState]
+    step: Callable[[RecurrentState, Chunk], tuple[RecurrentState, dict]]
+    backward: Callable[[RecurrentState, Chunk], Backward]
+    apply: Callable[..., tuple[RecurrentState, dict]]
+    interface: Any
+    net: Net
+    T: int
+    batch_size: int
+
+
+def _check_T(T) -> None:
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T={T!r}: the truncation length must be an integer >= 1")
+
+
+def truncated_bptt(
+    net_: Net,
+    loss: Callable[[jax.Array, Any], jax.Array],
+    feedback: Feedback,
+    optimizer: optax.GradientTransformation,
+    *,
+    T: int,
+    batch_size: int,
+    aux_weight: float = 1.0,
+    sg_optimizer: optax.GradientTransformation | None = None,
+) -> Trainer:
+    """Truncated BPTT over chunks of ``T`` steps with ``feedback`` at every boundary.
+
+    ``loss(logits (B, C), target_t) -> (B,)`` is one step's per-example loss (masked
+    steps return 0); the chunk's loss is their sum over steps, averaged over the batch.
+    ``optimizer`` trains the network; ``sg_optimizer`` (default: the same) trains the
+    feedback's gradient model. DNI + Aux is on when ``net_`` has an ``aux`` head
+    (:func:`net` with ``aux=True``), with the auxiliary loss weighted by ``aux_weight``.
+    """
+    _check_T(T)
+    if not isinstance(feedback, Feedback):
+        raise TypeError(f"feedback must be an sgjax.feedback.Feedback, got {feedback!r}")
+    if feedback.update_locked:
+        raise ValueError(
+            f"{feedback!r} is update locked: it needs the gradient from the next chunk "
+            "before this one can update, which truncated BPTT cannot give. Use "
+            "feedback.none() (truncated BPTT) or feedback.synthetic(...) (DNI)."
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    width = net_.core.width
+    use_aux = net_.aux is not None
+    spec = InterfaceSpec(
+        h_shape=(2 * width,), label_shape=(), out_shape=(net_.num_outputs,),
+        next_shape=(2 * width,), batch_size=batch_size,
+        optimizer=sg_optimizer or optimizer, example_scale=float(batch_size),
+    )
+    interface = feedback.build(spec)
+
+    def check_chunk(chunk: Chunk) -> None:
+        shape = tuple(chunk.inputs.shape)
+        if shape != (T, batch_size, net_.input_size):
+            raise ValueError(
+                f"chunk inputs have shape {shape}; this trainer needs (T, B, input_size) = "
+                f"{(T, batch_size, net_.input_size)}"
+            )
+        if tuple(chunk.resets.shape) != (T, batch_size):
+            raise ValueError(f"chunk resets have shape {tuple(chunk.resets.shape)}; "
+                             f"expected (T, B) = {(T, batch_size)}")
+
+    def init(key):
+        k_net, k_fb = jax.random.split(key)
+        params = net_.init(k_net)
+        fstate = interface.init(k_fb)
+        carry = net_.core.initial_carry(batch_size)
+        prev_chunk = prev_carry = None
+        if use_aux:
+            prev_chunk = Chunk(jnp.zeros((T, batch_size, net_.input_size), jnp.float32), None,
+                               jnp.zeros((T, batch_size), bool))
+            prev_carry = carry
+        return RecurrentState(params, optimizer.init(params), fstate, carry,
+                              jnp.zeros((), bool), prev_chunk, prev_carry,
+                              jnp.zeros((), jnp.int32))
+
+    def consumed_sg(fstate, s):
+        sub, _, _ = interface.grad(fstate, s, None, None)
+        if sub.shape != s.shape:
+            raise ValueError(f"the feedback's substitute has shape {sub.shape}, but the "
+                             f"carry it stands in for has shape {s.shape}")
+        return jax.lax.stop_gradient(sub)
+
+    def backward(state: RecurrentState, chunk: Chunk) -> Backward:
+        check_chunk(chunk)
+        s0 = jax.lax.stop_gradient(flatten_carry(state.carry))
+
+        def forward(params, s0):
+            losses, carry, hs, carries = unroll(net_, loss, params, unflatten_carry(s0), chunk)
+            total = jnp.sum(losses) / batch_size
+            return (total, flatten_carry(carry)), (losses, carry, carries)
+
+        (_, sT), vjp_fn, (losses, carry, carries) = jax.vjp(forward, state.params, s0,
+                                                            has_aux=True)
+        sg = consumed_sg(state.fstate, sT)
+        grads, sg_target = vjp_fn((jnp.ones((), sT.dtype), sg))
+        aux_loss = jnp.zeros((), jnp.float32)
+        if use_aux:
+            future = jax.vmap(lambda s: consumed_sg(state.fstate, s))(carries) * batch_size
+            targets, valid = aux_targets(future, state.prev_chunk.resets, chunk.resets)
+            valid = valid & state.started
+
+            def aux_fn(params):
+                prev = state.prev_chunk
+                zero = net_.core.initial_carry(batch_size)
+
+                def body(c, step):
+                    x, reset = step
+                    c = jax.tree.map(lambda z, s: jnp.where(reset[:, None], z, s), zero, c)
+                    c = net_.core.apply(params["core"], c, x)
+                    pred, _ = net_.aux.apply(params["aux"], c.h)
+                    return c, pred
+
+                c0 = jax.tree.map(jax.lax.stop_gradient, state.prev_carry)
+                _, preds = jax.lax.scan(body, c0, (prev.inputs, prev.resets))
+                err = jnp.sum((preds - targets) ** 2, axis=-1) * valid
+                return aux_weight * jnp.sum(err) / batch_size
+
+            aux_loss, aux_grads = jax.value_and_grad(aux_fn)(state.params)
+            grads = jax.tree.map(jnp.add, grads, aux_grads)
+        return Backward(grads, sg, sg_target, losses, carry, aux_loss, carries)
+
+    def apply(state: RecurrentState, chunk: Chunk, bw: Backward):
+        updates, opt_state = optimizer.update(bw.grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        s0 = flatten_carry(state.carry)
+        fstate, fit_info = interface.fit(
+            state.fstate, Target(grad=bw.sg_target, inputs=s0, valid=state.started))
+        carry = jax.tree.map(jax.lax.stop_gradient, bw.carry)
+        prev_chunk = prev_carry = None
+        if use_aux:
+            prev_chunk = Chunk(chunk.inputs, None, chunk.resets)
+            prev_carry = state.carry
+        new = RecurrentState(params, opt_state, fstate, carry, jnp.ones((), bool),
+                             prev_chunk, prev_carry, state.step + 1)
+        info = {"loss": jnp.sum(bw.losses) / batch_size, "losses": bw.losses,
+                "aux_loss": bw.aux_loss,
+                "sg_loss": jnp.asarray(fit_info.get("sg_loss", 0.0), jnp.float32),
+                "sg_norm": jnp.sqrt(jnp.sum(bw.sg ** 2))}
+        return new, info
+
+    def step(state, chunk):
+        return apply(state, chunk, backward(state, chunk))
+
+    return Trainer(init, step, backward, apply, interface, net_, T, batch_size)
