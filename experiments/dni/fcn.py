@@ -80,6 +80,45 @@ def gradient_quality(split, states, k, predictor, x, y) -> dict[str, jax.Array]:
     return sgjax.metrics.all_metrics(s, t)
 
 
+def train_fcn(ctx, split: sgjax.Split, ds, config: table1.Config, *,
+              schedule: sgjax.Schedule | None = None,
+              probe: Callable[[Any], dict[str, Any]] | None = None,
+              eval_train: bool = False, log_info: bool = False,
+              train_eval_limit: int = 10_000) -> training.Trained:
+    """Train ``split`` on ``ds`` with :func:`experiments.training.train_and_evaluate`
+    (uniform batches of ``config.batch_size``), logging ``test_error`` (and
+    ``train_error`` on the first ``train_eval_limit`` training examples with
+    ``eval_train``) every ``config.eval_every`` steps, plus ``probe(train_state)`` — a
+    dict of scalars, e.g. :func:`gradient_quality` on a fixed batch — at the same steps.
+    ``log_info`` logs every scalar the schedule reports (``sg_loss_<stage>``)."""
+    schedule = schedule or sgjax.sync(split)
+    x_train = jnp.asarray(ds.x_train.reshape(ds.x_train.shape[0], *split.input_shape))
+    y_train = jnp.asarray(ds.y_train)
+    x_test = jnp.asarray(ds.x_test.reshape(ds.x_test.shape[0], *split.input_shape))
+    y_test = jnp.asarray(ds.y_test)
+    compiler = training.FAST_COMPILE if config.fast_compile else None
+    k_init, k_data = jax.random.split(ctx.key())
+    b = config.batch_size
+    state = schedule.init(k_init, x_train[:b], y_train[:b])
+    apply = training.inference_fn(split, compiler_options=compiler)
+
+    def evaluate(ts, step):
+        del step
+        out = {"test_error": training.evaluate_error(apply, ts.stages, x_test, y_test)}
+        if eval_train:
+            out["train_error"] = training.evaluate_error(
+                apply, ts.stages, x_train[:train_eval_limit], y_train[:train_eval_limit])
+        if probe is not None:
+            out.update(probe(ts))
+        return out
+
+    return training.train_and_evaluate(
+        ctx, schedule.step, state, steps=config.steps, chunk=config.chunk,
+        eval_every=config.eval_every, batch_fn=training.uniform_batches(b),
+        data=(x_train, y_train), key=k_data, evaluate=evaluate,
+        metrics=None if log_info else ("loss",), compiler_options=compiler)
+
+
 class SubContext:
     """A :class:`~experiments.framework.RunContext` as seen by one of several trainings
     inside a cell: its curves get the suffix ``_<suffix>``, its key is folded with
@@ -105,9 +144,3 @@ class SubContext:
 
     def close(self) -> None:
         self._ctx.close()
-
-
-def final_curve(result, name: str) -> tuple[Any, Any]:
-    """``(steps, values)`` of a logged curve of a :class:`CellResult` (empty if absent)."""
-    c = result.curves.get(name)
-    return (c.step, c.value) if c is not None else (jnp.zeros(0), jnp.zeros(0))
