@@ -18,6 +18,7 @@ from experiments.framework import Experiment, UsageError
 
 MODULES: tuple[str, ...] = (
     "experiments.dni.table1",
+    "experiments.dni.table2",
     "experiments.understanding.fig2",
     "experiments.understanding.fig3",
     "experiments.understanding.fig4",

@@ -94,8 +94,8 @@ class Core(NamedTuple):
     width: int
 
     def initial_carry(self, batch_size: int) -> LSTMState:
-        z = jnp.zeros((batch_size, self.width), jnp.float32)
-        return LSTMState(z, z)
+        shape = (batch_size, self.width)
+        return LSTMState(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
 
 
 def lstm(width: int) -> Core:
@@ -372,7 +372,7 @@ def truncated_bptt(
         if use_aux:
             prev_chunk = Chunk(jnp.zeros((T, batch_size, net_.input_size), jnp.float32), None,
                                jnp.zeros((T, batch_size), bool))
-            prev_carry = carry
+            prev_carry = net_.core.initial_carry(batch_size)
         return RecurrentState(params, optimizer.init(params), fstate, carry,
                               jnp.zeros((), bool), prev_chunk, prev_carry,
                               jnp.zeros((), jnp.int32))

@@ -1,0 +1,545 @@
+"""DNI (Jaderberg et al. 2016) Table 2: DNI for recurrent networks (§3.2, Appendix A.3),
+with Fig. 7, Fig. 14 and Fig. 15.
+
+Reproduce with ``make reproduce-table2 PRESET=quick`` or
+``python -m experiments run table2 --preset quick`` (``--only 'ptb-*'`` runs one block).
+
+Cells (41, the paper's 3 rows × 17 columns less the Copy/Repeat Copy cells it leaves
+blank): ``{copy, repeatcopy}-{bptt, dni, dniaux}-T{2,3,4,5}`` and
+``ptb-bptt-T{2,3,4,5,8,20,40}``, ``ptb-{dni, dniaux}-T{2,3,4,5,8}``.
+
+What is built (A.3), with :mod:`sgjax.recurrent`:
+
+* An LSTM (flax ``OptimizedLSTMCell``; Graves 2013's form has peepholes, this one does
+  not) with a linear output layer, trained by truncated BPTT over chunks of ``T`` steps
+  of ``B`` parallel streams, the state carried across chunks.
+* BPTT: :func:`sgjax.feedback.none` at the chunk boundary. DNI:
+  ``feedback.scaled(feedback.synthetic(recurrent.sg_model(n)), 0.1)``: a synthetic
+  gradient model reading the LSTM output ``h`` (one hidden ReLU layer of ``n`` units, a
+  zero-initialised linear projection to ``2n`` for ``h`` and ``c``), scaled by 0.1 when
+  consumed, fitted (L2, weight 1) to the bootstrapped target (Fig. 4). The SG regression
+  error is not backpropagated into the core (A.3 searched over that; ours is off).
+  DNI + Aux: an extra linear head predicts the synthetic gradient ``T`` steps ahead
+  (weight 1).
+* Copy / Repeat Copy (:mod:`experiments.sequences`): 8 data symbols; the curriculum of
+  A.3 (average below 0.15 bits error on the current level, measured every
+  ``check_every`` iterations over those iterations → Copy ``N += 1``, Repeat Copy
+  alternately ``N += 1`` and ``R += 1``). Metric: the largest ``T_task = N R + 3``
+  solved (0 if none). 256 units, batch 256.
+* Penn Treebank characters (50 symbols, one-hot input, next-character softmax). BPC on
+  the validation split every ``eval_every`` iterations; the test BPC is measured with the
+  parameters of the best validation point; training stops when the validation BPC has
+  risen ``patience`` times in a row (A.3: "once validation error starts to increase").
+  Evaluation reads each split as ``eval_streams`` contiguous streams, state carried.
+* Adam for the network and the synthetic gradient model, no learning-rate decay.
+
+The headline (§3.2): DNI + Aux at ``T = 5`` reaches the BPC that BPTT at ``T = 20``
+reaches with 58 % of the data, 2× faster. :func:`headline` measures samples (characters
+× streams consumed) and training seconds (compiled steps only, evaluation excluded) to
+the best validation BPC of BPTT ``T = 20`` for both cells of the same run; it is drawn as
+``headline.png`` and printed by ``python -m experiments.dni.table2 <out>/table2/<preset>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import sequences, training
+from experiments.framework import Cell, CellResult, Experiment
+from sgjax import feedback as F
+from sgjax import recurrent as R
+
+TASKS = ("copy", "repeatcopy", "ptb")
+METHODS = ("bptt", "dni", "dniaux")
+COLUMNS = {"bptt": "BPTT", "dni": "DNI", "dniaux": "DNI + Aux"}
+ROWS = {"copy": "Copy", "repeatcopy": "Repeat Copy", "ptb": "Penn Treebank"}
+COPY_TS = (2, 3, 4, 5)
+PTB_TS: Mapping[str, tuple[int, ...]] = {"bptt": (2, 3, 4, 5, 8, 20, 40), "dni": (2, 3, 4, 5, 8),
+                                         "dniaux": (2, 3, 4, 5, 8)}
+
+PAPER: Mapping[tuple[str, str, int], float] = {
+    **{("copy", "bptt", t): v for t, v in zip(COPY_TS, (7, 8, 10, 8))},
+    **{("copy", "dni", t): v for t, v in zip(COPY_TS, (16, 14, 18, 18))},
+    **{("copy", "dniaux", t): v for t, v in zip(COPY_TS, (16, 17, 19, 18))},
+    **{("repeatcopy", "bptt", t): v for t, v in zip(COPY_TS, (7, 5, 19, 23))},
+    **{("repeatcopy", "dni", t): v for t, v in zip(COPY_TS, (39, 33, 39, 59))},
+    **{("repeatcopy", "dniaux", t): v for t, v in zip(COPY_TS, (39, 59, 67, 59))},
+    **{("ptb", "bptt", t): v for t, v in zip(PTB_TS["bptt"],
+                                              (1.39, 1.38, 1.37, 1.37, 1.35, 1.35, 1.34))},
+    **{("ptb", "dni", t): v for t, v in zip(PTB_TS["dni"], (1.37, 1.36, 1.35, 1.35, 1.34))},
+    **{("ptb", "dniaux", t): v for t, v in zip(PTB_TS["dniaux"],
+                                                (1.37, 1.36, 1.35, 1.35, 1.33))},
+}
+"""DNI Table 2: largest ``T_task`` solved (Copy, Repeat Copy), test BPC (PTB)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One preset (recorded with every cell).
+
+    Copy tasks: ``copy_iterations`` training iterations (one iteration = one chunk of
+    ``T`` steps of ``copy_batch`` streams), ``copy_width`` LSTM units, Adam ``copy_lr``,
+    curriculum checked every ``check_every`` iterations, ``alphabet`` data symbols.
+    PTB: ``ptb_samples`` characters per stream per cell (iterations = ``ptb_samples //
+    T``; ``None`` = ``ptb_iterations`` for every ``T``, as in the paper), ``ptb_width``,
+    ``ptb_batch``, ``ptb_lr``, validation every ``eval_every`` iterations (``eval_points``
+    evaluations per cell when ``ptb_samples`` is set), ``patience``, ``valid_limit`` /
+    ``test_limit`` / ``train_limit`` characters (``None`` = all). ``chunk``: iterations
+    per compiled call at most. ``fast_compile``: XLA's cheapest optimisation (smoke).
+    """
+
+    copy_iterations: int
+    copy_width: int
+    copy_batch: int
+    copy_lr: float
+    check_every: int
+    ptb_iterations: int
+    ptb_width: int
+    ptb_batch: int
+    ptb_lr: float
+    eval_every: int
+    ptb_samples: int | None = None
+    eval_points: int = 10
+    patience: int = 2
+    alphabet: int = 8
+    max_n: int = 64
+    eval_streams: int = 64
+    train_limit: int | None = None
+    valid_limit: int | None = None
+    test_limit: int | None = None
+    chunk: int = 500
+    fast_compile: bool = False
+    notes: str = ""
+
+
+SMOKE = Config(
+    copy_iterations=6, copy_width=16, copy_batch=8, copy_lr=1e-3, check_every=3,
+    ptb_iterations=6, ptb_width=16, ptb_batch=8, ptb_lr=1e-3, eval_every=3,
+    train_limit=4000, valid_limit=800, test_limit=800, eval_streams=4, fast_compile=True,
+    notes="wiring only: 6 iterations, 16 LSTM units, batch 8, PTB cut to 4k/800/800 chars",
+)
+
+QUICK = Config(
+    copy_iterations=2000, copy_width=256, copy_batch=256, copy_lr=1e-3, check_every=50,
+    ptb_iterations=0, ptb_samples=12_000, ptb_width=256, ptb_batch=128, ptb_lr=2e-3,
+    eval_every=0, eval_points=12, valid_limit=100_000, test_limit=100_000, chunk=250,
+    notes=("CPU-sized: Copy/Repeat Copy 2k iterations (paper 2.5M) with Adam 1e-3 (paper "
+           "7e-5), A.3's 256 units and batch 256; PTB with a 256-unit LSTM (paper 1024), "
+           "batch 128 (paper 256), Adam 2e-3 (paper 7e-5), the same 12k characters per "
+           "stream for every T (so iterations = 12000 / T; the paper fixes iterations), "
+           "validation and test BPC on the first 100k characters of each split"),
+)
+
+PAPER_CONFIG = Config(
+    copy_iterations=2_500_000, copy_width=256, copy_batch=256, copy_lr=7e-5,
+    check_every=1000, ptb_iterations=2_500_000, ptb_width=1024, ptb_batch=256,
+    ptb_lr=7e-5, eval_every=5000, patience=1, chunk=1000,
+    notes="A.3 exactly (needs an accelerator)",
+)
+
+PRESETS: Mapping[str, Config] = {"smoke": SMOKE, "quick": QUICK, "paper": PAPER_CONFIG}
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def cell_id(task: str, method: str, T: int) -> str:
+    return f"{task}-{method}-T{T}"
+
+
+def all_cells() -> list[Cell]:
+    cells = []
+    for task in TASKS:
+        for method in METHODS:
+            for T in (COPY_TS if task != "ptb" else PTB_TS[method]):
+                cells.append(Cell(cell_id(task, method, T), row=ROWS[task],
+                                  column=f"{COLUMNS[method]} T={T}",
+                                  params={"task": task, "method": method, "T": T},
+                                  paper=PAPER.get((task, method, T))))
+    return cells
+
+
+def cells(preset: str) -> list[Cell]:
+    del preset
+    return all_cells()
+
+
+def make_feedback(method: str, width: int) -> F.Feedback:
+    """``none()`` for BPTT; A.3's scaled synthetic gradient for DNI and DNI + Aux."""
+    if method == "bptt":
+        return F.none()
+    if method in ("dni", "dniaux"):
+        return F.scaled(F.synthetic(R.sg_model(width)), 0.1)
+    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+
+
+def _jit(fn, config: Config, **kw):
+    return jax.jit(fn, compiler_options=training.FAST_COMPILE if config.fast_compile else None,
+                   **kw)
+
+
+def masked_xent(logits, target):
+    """Per-example softmax cross-entropy (nats) where ``mask`` is 1, else 0."""
+    labels, mask = target
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(logp, labels[:, None], 1)[:, 0] * mask
+
+
+def xent(logits, labels):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)[:, 0]
+
+
+# --------------------------------------------------------------------------- Copy tasks
+
+
+def copy_runner(task: sequences.CopyTask, trainer: R.Trainer, config: Config, n_iter: int):
+    """A compiled ``run(train_state, stream_state, level) -> (train_state, stream_state,
+    bits, count)``: ``n_iter`` iterations in one ``lax.scan``; ``bits``/``count`` are
+    the summed bits error and the number of target steps of current-level episodes."""
+
+    def run(ts, ss, level):
+        def body(carry, _):
+            ts, ss = carry
+            ss, (x, target, reset, current) = sequences.copy_chunk(task, ss, level, trainer.T)
+            ts, info = trainer.step(ts, R.Chunk(x, target, reset))
+            cur = current.astype(jnp.float32)
+            bits = jnp.sum(info["losses"] * cur) / math.log(2.0)
+            return (ts, ss), (bits, jnp.sum(target[1] * cur))
+
+        (ts, ss), (bits, count) = jax.lax.scan(body, (ts, ss), None, length=n_iter)
+        return ts, ss, jnp.sum(bits), jnp.sum(count)
+
+    return _jit(run, config)
+
+
+def run_copy(cell: Cell, config: Config, ctx) -> dict[str, Any]:
+    p = cell.params
+    repeat = p["task"] == "repeatcopy"
+    T, B, width = p["T"], config.copy_batch, config.copy_width
+    task = sequences.CopyTask(repeat=repeat, alphabet=config.alphabet, max_n=config.max_n)
+    net = R.net(R.lstm(width), task.input_size, task.num_outputs, aux=p["method"] == "dniaux")
+    trainer = R.truncated_bptt(net, masked_xent, make_feedback(p["method"], width),
+                               optax.adam(config.copy_lr), T=T, batch_size=B)
+    k_init, k_data = jax.random.split(ctx.key())
+    level = task.first_level
+    ts = trainer.init(k_init)
+    ss = sequences.init_stream(task, k_data, B, level)
+    book = {"level": jnp.array(level, jnp.int32), "solved": jnp.zeros((), jnp.int32)}
+    start, (ts, ss, book) = ctx.restore((ts, ss, book))
+    level = sequences.Level(*map(int, book["level"]))
+    solved = int(book["solved"])
+    run = copy_runner(task, trainer, config, config.check_every)
+    bar = ctx.progress(config.copy_iterations, start=start)
+    it = start
+    if start == 0:
+        ctx.log(0, t_task=0)
+    while it < config.copy_iterations:
+        ts, ss, bits, count = run(ts, ss, jnp.array(level, jnp.int32))
+        it += config.check_every
+        bar.update(config.check_every)
+        count = float(count)
+        avg = float(bits) / count if count else float("inf")
+        if count and math.isfinite(avg):
+            ctx.log(it, bits=avg)
+        if avg < sequences.BITS_THRESHOLD:
+            solved = sequences.t_task(level)
+            ctx.log(it, t_task=solved)
+            nxt = sequences.next_level(level, repeat)
+            if nxt.n > task.max_n:
+                break
+            level = nxt
+        book = {"level": jnp.array(level, jnp.int32), "solved": jnp.array(solved, jnp.int32)}
+        ctx.save(it, (ts, ss, book))
+    ctx.log(it, t_task=solved)
+    return {"metric": float(solved), "level_n": level.n, "level_r": level.r,
+            "iterations": it, "samples": it * T * B, "width": width}
+
+
+# --------------------------------------------------------------------------- Penn Treebank
+
+
+@functools.lru_cache(maxsize=1)
+def load_ptb(limit_train, limit_valid, limit_test) -> sequences.PTB:
+    ptb = sequences.load_ptb()
+    return ptb._replace(train=ptb.train[:limit_train], valid=ptb.valid[:limit_valid],
+                        test=ptb.test[:limit_test])
+
+
+def ptb_iterations(config: Config, T: int) -> tuple[int, int]:
+    """``(iterations, eval_every)`` of a PTB cell."""
+    if config.ptb_samples is not None:
+        iters = max(1, config.ptb_samples // T)
+        every = max(1, iters // config.eval_points)
+        return iters, every
+    return config.ptb_iterations, config.eval_every
+
+
+def ptb_bpc_fn(net: R.Net, vocab: int, config: Config):
+    """``bpc(params, windows)``: bits per character of the model over ``windows``
+    ``(chunks, L + 1, streams)`` read in order with the state carried."""
+
+    def bpc(params, windows):
+        S = windows.shape[-1]
+
+        def body(carry, w):
+            chunk = R.Chunk(jax.nn.one_hot(w[:-1], vocab), w[1:],
+                            jnp.zeros(w[1:].shape, bool))
+            losses, carry, _, _ = R.unroll(net, xent, params, carry, chunk)
+            return carry, jnp.sum(losses)
+
+        _, sums = jax.lax.scan(body, net.core.initial_carry(S), windows)
+        return jnp.sum(sums) / (windows.shape[0] * (windows.shape[1] - 1) * S) / math.log(2.0)
+
+    return _jit(bpc, config)
+
+
+def run_ptb(cell: Cell, config: Config, ctx) -> dict[str, Any]:
+    p = cell.params
+    T, B, width = p["T"], config.ptb_batch, config.ptb_width
+    ptb = load_ptb(config.train_limit, config.valid_limit, config.test_limit)
+    V = ptb.vocab_size
+    net = R.net(R.lstm(width), V, V, aux=p["method"] == "dniaux")
+    trainer = R.truncated_bptt(net, xent, make_feedback(p["method"], width),
+                               optax.adam(config.ptb_lr), T=T, batch_size=B)
+    windows = jnp.asarray(sequences.ptb_streams(ptb.train, B, T))
+    eval_len = 100 if config.valid_limit is None or config.valid_limit > 10_000 else 10
+    valid = jnp.asarray(sequences.ptb_streams(ptb.valid, config.eval_streams, eval_len))
+    test = jnp.asarray(sequences.ptb_streams(ptb.test, config.eval_streams, eval_len))
+    iters, every = ptb_iterations(config, T)
+    n_chunks = windows.shape[0]
+
+    def run(ts, start, windows):
+        def body(ts, i):
+            w = windows[(start + i) % n_chunks]
+            first = (start + i) % n_chunks == 0  # the streams wrap around: a new start
+            resets = jnp.zeros((T, B), bool).at[0].set(first)
+            ts, info = trainer.step(ts, R.Chunk(jax.nn.one_hot(w[:-1], V), w[1:], resets))
+            return ts, info["loss"]
+
+        ts, losses = jax.lax.scan(body, ts, jnp.arange(every))
+        return ts, jnp.sum(losses) / (every * T) / math.log(2.0)
+
+    run = _jit(run, config)
+    bpc = ptb_bpc_fn(net, V, config)
+
+    ts = trainer.init(ctx.key())
+    book = {"best_params": ts.params, "best": jnp.array(np.inf, jnp.float32),
+            "best_it": jnp.zeros((), jnp.int32), "rises": jnp.zeros((), jnp.int32),
+            "seconds": jnp.zeros((), jnp.float32)}
+    start, (ts, book) = ctx.restore((ts, book))
+    best, best_it, rises = float(book["best"]), int(book["best_it"]), int(book["rises"])
+    seconds = float(book["seconds"])
+    bar = ctx.progress(iters, start=start)
+    it = start
+    while it + every <= iters and rises < config.patience:
+        t0 = time.perf_counter()
+        ts, train_bpc = run(ts, jnp.asarray(it, jnp.int32), windows)
+        train_bpc = float(train_bpc)  # waits for the compiled steps
+        seconds += time.perf_counter() - t0
+        it += every
+        bar.update(every)
+        v = float(bpc(ts.params, valid))
+        if v < best:
+            best, best_it, rises = v, it, 0
+            book = {**book, "best_params": ts.params}
+        else:
+            rises += 1
+        ctx.log(it, train_bpc=train_bpc, valid_bpc=v, seconds=seconds, samples=it * T * B)
+        book = {**book, "best": jnp.array(best, jnp.float32),
+                "best_it": jnp.array(best_it, jnp.int32), "rises": jnp.array(rises, jnp.int32),
+                "seconds": jnp.array(seconds, jnp.float32)}
+        ctx.save(it, (ts, book))
+    test_bpc = float(bpc(book["best_params"], test)) if math.isfinite(best) else float("nan")
+    return {"metric": test_bpc, "best_valid_bpc": best, "best_iteration": best_it,
+            "iterations": it, "samples": it * T * B, "train_seconds": seconds,
+            "width": width, "stopped_early": rises >= config.patience}
+
+
+def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
+    if cell.params["task"] == "ptb":
+        return run_ptb(cell, config, ctx)
+    return run_copy(cell, config, ctx)
+
+
+# --------------------------------------------------------------------------- figures
+
+_COLOURS = {2: "tab:blue", 3: "tab:orange", 4: "tab:green", 5: "tab:red", 8: "tab:purple",
+            20: "tab:brown", 40: "tab:gray"}
+_LINES = {"bptt": "--", "dni": "-", "dniaux": "-"}
+
+
+def _batch(r: CellResult) -> int:
+    cfg = r.record.get("config", {})
+    return cfg.get("ptb_batch" if r.cell.params["task"] == "ptb" else "copy_batch", 1)
+
+
+def _samples(r: CellResult, steps) -> np.ndarray:
+    return np.asarray(steps, float) * r.cell.params["T"] * _batch(r)
+
+
+def _progress_axes(ax, results, task, methods, title):
+    for r in results:
+        p = r.cell.params
+        if p["task"] != task or p["method"] not in methods or "t_task" not in r.curves:
+            continue
+        steps, values = r.curves["t_task"]
+        ax.step(_samples(r, steps), np.maximum.accumulate(values), where="post",
+                color=_COLOURS[p["T"]], ls=_LINES[p["method"]],
+                label=f"{COLUMNS[p['method']]} T={p['T']}")
+    ax.set_xlabel("samples (time steps × batch)")
+    ax.set_ylabel("T_task solved")
+    ax.set_title(title, fontsize="medium")
+    if ax.lines:
+        ax.legend(fontsize="x-small")
+
+
+def _bpc_axes(ax, results, methods, title):
+    for r in results:
+        p = r.cell.params
+        if p["task"] != "ptb" or p["method"] not in methods or "valid_bpc" not in r.curves:
+            continue
+        steps, values = r.curves["valid_bpc"]
+        ax.plot(_samples(r, steps), values, color=_COLOURS[p["T"]], ls=_LINES[p["method"]],
+                label=f"{COLUMNS[p['method']]} T={p['T']} ({r.metric:.3f})")
+    ax.set_xlabel("samples (characters × streams)")
+    ax.set_ylabel("validation BPC")
+    ax.set_title(title, fontsize="medium")
+    if ax.lines:
+        ax.legend(fontsize="x-small")
+
+
+def headline(results: Sequence[CellResult]) -> dict[str, Any] | None:
+    """Samples and training seconds for DNI + Aux ``T = 5`` and BPTT ``T = 20`` to
+    reach the best validation BPC of BPTT ``T = 20`` (``None`` unless both ran)."""
+    by = {r.cell.id: r for r in results}
+    a, b = by.get("ptb-dniaux-T5"), by.get("ptb-bptt-T20")
+    if a is None or b is None or "valid_bpc" not in a.curves or "valid_bpc" not in b.curves:
+        return None
+    target = float(np.min(b.curves["valid_bpc"].value))
+
+    def reach(r):
+        steps, values = r.curves["valid_bpc"]
+        secs = np.interp(steps, *r.curves["seconds"]) if "seconds" in r.curves else steps * 0
+        hit = np.nonzero(values <= target + 1e-9)[0]
+        if not len(hit):
+            return None
+        i = hit[0]
+        return {"iterations": int(steps[i]), "samples": float(_samples(r, [steps[i]])[0]),
+                "seconds": float(secs[i]), "valid_bpc": float(values[i])}
+
+    out = {"target_bpc": target, "dniaux_T5": reach(a), "bptt_T20": reach(b)}
+    if out["dniaux_T5"] and out["bptt_T20"]:
+        out["data_ratio"] = out["dniaux_T5"]["samples"] / out["bptt_T20"]["samples"]
+        out["speedup"] = out["bptt_T20"]["seconds"] / max(out["dniaux_T5"]["seconds"], 1e-9)
+    return out
+
+
+def headline_markdown(results: Sequence[CellResult]) -> str:
+    h = headline(results)
+    if h is None:
+        return "Headline: needs the cells ptb-dniaux-T5 and ptb-bptt-T20.\n"
+    lines = [f"Headline (paper: DNI + Aux T=5 reaches 1.35 BPC with 58 % of the data of BPTT "
+             f"T=20, 2× faster). Target: BPTT T=20's best validation BPC, "
+             f"{h['target_bpc']:.4f}.", "",
+             "| cell | iterations | samples | training seconds | valid BPC |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name in ("dniaux_T5", "bptt_T20"):
+        r = h[name]
+        if r is None:
+            lines.append(f"| {name} | not reached | | | |")
+        else:
+            lines.append(f"| {name} | {r['iterations']} | {r['samples']:.0f} | "
+                         f"{r['seconds']:.1f} | {r['valid_bpc']:.4f} |")
+    if "data_ratio" in h:
+        lines += ["", f"DNI + Aux T=5 used {100 * h['data_ratio']:.0f} % of the data and was "
+                      f"{h['speedup']:.2f}× as fast in training wall-clock."]
+    return "\n".join(lines) + "\n"
+
+
+def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
+    from matplotlib.figure import Figure
+
+    figs = {}
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    _progress_axes(fig.add_subplot(), results, "repeatcopy", METHODS,
+                   "Fig. 7 left: Repeat Copy progression")
+    figs["fig7-left"] = fig
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    _bpc_axes(fig.add_subplot(), results, ("bptt", "dni"),
+              "Fig. 7 right: PTB, DNI (solid) vs BPTT (dashed)")
+    figs["fig7-right"] = fig
+    fig = Figure(figsize=(6.4, 8.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1)
+    _bpc_axes(top, results, ("bptt", "dni"), "Fig. 14 top: DNI vs BPTT")
+    _bpc_axes(bottom, results, ("bptt", "dniaux"), "Fig. 14 bottom: DNI + Aux vs BPTT")
+    figs["fig14"] = fig
+    fig = Figure(figsize=(10, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2)
+    for i, task in enumerate(("copy", "repeatcopy")):
+        _progress_axes(axes[i, 0], results, task, ("bptt", "dni"), f"{ROWS[task]}: DNI")
+        _progress_axes(axes[i, 1], results, task, ("bptt", "dniaux"), f"{ROWS[task]}: DNI + Aux")
+    figs["fig15"] = fig
+    h = headline(results)
+    if h is not None:
+        fig = Figure(figsize=(10, 4.2), layout="constrained")
+        left, right = fig.subplots(1, 2)
+        by = {r.cell.id: r for r in results}
+        for cid, style in (("ptb-dniaux-T5", "-"), ("ptb-bptt-T20", "--")):
+            r = by[cid]
+            steps, values = r.curves["valid_bpc"]
+            left.plot(_samples(r, steps), values, style, label=cid)
+            if "seconds" in r.curves:
+                right.plot(r.curves["seconds"].value, values, style, label=cid)
+        for ax, xl in ((left, "samples"), (right, "training seconds")):
+            ax.axhline(h["target_bpc"], color="k", lw=0.8)
+            ax.set_xlabel(xl)
+            ax.set_ylabel("validation BPC")
+            ax.legend(fontsize="small")
+        text = (f"data {100 * h['data_ratio']:.0f} %, {h['speedup']:.2f}× faster"
+                if "data_ratio" in h else "target not reached by both")
+        fig.suptitle(f"DNI + Aux T=5 vs BPTT T=20 to BPC {h['target_bpc']:.3f}: {text}")
+        figs["headline"] = fig
+    return figs
+
+
+EXPERIMENT = Experiment(
+    name="table2",
+    paper="DNI (Jaderberg et al. 2016)",
+    title="Table 2: DNI for RNNs (Copy, Repeat Copy, Penn Treebank), Fig. 7, 14, 15",
+    metric="Copy/Repeat Copy: largest T_task solved (higher is better); PTB: test BPC",
+    cells=cells,
+    presets=PRESETS,
+    run_cell=run_cell,
+    figures=figures,
+    notes=("quick: " + QUICK.notes + ". Copy metric 0 = no level solved."),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m experiments.dni.table2 <out>/table2/<preset>``: print the headline."""
+    from experiments.framework import load_results
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m experiments.dni.table2 <out>/table2/<preset>", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    found = load_results(EXPERIMENT, out.name, out)
+    print(headline_markdown([r for r in found.values() if isinstance(r, CellResult)]), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
