@@ -26,6 +26,7 @@ lint:  ## ruff
 
 bench:  ## step-time benchmark on the DNI MNIST FCN shape (ratios from one run)
 	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/recurrent_step_time.py
 
 notebooks:  ## execute every notebook at the smoke preset
 	$(PY) -m pytest tests/test_notebooks.py
