@@ -1,0 +1,165 @@
+"""DNI (Jaderberg et al. 2016) Fig. 12: linear synthetic gradient models for MNIST FCNs.
+
+Every-layer DNI (a cut after every layer, Fig. 1 (d)) on A.1's 3- to 6-layer MNIST FCNs,
+with *linear* synthetic gradient models ``δ̂ = M(h) = φ_w h + φ_b`` (A.1's "0 hidden
+layers"), unconditioned (DNI) and conditioned on the one-hot label (cDNI, which for MNIST
+FCNs is exactly Table 1's cDNI), beside Table 1's DNI with A.1's two-hidden-layer model.
+Fig. 12 gives curves only; §3.1 adds that "the best results obtained with cDNI were with
+*linear* synthetic gradient models".
+
+The claims, checked by :func:`verdicts` (in ``fig12.png``'s title) with the numbers of
+``table.md``:
+
+1. linear DNI trains every depth: its error is far below No Bprop's (Table 1: 9.3, 12.6,
+   16.2, 21.4 %) — "holds" if below half of it;
+2. conditioning on the label helps the linear model: cDNI-linear < DNI-linear at every
+   depth;
+3. for unconditioned DNI, A.1's two-hidden-layer model (chosen by A.1's search over 0–2
+   hidden layers) is at least as good as the linear one: MLP ≤ linear + 0.5 points.
+
+The paper column holds Table 1's numbers where the cell *is* a Table 1 cell (cDNI-linear,
+DNI-MLP); linear DNI has no published number (Fig. 12 is a plot).
+
+Reproduce with ``python -m experiments run linear --preset quick``
+(``make reproduce-linear PRESET=quick``; presets ``smoke``, ``quick``, ``paper``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import sgjax
+from experiments.dni import fcn, table1
+from experiments.framework import Cell, CellResult, Experiment
+
+MODELS = ("dni-linear", "cdni-linear", "dni-mlp")
+COLUMNS = {"dni-linear": "DNI, linear SG", "cdni-linear": "cDNI, linear SG",
+           "dni-mlp": "DNI, A.1 SG (2 hidden)"}
+NO_BPROP = {3: 9.3, 4: 12.6, 5: 16.2, 6: 21.4}
+"""Table 1's No Bprop errors (%), the baseline of claim 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """``train`` (:class:`experiments.dni.table1.Config`), the FCN ``depths`` and the
+    synthetic gradient ``models`` (a subset of :data:`MODELS`)."""
+
+    train: table1.Config
+    depths: tuple[int, ...] = (3, 4, 5, 6)
+    models: tuple[str, ...] = MODELS
+
+
+PRESETS = {
+    "smoke": Config(train=table1.SMOKE, depths=(3,), models=("dni-linear",)),
+    "quick": Config(train=table1.Config(steps=2_000, lr=3e-4, lr_boundaries=(1_200, 1_600),
+                                        eval_every=250, chunk=250)),
+    "paper": Config(train=table1.PAPER_CONFIG),
+}
+PRESET_NOTES = {
+    "smoke": "wiring only, numbers mean nothing: 4 steps, widths / 8, one cell",
+    "quick": ("A.1's networks and models, batch 256, Adam 3e-4 (paper 3e-5) for 2k steps "
+              "(paper 500k), ÷10 at 60 %/80 %"),
+    "paper": "A.1's protocol (500k steps, Adam 3e-5 ÷10 at 300k and 400k)",
+}
+
+
+def paper_value(depth: int, model: str) -> float | None:
+    """Table 1's number for the cells that are Table 1 cells, else ``None``."""
+    dni, cdni = table1.PAPER[("mnist", "fcn", depth)][2:]
+    return {"cdni-linear": cdni, "dni-mlp": dni}.get(model)
+
+
+def cells(preset: str) -> list[Cell]:
+    cfg = PRESETS[preset]
+    return [Cell(f"mnist-fcn{d}-{m}", row=f"MNIST FCN {d}", column=COLUMNS[m],
+                 params={"depth": d, "model": m}, paper=paper_value(d, m))
+            for d in cfg.depths for m in cfg.models]
+
+
+def make_predictor(model: str, config: table1.Config) -> sgjax.Predictor:
+    if model == "dni-linear":
+        return sgjax.predictors.linear()
+    if model == "cdni-linear":
+        return sgjax.predictors.linear(conditioned=True)
+    if model == "dni-mlp":
+        return table1.make_predictor("mnist", "fcn", "dni", config)
+    raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
+
+
+def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
+    cfg, p = config.train, cell.params
+    ds = table1.load_dataset("mnist", cfg.train_limit, cfg.test_limit)
+    predictor = make_predictor(p["model"], cfg)
+    split = fcn.fcn_split(p["depth"], "every", sgjax.feedback.synthetic(predictor), cfg,
+                          ds.input_shape)
+    _, final = fcn.train_fcn(ctx, split, ds, cfg, eval_train=True, log_info=True)
+    return {"metric": final["test_error"], "train_error": final["train_error"],
+            "sg_model": predictor.description}
+
+
+def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
+    """"holds"/"differs" for each claim of the module docstring the results cover."""
+    by = {(r.cell.params["depth"], r.cell.params["model"]): r.metric for r in results}
+    depths = sorted({d for d, _ in by})
+    out = {}
+    lin = [d for d in depths if (d, "dni-linear") in by]
+    if lin:
+        ok = all(by[(d, "dni-linear")] < NO_BPROP[d] / 2 for d in lin)
+        out["linear DNI trains (< ½ No Bprop)"] = "holds" if ok else "differs"
+    both = [d for d in lin if (d, "cdni-linear") in by]
+    if both:
+        ok = all(by[(d, "cdni-linear")] < by[(d, "dni-linear")] for d in both)
+        out["cDNI-linear < DNI-linear"] = "holds" if ok else "differs"
+    mlp = [d for d in lin if (d, "dni-mlp") in by]
+    if mlp:
+        ok = all(by[(d, "dni-mlp")] <= by[(d, "dni-linear")] + 0.5 for d in mlp)
+        out["DNI: MLP ≤ linear + 0.5"] = "holds" if ok else "differs"
+    return out
+
+
+_STYLE = {"dni-linear": dict(color="tab:blue", ls="--"),
+          "cdni-linear": dict(color="tab:green", ls="--"),
+          "dni-mlp": dict(color="tab:blue", ls="-")}
+
+
+def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
+    """``fig12``: test error during training, one panel per depth, one line per model."""
+    from matplotlib.figure import Figure
+
+    by = {(r.cell.params["depth"], r.cell.params["model"]): r for r in results}
+    depths = sorted({d for d, _ in by})
+    fig = Figure(figsize=(3.2 * max(len(depths), 1) + 0.4, 3.4), layout="constrained")
+    axes = fig.subplots(1, max(len(depths), 1), squeeze=False)[0]
+    for ax, d in zip(axes, depths):
+        for m in MODELS:
+            r = by.get((d, m))
+            if r is not None and "test_error" in r.curves:
+                ax.plot(*r.curves["test_error"], label=f"{COLUMNS[m]} ({r.metric:.2f} %)",
+                        **_STYLE[m])
+        ax.set_ylim(0, 10)
+        ax.set_title(f"{d} layers", fontsize="small")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="xx-small")
+    axes[0].set_ylabel("test error (%)")
+    claims = "; ".join(f"{c}: {v}" for c, v in verdicts(results).items())
+    fig.suptitle(f"DNI Fig. 12: linear synthetic gradient models, MNIST FCNs\n{claims}",
+                 fontsize="small")
+    return {"fig12": fig}
+
+
+EXPERIMENT = Experiment(
+    name="linear",
+    paper="DNI (Jaderberg et al. 2016)",
+    title="Fig. 12: linear synthetic gradient models for MNIST FCNs (every-layer DNI)",
+    metric="test error (%)",
+    cells=cells,
+    presets=PRESETS,
+    run_cell=run_cell,
+    figures=figures,
+    notes=("paper column = Table 1 where the cell is a Table 1 cell (cDNI is linear for "
+           "MNIST FCNs in A.1; DNI-MLP is A.1's DNI); Fig. 12 itself gives curves only"),
+    preset_notes=PRESET_NOTES,
+)
