@@ -12,12 +12,13 @@ Typical use::
 
 Where the data comes from (``source="auto"``):
 
-1. A local directory, the first of: the ``data_dir`` argument; else the ``SGJAX_DATA_DIR``
-   environment variable; else the first existing of ``<repo>/../shared/data``,
-   ``<cwd>/../shared/data``, ``<repo>/shared/data``, ``<cwd>/shared/data``. It must hold
-   ``mnist/train-images-idx3-ubyte.gz`` (and the three other LeCun IDX files) or
+1. A local directory: the ``data_dir`` argument; else the ``SGJAX_DATA_DIR``
+   environment variable; else the user location ``~/.cache/sgjax/data``
+   (:func:`default_data_dirs`). It must hold ``mnist/train-images-idx3-ubyte.gz`` (and the
+   three other LeCun IDX files) or
    ``cifar10-jpeg/<one .tar/.tar.gz/.tgz of train/<class>/*.jpg, test/<class>/*.jpg>``.
-   These are read with the numpy/Pillow readers below, never with tfds.
+   These are read with the numpy/Pillow readers below, never with tfds. (The repository's
+   CI points ``SGJAX_DATA_DIR`` at its sibling ``../shared/data`` when that exists.)
 2. Otherwise, if TensorFlow is installed, ``tensorflow_datasets`` (downloads and prepares
    into its own cache, ``~/tensorflow_datasets`` by default).
 3. Otherwise :class:`DatasetNotFoundError` explains what was looked for and how to fix it.
@@ -58,6 +59,7 @@ __all__ = [
     "cache_dir",
     "default_data_dirs",
     "epoch_batches",
+    "expected_label",
     "load",
     "read_cifar10_jpeg_tar",
     "read_idx",
@@ -249,25 +251,29 @@ def load(
 # --------------------------------------------------------------------------------------------
 
 
-def _repo_root() -> Path:
-    """Parent of the ``experiments`` package."""
-    return Path(__file__).resolve().parent.parent
+MNIST_URLS = tuple(f"https://storage.googleapis.com/cvdf-datasets/mnist/{f}"
+                   for f in MNIST_FILES.values())
+"""Where the four MNIST IDX files can be downloaded (the mirror tfds uses)."""
 
 
 def default_data_dirs() -> list[Path]:
-    """Default local data directories, in lookup order (existing or not, de-duplicated)."""
-    repo, cwd = _repo_root(), Path.cwd()
-    out: list[Path] = []
-    for p in (
-        repo.parent / "shared" / "data",
-        cwd.parent / "shared" / "data",
-        repo / "shared" / "data",
-        cwd / "shared" / "data",
-    ):
-        p = p.resolve()
-        if p not in out:
-            out.append(p)
-    return out
+    """The local data directory used when neither ``data_dir`` nor ``$SGJAX_DATA_DIR`` is
+    given: ``~/.cache/sgjax/data`` (a user location, never one tied to a machine)."""
+    return [Path.home() / ".cache" / "sgjax" / "data"]
+
+
+def expected_label(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The ``label`` :func:`load` would give ``name`` (e.g. ``"CIFAR-10 (JPEG substitute)"``
+    when the local JPEG tar is what it finds), found by looking for the files without
+    reading them."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in VALID_NAMES:
+        raise ValueError(f"unknown dataset name {name!r}; valid names are: "
+                         f"{', '.join(VALID_NAMES)}")
+    dirs, _ = _candidate_dirs(data_dir)
+    if any(_find_local(key, d) is not None for d in dirs):
+        return _LABELS_LOCAL[key]
+    return _LABELS_TFDS[key]
 
 
 def _candidate_dirs(data_dir: str | os.PathLike[str] | None) -> tuple[list[Path], str]:
@@ -277,9 +283,7 @@ def _candidate_dirs(data_dir: str | os.PathLike[str] | None) -> tuple[list[Path]
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return [Path(env).expanduser()], f"${DATA_DIR_ENV}"
-    return [d for d in default_data_dirs() if d.is_dir()] or default_data_dirs(), (
-        f"the default locations (${DATA_DIR_ENV} is not set)"
-    )
+    return default_data_dirs(), f"the default location (${DATA_DIR_ENV} is not set)"
 
 
 def _find_mnist_files(d: Path) -> dict[str, Path] | None:
@@ -340,12 +344,20 @@ def _not_found_message(name: str, dirs: list[Path], how: str, source: str) -> st
         why_not_tfds = (
             "tensorflow is not installed, so tensorflow_datasets cannot download/prepare it"
         )
+    if name == "mnist":
+        obtain = (f"download {', '.join(MNIST_URLS)} into <dir>/{MNIST_SUBDIR}/ (or "
+                  "http://yann.lecun.com/exdb/mnist/)")
+    else:
+        obtain = (f"place a tar of train/<class>/*.jpg and test/<class>/*.jpg (class folders "
+                  f"named {', '.join(CIFAR10_CLASSES)}) in <dir>/{CIFAR_SUBDIR}/; the original "
+                  "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz is read through "
+                  "tensorflow_datasets (option 2)")
     return (
         f"Dataset {name!r} not found. Looked for {wanted} in {' and '.join(looked)} "
         f"(directories from {how}); {why_not_tfds}.\n"
         f"Fix it in one of three ways:\n"
-        f"  1. export {DATA_DIR_ENV}=/path/to/data, a directory containing {layout} "
-        f"(e.g. {DATA_DIR_ENV}=../shared/data);\n"
+        f"  1. put the files in a directory <dir> and export {DATA_DIR_ENV}=<dir> (or use "
+        f"{default_data_dirs()[0]}): {layout}; to obtain them, {obtain};\n"
         f"  2. pip install tensorflow, so tensorflow_datasets can download and prepare "
         f"{name!r} (needs network access);\n"
         f"  3. pass data_dir=/path/to/data to load()."

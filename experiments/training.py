@@ -1,22 +1,30 @@
-"""The shared training loop of the reproduction suite: a split classifier
-trained on device-resident data, a chunk of steps per compiled call.
+"""The one training loop of the reproduction suite, and the networks A.1 describes.
 
-Each chunk is one ``jax.lax.scan`` over ``chunk`` steps of a schedule from
-:mod:`sgjax.train`; batches are drawn inside the compiled program (uniform
-indices into the training set, with replacement), so the host only dispatches
-one call per chunk. Test error is measured between chunks. The state, the data
-key and the curves are checkpointed through the framework's
-:class:`~experiments.framework.RunContext`, so a killed run resumes inside a cell.
+:func:`train_and_evaluate` runs any pure ``step(state, *batch) -> (state, info)`` (a
+schedule of :mod:`sgjax.train`, or a vmapped pair of them) for ``steps`` steps, a chunk of
+steps per compiled call (:func:`sgjax.fused`: one ``jax.lax.scan``, batches gathered
+inside it from device-resident data), with
 
-Typical use (see ``experiments/dni/table1.py``)::
+* per-step metrics: the scalars of ``info`` (``loss``, ``sg_loss/<stage>``, …) averaged
+  over the steps since the last evaluation and logged as curves;
+* periodic evaluation: ``evaluate(state, step)`` every ``eval_every`` steps, at the steps
+  in ``eval_at`` and at the end; the loop stops exactly there (never past ``steps``);
+* checkpoint/resume: the state is checkpointed through the run context at every
+  evaluation (throttled), and a killed run resumes from it; batches depend only on the
+  seed and the step index, so a resumed run draws the same batches;
+* ``vmap`` over seeds: with ``seeds=S`` the state carries a leading axis of ``S``
+  independent runs, the step is vmapped over it and each run draws its own batches.
+
+:func:`train_classifier` is that loop for a split classifier on a
+:class:`experiments.data.Dataset` (uniform batches with replacement, test error)::
 
     layers = mlp_layers(depth=4, width=256, num_classes=10)
     split = sgjax.split_at(layers, "every", feedback=sgjax.feedback.synthetic(
         sgjax.predictors.mlp((1024, 1024))), loss=sgjax.losses.softmax_cross_entropy,
         optimizer=piecewise_adam(3e-5, (300_000, 400_000)), input_shape=(28, 28, 1),
         batch_size=256, num_classes=10)
-    ts, final = train_classifier(ctx, split, ds, steps=500_000, batch_size=256,
-                                 chunk=1000, eval_every=5000)
+    state, final = train_classifier(ctx, split, ds, steps=500_000, batch_size=256,
+                                    chunk=1000, eval_every=5000)
 
 ``FAST_COMPILE`` (``compiler_options=FAST_COMPILE``) asks XLA for its cheapest
 backend optimisation: it roughly halves compile time, which dominates runs of a
@@ -26,7 +34,7 @@ few steps (smoke presets), at the cost of slower steps.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,67 +46,203 @@ FAST_COMPILE: dict[str, Any] = {"xla_backend_optimization_level": 0}
 """XLA compiler options for runs of a few steps, where compiling dominates."""
 
 
-def inference_fn(split: sgjax.Split, *, compiler_options: Mapping[str, Any] | None = None
-                 ) -> Callable:
-    """A jitted ``apply(stage_states, x) -> logits`` in inference mode (batch norm uses
-    its running statistics).
+class Trained(NamedTuple):
+    """What :func:`train_and_evaluate` returns (unpacks as ``state, metrics``).
 
-    ``jax.jit(split.apply)`` with XLA ``compiler_options`` (e.g. :data:`FAST_COMPILE`).
+    ``state``: the final state (leading axis ``S`` with ``seeds=S``). ``metrics``: the last
+    values logged: the training metrics averaged over the last evaluation interval and the
+    last evaluation, as floats (means over seeds; with ``seeds`` also
+    ``<name>_per_seed``: a list of ``S`` floats).
     """
+
+    state: Any
+    metrics: dict[str, Any]
+
+
+def stops(steps: int, eval_every: int | None = None, eval_at: Sequence[int] = ()
+          ) -> list[int]:
+    """The sorted steps at which the loop evaluates, logs and checkpoints: the multiples
+    of ``eval_every``, ``eval_at`` and ``steps`` itself."""
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be a positive integer")
+    if eval_every is not None and (not isinstance(eval_every, int | np.integer)
+                                   or eval_every < 1):
+        raise ValueError(f"eval_every={eval_every!r} must be a positive integer or None")
+    bad = [s for s in eval_at if not 1 <= s <= steps]
+    if bad:
+        raise ValueError(f"eval_at={list(eval_at)}: {bad} outside 1..{steps}")
+    marks = set(int(s) for s in eval_at) | {int(steps)}
+    if eval_every:
+        marks |= set(range(eval_every, steps + 1, eval_every))
+    return sorted(marks)
+
+
+def _curve_name(name: str) -> str:
+    """``sg_loss/0`` -> ``sg_loss_0`` (curve names become file names in reports)."""
+    return name.replace("/", "_")
+
+
+def _summarise(values: Mapping[str, Any], seeds: int | None) -> dict[str, Any]:
+    """Floats (means over seeds) and, with seeds, ``<name>_per_seed`` lists."""
+    out = {}
+    for name, v in values.items():
+        v = np.asarray(jax.device_get(v), np.float64)
+        out[name] = float(v.mean())
+        if seeds is not None and v.ndim == 1:
+            out[f"{name}_per_seed"] = v.tolist()
+    return out
+
+
+def train_and_evaluate(
+    ctx,
+    step: Callable,
+    state: Any,
+    *,
+    steps: int,
+    chunk: int,
+    eval_every: int | None = None,
+    eval_at: Sequence[int] = (),
+    batch_fn: Callable | None = None,
+    data: Any = None,
+    key: jax.Array | None = None,
+    evaluate: Callable[[Any, int], Mapping[str, Any]] | None = None,
+    metrics: Sequence[str] | None = ("loss",),
+    seeds: int | None = None,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> Trained:
+    """Train ``state`` with ``step`` for ``steps`` steps, evaluating, logging and
+    checkpointing through ``ctx`` (a :class:`~experiments.framework.RunContext`).
+
+    Args:
+        ctx: the cell's run context (``restore``, ``save``, ``log``, ``progress``, ``close``).
+        step: pure ``step(state, *batch) -> (state, info)``; ``info`` maps names to scalars
+            (e.g. :func:`sgjax.sync`'s ``step``).
+        state: the initial state (replaced by the checkpoint when resuming). With
+            ``seeds=S`` every leaf has a leading axis of size ``S``.
+        steps: total number of steps (the loop never runs past it).
+        chunk: steps per compiled call; a call stops early at the next evaluation step.
+        eval_every, eval_at: evaluate every ``eval_every`` steps and at the steps in
+            ``eval_at`` (always at ``steps`` too).
+        batch_fn: ``batch_fn(data, key) -> batch`` (a tuple), traced inside the compiled
+            scan with this step's key (``jax.random.fold_in(key, t)`` at global step ``t``);
+            ``None``: ``step(state)`` takes no batch (full-batch runs keep the data in the
+            state or the closure).
+        data: pytree of arrays passed to ``batch_fn`` (an argument of the compiled call,
+            not a constant baked into it).
+        key: base key of the batch keys (default: ``fold_in(ctx.key(), 1)``). With
+            ``seeds`` it is split into one key per run.
+        evaluate: host-side ``evaluate(state, step) -> {name: value}`` (values scalars, or
+            ``(S,)`` arrays with ``seeds``), logged with the training metrics.
+        metrics: names in ``info`` to log (mean over the steps since the last evaluation);
+            ``None`` logs every scalar (``sg_loss/1`` becomes the curve ``sg_loss_1``).
+        seeds: vmap ``step`` (and ``batch_fn``) over a leading axis of ``seeds`` runs.
+        compiler_options: XLA options for the compiled chunk (e.g. :data:`FAST_COMPILE`).
+
+    Returns:
+        :class:`Trained` ``(state, metrics)``.
+    """
+    marks = stops(steps, eval_every, eval_at)
+    if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be a positive integer")
+    if seeds is not None and (not isinstance(seeds, int | np.integer) or seeds < 1):
+        raise ValueError(f"seeds={seeds!r} must be a positive integer or None")
+    base = jax.random.fold_in(ctx.key(), 1) if key is None else key
+    keys = base if seeds is None else jax.random.split(base, seeds)
+
+    def batch_at(d, t):
+        user_data, k = d
+        if batch_fn is None:
+            return ()
+        if seeds is None:
+            return tuple(batch_fn(user_data, jax.random.fold_in(k, t)))
+        return tuple(jax.vmap(lambda k_s: batch_fn(user_data, jax.random.fold_in(k_s, t)))(k))
+
+    body = jax.vmap(step) if seeds is not None else step
+
+    def scalars(info):
+        if metrics is not None:
+            missing = [m for m in metrics if m not in info]
+            if missing:
+                raise ValueError(f"metrics {missing} not in the step's info "
+                                 f"(it reports {sorted(info)})")
+            return {_curve_name(m): info[m] for m in metrics}
+        per_step = () if seeds is None else (seeds,)
+        return {_curve_name(k): v for k, v in info.items() if jnp.shape(v) == per_step}
+
+    def logged_step(state, *batch):
+        state, info = body(state, *batch)
+        return state, scalars(info)
+
+    run = jax.jit(sgjax.fused(logged_step, batch_fn=batch_at), donate_argnums=(0,),
+                  compiler_options=dict(compiler_options or {}) or None)
+
+    start, state = ctx.restore(state)
+    bar = ctx.progress(steps, start=start)
+    t, last = start, {}
+    sums, count = None, 0
+    for mark in (m for m in marks if m > start):
+        while t < mark:
+            n = min(chunk, mark - t)
+            state, infos = run(state, jnp.arange(t, t + n), data=(data, keys))
+            chunk_sums = jax.tree.map(lambda v: jnp.sum(v, axis=0), infos)
+            sums = chunk_sums if sums is None else jax.tree.map(jnp.add, sums, chunk_sums)
+            count += n
+            t += n
+            bar.update(n)
+        train = {k: v / count for k, v in (sums or {}).items()}
+        sums, count = None, 0
+        evaluation = dict(evaluate(state, t)) if evaluate is not None else {}
+        last = _summarise({**train, **evaluation}, seeds)
+        ctx.log(t, **{k: v for k, v in last.items() if not k.endswith("_per_seed")})
+        ctx.save(t, state)
+    if not last and evaluate is not None:  # resumed from a checkpoint taken at the end
+        last = _summarise(dict(evaluate(state, t)), seeds)
+    ctx.close()
+    return Trained(state, last)
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+def inference_fn(split: sgjax.Split, *, compiler_options: Mapping[str, Any] | None = None,
+                 seeds: bool = False) -> Callable:
+    """A jitted ``apply(stage_states, x) -> logits`` in inference mode (batch norm uses
+    its running statistics); with ``seeds`` the states carry a leading axis of runs and
+    the logits are ``(S, B, C)``. ``compiler_options`` go to XLA."""
 
     def apply(states, x):
         for stage, state in zip(split.stages, states):
             x = stage.apply(state, x)
         return x
 
+    if seeds:
+        apply = jax.vmap(apply, in_axes=(0, None))
     return jax.jit(apply, compiler_options=dict(compiler_options or {}) or None)
 
 
 def evaluate_error(apply: Callable, states, x: jax.Array, y: jax.Array,
-                   batch_size: int = 1000) -> float:
-    """Classification error (%) of ``apply(states, x)`` over ``(x, y)`` in batches."""
+                   batch_size: int = 1000) -> np.ndarray:
+    """Classification error (%) of ``apply(states, x)`` over ``(x, y)`` in batches: a
+    scalar array, or ``(S,)`` when ``apply`` returns ``(S, B, C)`` logits."""
     wrong = 0
     for i in range(0, x.shape[0], batch_size):
         logits = apply(states, x[i:i + batch_size])
-        wrong += int(jnp.sum(jnp.argmax(logits, -1) != y[i:i + batch_size]))
-    return 100.0 * wrong / x.shape[0]
+        wrong = wrong + jnp.sum(jnp.argmax(logits, -1) != y[i:i + batch_size], axis=-1)
+    return 100.0 * np.asarray(wrong, np.float64) / x.shape[0]
 
 
-def make_chunk(schedule: sgjax.Schedule, x_train: jax.Array, y_train: jax.Array,
-               batch_size: int, chunk: int, *, keyed: bool = False, with_info: bool = False,
-               compiler_options: Mapping[str, Any] | None = None) -> Callable:
-    """``run(train_state, key) -> (train_state, key, mean_loss)``: ``chunk`` steps
-    in one compiled scan, batches sampled uniformly from the device-resident
-    training set. ``keyed`` passes a per-step key to ``schedule.step`` (the
-    stochastic schedule). With ``with_info`` the last output is instead the dict
-    of every scalar the schedule reports (``loss``, ``sg_loss/<stage>``, …),
-    each averaged over the chunk."""
-    n = x_train.shape[0]
+def uniform_batches(batch_size: int, *, keyed: bool = False) -> Callable:
+    """``batch_fn(data, key) -> (x, y[, step_key])`` for :func:`train_and_evaluate`:
+    ``batch_size`` examples of ``data = (x_train, y_train)`` drawn uniformly with
+    replacement; ``keyed`` appends a key for the step itself (:func:`sgjax.stochastic`)."""
 
-    def run(ts, key):
-        key, k_idx, k_step = jax.random.split(key, 3)
-        idx = jax.random.randint(k_idx, (chunk, batch_size), 0, n)
-        step_keys = jax.random.split(k_step, chunk)
+    def batch_fn(data, key):
+        x, y = data
+        k_idx, k_step = jax.random.split(key)
+        idx = jax.random.randint(k_idx, (batch_size,), 0, x.shape[0])
+        return (x[idx], y[idx], k_step) if keyed else (x[idx], y[idx])
 
-        def body(ts, inputs):
-            i, k = inputs
-            args = (ts, x_train[i], y_train[i]) + ((k,) if keyed else ())
-            ts, info = schedule.step(*args)
-            if with_info:
-                return ts, {name: jnp.mean(v) for name, v in info.items()
-                            if jnp.ndim(v) == 0 or v.size == 1}
-            return ts, info["loss"]
-
-        ts, out = jax.lax.scan(body, ts, (idx, step_keys))
-        return ts, key, jax.tree.map(lambda v: jnp.mean(v.astype(jnp.float32)), out)
-
-    return jax.jit(run, donate_argnums=(0,),
-                   compiler_options=dict(compiler_options or {}) or None)
-
-
-def _curve_name(name: str) -> str:
-    """``sg_loss/0`` -> ``sg_loss_0`` (curve names become file names in reports)."""
-    return name.replace("/", "_")
+    return batch_fn
 
 
 def train_classifier(
@@ -116,57 +260,71 @@ def train_classifier(
     train_eval_limit: int = 10000,
     log_info: bool = False,
     eval_batch_size: int = 1000,
+    seeds: int | None = None,
     compiler_options: Mapping[str, Any] | None = None,
-) -> tuple[Any, dict[str, float]]:
-    """Train ``split`` on ``data`` (an :class:`experiments.data.Dataset`-like
-    object with ``x_train, y_train, x_test, y_test``) and log ``loss`` and
-    ``test_error`` (%) every ``eval_every`` steps through ``ctx``.
+) -> Trained:
+    """:func:`train_and_evaluate` for ``split`` on ``data`` (a
+    :class:`experiments.data.Dataset`-like object with ``x_train, y_train, x_test,
+    y_test``): batches of ``batch_size`` drawn uniformly with replacement; ``loss`` and
+    ``test_error`` (%) logged every ``eval_every`` steps and at the end.
 
-    ``eval_train`` also logs ``train_error`` on the first ``train_eval_limit``
-    training examples; ``log_info`` also logs every other scalar the schedule
-    reports, averaged over the last chunk (``sg_loss_<stage>`` for synthetic
-    gradients). ``compiler_options`` go to XLA (e.g. :data:`FAST_COMPILE`).
+    ``schedule`` defaults to :func:`sgjax.sync`; ``keyed`` passes a per-step key to its
+    step (:func:`sgjax.stochastic`). ``eval_train`` also logs ``train_error`` on the first
+    ``train_eval_limit`` training examples; ``log_info`` logs every scalar the schedule
+    reports (``sg_loss_<stage>`` for synthetic gradients), averaged over the interval.
+    ``seeds=S`` trains ``S`` independently initialised copies at once (vmapped; the metrics
+    are means over them, with ``*_per_seed`` lists). ``compiler_options`` go to XLA (e.g.
+    :data:`FAST_COMPILE`).
 
-    Returns the final train state and the last measurement,
-    ``{"test_error": …[, "train_error": …]}``.
+    Returns :class:`Trained` ``(train_state, metrics)``; ``metrics`` holds ``test_error``
+    (and ``train_error``) of the final state and the last logged training metrics.
     """
-    if eval_every % chunk:
-        raise ValueError(f"eval_every={eval_every} must be a multiple of chunk={chunk}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     schedule = schedule or sgjax.sync(split)
     x_train = jnp.asarray(data.x_train.reshape(data.x_train.shape[0], *split.input_shape))
     y_train = jnp.asarray(data.y_train)
     x_test = jnp.asarray(data.x_test.reshape(data.x_test.shape[0], *split.input_shape))
     y_test = jnp.asarray(data.y_test)
 
-    key = ctx.key()
-    k_init, k_data = jax.random.split(key)
-    ts = schedule.init(k_init, x_train[:batch_size], y_train[:batch_size])
-    start, (ts, k_data) = ctx.restore((ts, k_data))
-    run = make_chunk(schedule, x_train, y_train, batch_size, chunk, keyed=keyed,
-                     with_info=log_info, compiler_options=compiler_options)
-    apply = inference_fn(split, compiler_options=compiler_options)
+    k_init, k_data = jax.random.split(ctx.key())
+    x0, y0 = x_train[:batch_size], y_train[:batch_size]
+    if seeds is None:
+        state = schedule.init(k_init, x0, y0)
+    else:
+        init_keys = jax.random.split(k_init, seeds)
+        state = jax.vmap(lambda k: schedule.init(k, x0, y0))(init_keys)
+    apply = inference_fn(split, compiler_options=compiler_options, seeds=seeds is not None)
 
-    def measure():
+    def evaluate(ts, step):
+        del step
         out = {"test_error": evaluate_error(apply, ts.stages, x_test, y_test, eval_batch_size)}
         if eval_train:
             out["train_error"] = evaluate_error(apply, ts.stages, x_train[:train_eval_limit],
                                                 y_train[:train_eval_limit], eval_batch_size)
         return out
 
-    bar = ctx.progress(steps, start=start)
-    step = start
-    last: dict[str, float] | None = None
-    while step < steps:
-        ts, k_data, info = run(ts, k_data)
-        step += chunk
-        bar.update(chunk)
-        if step % eval_every == 0 or step >= steps:
-            info = {_curve_name(k): v for k, v in info.items()} if log_info else {"loss": info}
-            last = measure()
-            ctx.log(step, **info, **last)
-            ctx.save(step, (ts, k_data))
-    ctx.close()
-    return ts, last if last is not None else measure()
+    return train_and_evaluate(
+        ctx, schedule.step, state, steps=steps, chunk=chunk, eval_every=eval_every,
+        batch_fn=uniform_batches(batch_size, keyed=keyed), data=(x_train, y_train),
+        key=k_data, evaluate=evaluate, metrics=None if log_info else ("loss",), seeds=seeds,
+        compiler_options=compiler_options)
+
+
+def synthetic_variables(fstate: Any) -> Any:
+    """The variables of the synthetic-gradient model inside a stage's feedback state
+    (``stage_state.feedback``), looking through wrappers such as
+    :func:`sgjax.feedback.refit_every`. ``ValueError`` if it holds none or several."""
+    found = [s for s in jax.tree.leaves(
+        fstate, is_leaf=lambda x: isinstance(x, sgjax.feedback.SyntheticState))
+        if isinstance(s, sgjax.feedback.SyntheticState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one synthetic-gradient model in this feedback state, "
+                         f"found {len(found)}: {type(fstate).__name__}")
+    return found[0].variables
+
+
+# --------------------------------------------------------------------------- networks
 
 
 def mlp_layers(depth: int, width: int, num_classes: int, *, batch_norm: bool = True,
@@ -208,8 +366,3 @@ def piecewise_adam(lr: float, boundaries: Sequence[int] = (), factor: float = 0.
 
     schedule = optax.piecewise_constant_schedule(lr, {int(b): factor for b in boundaries})
     return optax.adam(schedule)
-
-
-def as_numpy_curves(curves: dict) -> dict[str, np.ndarray]:
-    """Framework curves ``{name: [(step, value), …]}`` as ``(n, 2)`` arrays."""
-    return {k: np.asarray(v, dtype=float) for k, v in curves.items()}

@@ -136,6 +136,23 @@ def test_missing_dataset_message(name, expected, tmp_path, monkeypatch):
         assert part in msg, (part, msg)
 
 
+def test_default_location_is_per_user_and_the_error_says_how_to_get_the_files(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.default_data_dirs() == [tmp_path / ".cache" / "sgjax" / "data"]
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.load("mnist", source="local")
+    msg = str(info.value)
+    assert str(tmp_path / ".cache" / "sgjax" / "data" / "mnist") in msg
+    assert all(url in msg for url in data.MNIST_URLS) and "pip install tensorflow" in msg
+    with pytest.raises(data.DatasetNotFoundError, match="tensorflow_datasets"):
+        data.load("cifar10", source="local")
+    assert data.expected_label("cifar10") == "CIFAR-10"  # no local tar: tfds would be used
+    _write_fake_mnist(tmp_path / ".cache" / "sgjax" / "data" / "mnist")
+    assert data.load("mnist", source="local").num_train == 6
+
+
 def test_missing_dataset_auto_without_tensorflow(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(data, "_tensorflow_available", lambda: False)

@@ -192,12 +192,13 @@ def test_checkpointer_round_trip(tmp_path):
     ckpt.save(42, state, extra={"note": "hi"})
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["state.npz"]  # no temp files left
 
-    zeros = jax.tree.map(lambda x: x * 0 if not framework._is_key(x) else jax.random.key(0), state)
+    zeros = jax.tree.map(
+        lambda x: jax.random.key(0) if framework.is_prng_key(x) else x * 0, state)
     step, restored, extra = ckpt.restore(zeros)
     assert step == 42 and extra == {"note": "hi"}
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
-        if framework._is_key(a):
+        if framework.is_prng_key(a):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         assert type(a) is type(b) and np.asarray(a).dtype == np.asarray(b).dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -4,7 +4,6 @@ No Bprop semantics, and the smoke preset end to end through the framework."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import time
 
@@ -64,17 +63,21 @@ def test_cifar_rows_say_jpeg_substitute_when_local():
 
 def test_presets_document_their_command_and_protocol():
     assert set(T1.PRESETS) == set(framework.PRESETS)
+    assert T1.EXPERIMENT.preset_notes is T1.PRESET_NOTES
     for preset, config in T1.PRESETS.items():
-        assert "python -m experiments run table1 --preset " + preset in config.notes
-        assert f"make reproduce-table1 PRESET={preset}" in config.notes
+        notes = T1.PRESET_NOTES[preset]
+        assert "python -m experiments run table1 --preset " + preset in notes
+        assert f"make reproduce-table1 PRESET={preset}" in notes
         assert config.eval_every % config.chunk == 0
         framework.to_jsonable(config)  # configs are plain data
+        # prose is not part of a result's identity
+        assert not any(isinstance(v, str) for v in framework.to_jsonable(config).values())
     paper = T1.PRESETS["paper"]
     assert (paper.steps, paper.lr, paper.lr_boundaries, paper.batch_size) == (
         500_000, 3e-5, (300_000, 400_000), 256)
     assert (paper.width_divisor, paper.sg_width_divisor, paper.lr_factor) == (1, 1, 0.1)
     assert paper.train_limit is None and paper.test_limit is None
-    assert "divided by 8" in T1.PRESETS["smoke"].notes  # smoke says it shrinks widths
+    assert "divided by 8" in T1.PRESET_NOTES["smoke"]  # smoke says it shrinks widths
 
 
 def _stage_shapes(split):
@@ -163,17 +166,17 @@ def test_no_bprop_trains_only_the_top_layer():
     assert not all(jax.tree.leaves(moved))  # the classification layer learns
 
 
-def test_loss_reduction():
-    config = T1.PRESETS["smoke"]
-    assert all(c.loss_reduction == "sum" for c in T1.PRESETS.values())
-    logits = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-    y = jnp.array([0, 0, 1])
-    mean = T1.make_loss(dataclasses.replace(config, loss_reduction="mean"))(logits, y)
-    summed = T1.make_loss(config)(logits, y)
-    assert float(mean) == pytest.approx(float(sgjax.losses.softmax_cross_entropy(logits, y)))
-    assert float(summed) == pytest.approx(3 * float(mean))
-    with pytest.raises(ValueError):
-        T1.make_loss(dataclasses.replace(config, loss_reduction="max"))
+def test_cells_train_on_the_ordinary_batch_mean_loss(monkeypatch):
+    seen = {}
+    split_at = sgjax.split_at
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return split_at(*args, **kwargs)
+
+    monkeypatch.setattr(T1.sgjax, "split_at", spy)
+    T1.make_split("mnist", "fcn", 3, "dni", T1.PRESETS["smoke"], (28, 28, 1))
+    assert seen["loss"] is sgjax.losses.softmax_cross_entropy  # no summing by hand
 
 
 SOME = ["mnist-fcn3-*", "mnist-cnn3-dni", "cifar10-fcn3-cdni", "cifar10-cnn3-nobprop"]
@@ -205,13 +208,13 @@ def test_smoke_cells_end_to_end(tmp_path, capsys):
     assert "| MNIST FCN 3 | DNI | 1.9 |" in table
     assert "| MNIST FCN 6 | cDNI | 1.6 | missing (not run) | — |" in table
     assert f"| {T1.dataset_label('cifar10')} CNN 4 | cDNI | 16.4 |" in table
-    assert "The smoke preset checks wiring only" in table
+    assert table.splitlines()[0].startswith("**Smoke preset: these numbers are not results")
     rows = list(csv.DictReader((out_dir / "results.csv").open()))
     assert len(rows) == 48 and sum(r["status"] == "done" for r in rows) == 7
     for name in ("table1-right", "fig11-mnist-fcn", "fig11-mnist-cnn", "fig11-cifar10-fcn",
                  "fig11-cifar10-cnn"):
         assert (out_dir / f"{name}.png").stat().st_size > 1000, name
-    assert elapsed < 120, f"7 smoke cells took {elapsed:.0f} s"
+    assert elapsed < 240, f"7 smoke cells took {elapsed:.0f} s"  # 2 cores shared by other jobs
 
 
 @pytest.mark.slow

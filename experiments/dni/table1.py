@@ -46,8 +46,10 @@ What is built (A.1):
   channel masks to its input. (§3.1 remarks that the best cDNI results "were with
   linear synthetic gradient models" without saying for which networks; we follow
   A.1's explicit per-model description.)
-* Optimisation. Adam, batch 256, softmax cross-entropy summed over the batch (A.1 does
-  not say; see :attr:`Config.loss_reduction`), inputs in [0, 1]; ``paper``:
+* Optimisation. Adam, batch 256, softmax cross-entropy averaged over the batch (the
+  ordinary mean loss: the synthetic gradient models regress per-example gradients
+  whatever the reduction, see :class:`sgjax.feedback.InterfaceSpec`'s
+  ``example_scale``), inputs in [0, 1]; ``paper``:
   learning rate 3e-5, divided by 10 at 300k and 400k steps, 500k steps. The synthetic
   gradient models use the same Adam and schedule as the layers. Batches are drawn
   uniformly with replacement. Test error is measured with batch norm's running
@@ -56,7 +58,11 @@ What is built (A.1):
 Calibration of ``quick`` (MNIST FCN, seed 0, batch 256, learning rate divided by 10 at
 60 % and 80 % of the steps; final test error %, paper in brackets). "SG/4" means synthetic
 gradient models with hidden layers 4× narrower than A.1's (DNI: 2 × 256 units instead of
-2 × 1024; cDNI's linear model is unaffected):
+2 × 1024; cDNI's linear model is unaffected). These runs predate sgjax 0.2: "mean loss"
+rows regressed gradients of order ``1/batch_size`` per example (Adam's step on the
+zero-initialised output layer swamps them), "summed loss" rows per-example gradients,
+which is what sgjax now regresses whatever the loss's reduction
+(:class:`sgjax.feedback.InterfaceSpec`'s ``example_scale``); the presets pass the mean:
 
 ====================================================  =====  =====  ======  =====  =====  =====
 setting (4k steps unless stated)                       3 DNI  3 cDNI 6 Bprop 4 DNI  6 DNI  6 cDNI
@@ -72,8 +78,8 @@ summed loss, Adam 3e-4, A.1 SG models                  3.15   —      —      
 paper (500k steps, Adam 3e-5)                          [1.9]  [2.2]  [1.8]   [2.2]  [4.3]  [1.6]
 ====================================================  =====  =====  ======  =====  =====  =====
 
-What this says. Summing the loss is what makes cDNI work at this length (see
-:attr:`Config.loss_reduction`); a larger learning rate helps Bprop and cDNI but wrecks
+What this says. Regressing per-example gradients is what makes cDNI work at this
+length; a larger learning rate helps Bprop and cDNI but wrecks
 DNI; the batch norm in the SG model helps a little; training the narrow DNI model 3×
 longer does not help, but A.1's wide one does (4.62 vs 7.37 % at 4 layers), so ``quick``
 keeps A.1's models although they make DNI cells about 3× slower on a CPU. Unconditioned
@@ -162,18 +168,8 @@ class Config:
     (``None`` = all). ``fast_compile`` trades step speed for compile time
     (:data:`experiments.training.FAST_COMPILE`).
 
-    ``loss_reduction``: the softmax cross-entropy is summed (``"sum"``) or averaged
-    (``"mean"``) over the batch. A.1 does not say which. With Adam it changes nothing for
-    the layers (Adam is invariant to the scale of the loss) but it sets the scale of the
-    gradients the synthetic gradient models regress: of order 1 per example for
-    ``"sum"``, of order ``1/batch_size`` for ``"mean"``. Adam moves each weight of a
-    model's zero-initialised output layer by about the learning rate per step whatever
-    the scale of the target, so with ``"mean"`` the prediction's own jitter swamps
-    targets of order 1/256 (measured: 6-layer MNIST cDNI 4.9 % test error with
-    ``"mean"`` vs 1.9 % with ``"sum"`` after 4k steps at 3e-4; see "Calibration" in the
-    module docstring). All presets use ``"sum"``.
-
-    ``notes`` says how the preset departs from the paper and how to run it.
+    How each preset departs from the paper is prose, kept out of the config (it is not
+    part of a result's identity): :data:`PRESET_NOTES`.
     """
 
     steps: int
@@ -188,30 +184,17 @@ class Config:
     train_limit: int | None = None
     test_limit: int | None = None
     fast_compile: bool = False
-    loss_reduction: str = "sum"
-    notes: str = ""
 
 
 SMOKE = Config(
     steps=4, lr=1e-3, lr_boundaries=(), eval_every=2, chunk=2, batch_size=32,
     width_divisor=8, train_limit=512, test_limit=256, fast_compile=True,
-    notes=("wiring only, numbers mean nothing: 4 steps of batch 32 on the first 512/256 "
-           "train/test examples, every width (layers and SG models) divided by 8. "
-           "Command: python -m experiments run table1 --preset smoke "
-           "(make reproduce-table1 PRESET=smoke)"),
 )
 """``smoke``: every one of the 48 cells for a few steps at 1/8 of A.1's widths (CI).
 ``python -m experiments run table1 --preset smoke`` (``make reproduce-table1 PRESET=smoke``)."""
 
 QUICK = Config(
     steps=5_000, lr=3e-4, lr_boundaries=(3_000, 4_000), eval_every=250, chunk=250,
-    notes=("CPU-feasible for the MNIST FCN block (about 40 min on 2 shared cores): A.1's "
-           "networks and synthetic gradient models, batch 256, but Adam 3e-4 (paper 3e-5) "
-           "for 5k steps (paper 500k), divided by 10 at 3k and 4k (paper 300k and 400k: "
-           "the same 60 %/80 % points). "
-           "Command: python -m experiments run table1 --preset quick --only 'mnist-fcn*' "
-           "(make reproduce-table1 PRESET=quick runs all 48 cells: the CNN and CIFAR-10 "
-           "cells need a GPU at this length)"),
 )
 """``quick``: A.1's networks with a 10× larger learning rate and 100× fewer steps.
 ``python -m experiments run table1 --preset quick --only 'mnist-fcn*'`` (the MNIST FCN
@@ -219,15 +202,28 @@ block; ``make reproduce-table1 PRESET=quick`` runs every cell)."""
 
 PAPER_CONFIG = Config(
     steps=500_000, lr=3e-5, lr_boundaries=(300_000, 400_000), eval_every=5_000, chunk=1_000,
-    notes=("A.1 exactly: Adam 3e-5 divided by 10 at 300k and 400k steps, batch 256, 500k "
-           "steps, inputs in [0, 1], zero-initialised last SG layer. Command: python -m "
-           "experiments run table1 --preset paper (make reproduce-table1 PRESET=paper); "
-           "needs a GPU"),
 )
 """``paper``: A.1's protocol. ``python -m experiments run table1 --preset paper``
 (``make reproduce-table1 PRESET=paper``)."""
 
 PRESETS: Mapping[str, Config] = {"smoke": SMOKE, "quick": QUICK, "paper": PAPER_CONFIG}
+
+PRESET_NOTES: Mapping[str, str] = {
+    "smoke": ("wiring only, numbers mean nothing: 4 steps of batch 32 on the first 512/256 "
+              "train/test examples, every width (layers and SG models) divided by 8. "
+              "Command: python -m experiments run table1 --preset smoke "
+              "(make reproduce-table1 PRESET=smoke)"),
+    "quick": ("A.1's networks and synthetic gradient models, batch 256, but Adam 3e-4 "
+              "(paper 3e-5) for 5k steps (paper 500k), divided by 10 at 3k and 4k (paper "
+              "300k and 400k: the same 60 %/80 % points). Command: python -m experiments "
+              "run table1 --preset quick (make reproduce-table1 PRESET=quick); "
+              "--only 'mnist-fcn*' runs the MNIST FCN block"),
+    "paper": ("A.1 exactly: Adam 3e-5 divided by 10 at 300k and 400k steps, batch 256, 500k "
+              "steps, inputs in [0, 1], zero-initialised last SG layer. Command: python -m "
+              "experiments run table1 --preset paper (make reproduce-table1 PRESET=paper); "
+              "needs a GPU"),
+}
+"""How each preset departs from A.1, and its command (shown in ``table.md``)."""
 
 
 # --------------------------------------------------------------------------- architecture
@@ -281,18 +277,6 @@ def make_feedback(dataset: str, kind: str, method: str, config: Config | None = 
     return sgjax.feedback.synthetic(make_predictor(dataset, kind, method, config))
 
 
-def make_loss(config: Config):
-    """Softmax cross-entropy, averaged or summed over the batch (``config.loss_reduction``)."""
-    if config.loss_reduction == "mean":
-        return sgjax.losses.softmax_cross_entropy
-    if config.loss_reduction == "sum":
-        def summed_cross_entropy(logits, y):
-            return logits.shape[0] * sgjax.losses.softmax_cross_entropy(logits, y)
-
-        return summed_cross_entropy
-    raise ValueError(f"loss_reduction={config.loss_reduction!r}: use 'mean' or 'sum'")
-
-
 def make_split(dataset: str, kind: str, depth: int, method: str, config: Config,
                input_shape: Sequence[int]) -> sgjax.Split:
     """One cell's network as an :func:`sgjax.split_at` split."""
@@ -302,7 +286,9 @@ def make_split(dataset: str, kind: str, depth: int, method: str, config: Config,
     feedback = make_feedback(dataset, kind, method, config)
     return sgjax.split_at(
         layers, () if feedback is None else "every", feedback=feedback,
-        loss=make_loss(config),
+        # the ordinary batch-mean loss: sgjax regresses per-example gradients whatever the
+        # reduction (InterfaceSpec.example_scale), so no summing by hand
+        loss=sgjax.losses.softmax_cross_entropy,
         optimizer=training.piecewise_adam(config.lr, config.lr_boundaries, config.lr_factor),
         input_shape=tuple(input_shape), batch_size=config.batch_size,
         num_classes=NUM_CLASSES,
@@ -330,12 +316,9 @@ def dataset_label(name: str) -> str:
     looking for the local files without reading them, so listing cells stays cheap)."""
     if name in _LABELS:
         return _LABELS[name]
-    try:  # the same lookup data.load does first (local files), without decoding anything
-        dirs, _ = data._candidate_dirs(None)
-        if any(data._find_local(name, d) is not None for d in dirs):
-            return data._LABELS_LOCAL[name]
-        return data._LABELS_TFDS[name]
-    except Exception:  # noqa: BLE001 - a label is cosmetic; never fail listing cells
+    try:
+        return data.expected_label(name)
+    except (OSError, ValueError):  # a label is cosmetic; never fail listing cells
         return _FALLBACK_LABELS[name]
 
 
@@ -471,4 +454,5 @@ EXPERIMENT = Experiment(
     notes=("'N layers' = N−1 hidden + 1 classification layer; DNI/cDNI cut after every "
            "layer; No Bprop = zero gradient at every cut (only the top layer learns); "
            "paper column = final test error after 500k steps"),
+    preset_notes=PRESET_NOTES,
 )

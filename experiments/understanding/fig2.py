@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ import optax
 import sgjax
 from experiments import training
 from experiments.framework import Cell, Experiment
-from experiments.understanding import PAPER
+from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
 CONDITIONINGS = ("cond", "nolabel", "labelonly")
 COND_LABELS = {"cond": "SG(h, y)", "nolabel": "SG(h) (no label)",
@@ -163,7 +163,7 @@ def make_split(placement: str, conditioning: str, loss: str, config: Config,
         layers, cuts, feedback=sgjax.feedback.synthetic(make_predictor(conditioning,
                                                                        config.width)),
         loss=loss_fn(loss), optimizer=optax.adam(config.lr), input_shape=(2,),
-        batch_size=batch_size, num_classes=NUM_CLASSES)
+        batch_size=batch_size, num_classes=NUM_CLASSES, example_scale=SG_EXAMPLE_SCALE)
 
 
 def affine_coefficients(predictor: sgjax.Predictor, variables, width: int):
@@ -230,15 +230,9 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict:
     predictor = make_predictor(p["conditioning"], config.width)
     schedule = sgjax.sync(split)
     loss = loss_fn(p["loss"])
+    options = training.FAST_COMPILE if config.fast_compile else None
 
-    jit = functools.partial(
-        jax.jit, compiler_options=training.FAST_COMPILE if config.fast_compile else None)
-
-    @jit
-    def advance(ts, n):
-        return jax.lax.fori_loop(0, n, lambda i, ts: schedule.step(ts, X, Y)[0], ts)
-
-    @jit
+    @functools.partial(jax.jit, compiler_options=options)
     def measure(states):
         hs, h = [], X
         for stage, st in zip(split.stages, states):
@@ -248,47 +242,38 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict:
         true = jax.vmap(lambda o, t: loss(o[None], t[None]))(out, Y)
         implied = []
         for k in range(len(split.stages) - 1):
-            a, b, c = affine_coefficients(predictor, states[k].feedback.variables,
-                                          config.width)
+            variables = training.synthetic_variables(states[k].feedback)
+            a, b, c = affine_coefficients(predictor, variables, config.width)
             implied.append(implied_loss(a, b, c, hs[k], Y1))
         acc = jnp.mean(jnp.argmax(out, -1) == Y)
         return jnp.mean(true), acc, true, jnp.stack(implied)
 
-    ts = schedule.init(ctx.key(), X, Y)
-    start, ts = ctx.restore(ts)
-    side_file = ctx.checkpoint_dir / "snapshots.json"
-    stored: list[dict] = []
-    if start and side_file.exists():  # snapshots taken before the run was interrupted
-        stored = [s for s in json.loads(side_file.read_text()) if s["step"] <= start]
-    marks = sorted(set(snapshot_steps(config))
-                   | set(range(config.log_every, config.steps + 1, config.log_every)))
-    snaps = set(snapshot_steps(config))
+    snaps = snapshot_steps(config)
     layers = [int(c) for c in split.cuts]  # hidden layer below each SG, bottom first
-    bar = ctx.progress(config.steps, start=start)
-    step = start
-    for mark in marks:
-        if mark <= step:
-            continue
-        ts = advance(ts, mark - step)
-        bar.update(mark - step)
-        step = mark
+
+    def evaluate(ts, step):
         mean_loss, acc, true, implied = measure(ts.stages)
-        ctx.log(step, loss=mean_loss, train_accuracy=acc)
-        if step in snaps:
+        out = {"loss": mean_loss, "train_accuracy": acc}
+        taken = ctx.memo.setdefault("snapshots", [])  # kept with the checkpoints
+        if step in snaps and not any(s["step"] == step for s in taken):
             true, implied = np.asarray(true), np.asarray(implied)
             fidelity = [pearson(true, imp) for imp in implied]
-            for layer, f in zip(layers, fidelity):
-                ctx.log(step, **{f"fidelity/{layer}": f})
-            stored.append({"step": step, "loss": float(mean_loss),
-                           "true": true.tolist(), "implied": implied.tolist(),
-                           "fidelity": fidelity})
-        if ctx.save(step, ts):
-            side_file.parent.mkdir(parents=True, exist_ok=True)
-            side_file.write_text(json.dumps(stored))
-    ctx.close()
-    mean_loss, acc, _, _ = measure(ts.stages)
-    return {"metric": float(mean_loss), "train_accuracy": float(acc), "sg_layers": layers,
-            "labels": y.tolist(), "grid": config.grid, "snapshots": stored}
+            out.update({f"fidelity/{layer}": f for layer, f in zip(layers, fidelity)})
+            taken.append(
+                {"step": step, "loss": float(mean_loss), "true": true.tolist(),
+                 "implied": implied.tolist(), "fidelity": fidelity})
+        return out
+
+    # full batch: every step's batch is the whole grid; every stop is a multiple of the chunk
+    marks = sorted(set(snaps) | set(range(config.log_every, config.steps + 1,
+                                          config.log_every)))
+    ts, final = training.train_and_evaluate(
+        ctx, schedule.step, schedule.init(ctx.key(), X, Y), steps=config.steps,
+        chunk=math.gcd(*marks), eval_at=marks, batch_fn=lambda grid, key: grid, data=(X, Y),
+        evaluate=evaluate, metrics=(), compiler_options=options)
+    return {"metric": final["loss"], "train_accuracy": final["train_accuracy"],
+            "sg_layers": layers, "labels": y.tolist(), "grid": config.grid,
+            "snapshots": ctx.memo.get("snapshots", [])}
 
 
 # ----------------------------------------------------------------------------- figures

@@ -40,8 +40,9 @@ import numpy as np
 import optax
 
 import sgjax
+from experiments import training
 from experiments.framework import Cell, Experiment
-from experiments.understanding import PAPER
+from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
 X = jnp.array([-2.0, -1.0, 1.0, 2.0])
 SHOWCASE = (1.0, 1.5)
@@ -160,7 +161,7 @@ def sgjax_split(config: Config) -> sgjax.Split:
         feedback=sgjax.feedback.synthetic(constant_predictor()),
         loss=lambda p, y: loss_of_p(p[:, 0]),
         optimizer=optax.sgd(schedule(config)), predictor_optimizer=optax.sgd(config.nu),
-        input_shape=(1,), batch_size=4, label_shape=(1,))
+        input_shape=(1,), batch_size=4, label_shape=(1,), example_scale=SG_EXAMPLE_SCALE)
 
 
 def run_sg_sgjax(ab0: jax.Array, config: Config) -> tuple[jax.Array, jax.Array]:
@@ -179,14 +180,16 @@ def run_sg_sgjax(ab0: jax.Array, config: Config) -> tuple[jax.Array, jax.Array]:
     params = ({"kernel": ab0[0].reshape(1, 1), "bias": ab0[1].reshape(1)}, *bottom.params[1:])
     ts = ts._replace(stages=(bottom._replace(params=params), *ts.stages[1:]))
 
-    def body(ts, _):
+    def recorded_step(ts):
         ts, _ = sched.step(ts, x, y)
         bottom = ts.stages[0]
         p = bottom.params[0]
-        return ts, (jnp.stack([p["kernel"][0, 0], p["bias"][0]]),
-                    bottom.feedback.variables["params"]["c"])
+        c = training.synthetic_variables(bottom.feedback)["params"]["c"]
+        return ts, (jnp.stack([p["kernel"][0, 0], p["bias"][0]]), c)
 
-    _, (ab, c) = jax.lax.scan(body, ts, None, length=config.steps)
+    # every step is recorded (a trajectory), so one scan over all steps, no batches
+    run = sgjax.fused(recorded_step, batch_fn=lambda data, t: ())
+    _, (ab, c) = run(ts, jnp.arange(config.steps))
     return ab, c
 
 

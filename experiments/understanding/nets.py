@@ -35,6 +35,7 @@ import optax
 
 import sgjax
 from experiments import training
+from experiments.understanding import SG_EXAMPLE_SCALE
 
 METHODS = ("backprop", "sg_single", "sg_every", "dfa")
 LABELS = {"backprop": "Backprop", "sg_single": "Single SG", "sg_every": "SG every layer",
@@ -134,7 +135,8 @@ def make_split(method: str, cfg: NetConfig, *, input_shape: Sequence[int] = (28,
                                  activation=ACTIVATIONS[cfg.activation])
     common = dict(loss=sgjax.losses.softmax_cross_entropy, optimizer=optimizer(cfg),
                   predictor_optimizer=optax.adam(cfg.lr), input_shape=tuple(input_shape),
-                  batch_size=cfg.batch_size, num_classes=num_classes)
+                  batch_size=cfg.batch_size, num_classes=num_classes,
+                  example_scale=SG_EXAMPLE_SCALE)
     if method == "backprop":
         return sgjax.split_at(layers, (), **common)
     if method == "sg_single":

@@ -50,7 +50,7 @@ import optax
 import sgjax
 from experiments import training
 from experiments.framework import Cell, Experiment
-from experiments.understanding import PAPER
+from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
 # method key -> (paper column name, feedback constructor, loss)
 METHODS: dict[str, tuple[str, Callable[[], sgjax.Feedback]]] = {
@@ -210,7 +210,8 @@ def make_split(method: str, config: Config, *, loss: str = "softmax",
     make = {**METHODS, **REFERENCE}[method][1]
     return sgjax.split_at(layers, cuts, feedback=make(), loss=LOSSES[loss],
                           optimizer=optax.adam(config.lr), input_shape=tuple(input_shape),
-                          batch_size=config.batch_size, num_classes=num_classes)
+                          batch_size=config.batch_size, num_classes=num_classes,
+                          example_scale=SG_EXAMPLE_SCALE)
 
 
 def run_cell(cell: Cell, config: Config, ctx) -> dict:

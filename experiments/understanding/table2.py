@@ -58,8 +58,10 @@ import numpy as np
 import optax
 
 import sgjax
+from experiments import training
 from experiments.framework import Cell, Experiment
 from experiments.understanding import PAPER as PAPER_TITLE
+from experiments.understanding import SG_EXAMPLE_SCALE
 
 # (dataset, model) rows of the paper's Table 2 with (MSE, log loss) and bold flags.
 PAPER: dict[tuple[str, str], tuple[float, float]] = {
@@ -91,7 +93,8 @@ class Config:
     then decaying exponentially to ``lr_end`` at the last step);
     ``n_datasets`` datasets per cell (vmapped); ``deep_hidden`` hidden linear layers of
     ``deep_width`` units, the SG after hidden layer ``deep_cut``; ``chunk`` steps per
-    compiled call (one curve point each); a cell is marked "different" if the mean loss
+    compiled call (one curve point each: the losses averaged over the chunk); a cell is
+    marked "different" if the mean loss
     difference exceeds ``tau`` and SG is worse on ≥ ``min_worse`` datasets; ``cells``
     restricts the cells (ids) run at this preset (empty: all).
     """
@@ -210,48 +213,42 @@ def make_splits(model: str, loss: str, k: int, config: Config) -> dict[str, sgja
     layers, cuts = model_layers(model, config)
     common = dict(loss=LOSSES[loss][1], optimizer=optax.adam(learning_rate(config)),
                   input_shape=(k,),
-                  batch_size=num_points(k), num_classes=2)
+                  batch_size=num_points(k), num_classes=2, example_scale=SG_EXAMPLE_SCALE)
     sg = sgjax.feedback.synthetic(sgjax.predictors.linear(conditioned=True))
     return {"bp": sgjax.split_at(layers, cuts, feedback=sgjax.feedback.backprop(), **common),
             "sg": sgjax.split_at(layers, cuts, feedback=sg, **common)}
 
 
 def build_runner(model: str, loss: str, dataset: str, config: Config):
-    """Pure, vmapped functions for one cell.
+    """Pure functions for one cell, each for one dataset (vmapped by the caller).
 
-    Returns ``(init, run_chunk, final_losses)``: ``init(data_keys, init_keys) -> state``
-    builds the datasets and both networks (same initial weights); ``run_chunk(state) ->
-    (state, losses (2, n_datasets))`` does ``config.chunk`` full-batch steps of both and
-    reports the loss at the last one; ``final_losses(state) -> (bp, sg)`` evaluates the
-    trained networks on their training sets.
+    Returns ``(init, step, final_losses)``: ``init(data_key, init_key) -> state`` builds
+    the dataset and both networks (same initial weights); ``step(state) -> (state, info)``
+    does one full-batch step of both and reports ``bp_loss``, ``sg_loss`` and their
+    ``diff``; ``final_losses(state) -> (bp, sg)`` evaluates the trained networks on their
+    training set.
     """
     kind, k = parse_dataset(dataset)
     splits = make_splits(model, loss, k, config)
     scheds = {m: sgjax.sync(s) for m, s in splits.items()}
     loss_fn = LOSSES[loss][1]
 
-    def init_one(data_key, init_key):
+    def init(data_key, init_key):
         x, y = make_dataset(data_key, kind, k)
         return {"x": x, "y": y, **{m: s.init(init_key, x, y) for m, s in scheds.items()}}
 
-    def chunk_one(state):
-        x, y = state["x"], state["y"]
-        out, last = dict(state), []
+    def step(state):
+        out, losses = dict(state), {}
         for m, sched in scheds.items():
-            def body(ts, _, sched=sched):
-                ts, info = sched.step(ts, x, y)
-                return ts, info["loss"]
+            out[m], info = sched.step(state[m], state["x"], state["y"])
+            losses[f"{m}_loss"] = info["loss"]
+        return out, {**losses, "diff": losses["sg_loss"] - losses["bp_loss"]}
 
-            out[m], losses = jax.lax.scan(body, state[m], None, length=config.chunk)
-            last.append(losses[-1])
-        return out, jnp.stack(last)
-
-    def final_one(state):
+    def final_losses(state):
         return tuple(loss_fn(splits[m].apply(state[m].stages, state["x"]), state["y"])
                      for m in ("bp", "sg"))
 
-    return (jax.jit(jax.vmap(init_one)), jax.jit(jax.vmap(chunk_one), donate_argnums=0),
-            jax.jit(jax.vmap(final_one)))
+    return init, step, final_losses
 
 
 def summarize(bp: np.ndarray, sg: np.ndarray, config: Config) -> dict:
@@ -266,24 +263,17 @@ def summarize(bp: np.ndarray, sg: np.ndarray, config: Config) -> dict:
 
 def run_cell(cell: Cell, config: Config, ctx) -> dict:
     p = cell.params
-    init, run_chunk, final = build_runner(p["model"], p["loss"], p["dataset"], config)
+    init, step, final_losses = build_runner(p["model"], p["loss"], p["dataset"], config)
     base = ctx.key()
     data_keys = jax.random.split(jax.random.fold_in(base, 0), config.n_datasets)
     init_keys = jax.random.split(jax.random.fold_in(base, 1), config.n_datasets)
-    state = init(data_keys, init_keys)
-    start, state = ctx.restore(state)
-    bar = ctx.progress(config.steps, start=start)
-    step = start
-    while step < config.steps:
-        state, last = run_chunk(state)
-        step += config.chunk
-        bar.update(config.chunk)
-        last = np.asarray(last, np.float64)  # (n_datasets, 2): backprop, SG
-        ctx.log(step, bp_loss=last[:, 0].mean(), sg_loss=last[:, 1].mean(),
-                diff=(last[:, 1] - last[:, 0]).mean())
-        ctx.save(step, state)
-    ctx.close()
-    bp, sg = (np.asarray(v) for v in final(state))
+    state = jax.jit(jax.vmap(init))(data_keys, init_keys)
+    # the loop vmaps the step over the datasets (its "seeds") and logs the losses
+    # averaged over the datasets and over the steps since the last log
+    state, _ = training.train_and_evaluate(
+        ctx, step, state, steps=config.steps, chunk=config.chunk, eval_every=config.chunk,
+        metrics=("bp_loss", "sg_loss", "diff"), seeds=config.n_datasets)
+    bp, sg = (np.asarray(v) for v in jax.jit(jax.vmap(final_losses))(state))
     out = summarize(bp, sg, config)
     out["paper_different"] = (p["dataset"], p["model"], p["loss"]) in PAPER_BOLD
     return out

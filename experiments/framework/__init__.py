@@ -1,0 +1,94 @@
+"""The experiment framework: declare a paper's table as data, run it, resume it, report it.
+
+An experiment module (one per paper table or figure, e.g. ``experiments/dni/table1.py``)
+exposes one :class:`Experiment` named ``EXPERIMENT``::
+
+    EXPERIMENT = Experiment(
+        name="table1",
+        paper="DNI (Jaderberg et al. 2016)",
+        title="Table 1: every-layer DNI on MNIST and CIFAR-10",
+        metric="test error (%)",
+        cells=[Cell("mnist-fcn3-dni", row="MNIST FCN 3", column="DNI",
+                    params={"dataset": "mnist", "depth": 3, "method": "dni"}, paper=2.32), ...],
+        presets={"smoke": Config(steps=20), "quick": Config(...), "paper": Config(...)},
+        run_cell=run_cell,
+    )
+
+    def run_cell(cell, config, ctx):
+        state = init(ctx.key(), cell.params, config)
+        start, state = ctx.restore(state)              # resume mid-cell after a kill
+        for step in ctx.progress(config.steps, start=start):
+            state, loss = train_step(state, next_batch())
+            if (step + 1) % config.log_every == 0:
+                ctx.log(step + 1, loss=loss, test_error=evaluate(state))   # checks finiteness
+                ctx.save(step + 1, state)               # throttled to every few minutes
+        return {"metric": evaluate(state)}
+
+(:func:`experiments.training.train_and_evaluate` is that loop, scan-fused.)
+:func:`run_experiment` runs the cells, skips the ones already finished with the same
+params, config and seed, and writes ``<out>/<name>/<preset>/``: ``cells/<cell>.json``,
+``results.csv``, ``table.md`` (paper | ours | diff per cell) and the figures as PNG;
+:func:`publish_report` copies a finished ``quick`` run into the committed ``reports/``.
+
+The modules, by concern: :mod:`~experiments.framework.declare` (cells, experiments,
+configs as data), :mod:`~experiments.framework.checkpoints` (atomic ``.npz`` checkpoints),
+:mod:`~experiments.framework.context` (what a running cell gets: :class:`RunContext`),
+:mod:`~experiments.framework.store` (finished cells on disk, identity, provenance),
+:mod:`~experiments.framework.running` (:func:`run_experiment`) and
+:mod:`~experiments.framework.reports` (tables, CSV, figures, ``reports/``).
+"""
+
+from experiments.framework.checkpoints import Checkpointer, CheckpointError, is_prng_key
+from experiments.framework.context import (
+    DEFAULT_CHECKPOINT_INTERVAL_S,
+    NonFiniteError,
+    RunContext,
+    check_finite,
+)
+from experiments.framework.declare import (
+    PRESETS,
+    Cell,
+    CellResult,
+    Curve,
+    Experiment,
+    UsageError,
+    canonical,
+    reproduce_command,
+    to_jsonable,
+)
+from experiments.framework.reports import (
+    REPORTS_DIR,
+    RunSummary,
+    default_figures,
+    format_duration,
+    measured_time_s,
+    plot_curves,
+    provenance,
+    publish_report,
+    render_table,
+    write_reports,
+)
+from experiments.framework.running import (
+    DEFAULT_OUT,
+    check_interval,
+    check_out_dir,
+    estimate,
+    run_experiment,
+    select_cells,
+)
+from experiments.framework.store import (
+    cell_identity,
+    code_version,
+    describe_machine,
+    load_results,
+)
+
+__all__ = [
+    "DEFAULT_CHECKPOINT_INTERVAL_S", "DEFAULT_OUT", "PRESETS", "REPORTS_DIR", "Cell",
+    "CellResult", "CheckpointError", "Checkpointer", "Curve", "Experiment", "NonFiniteError",
+    "RunContext", "RunSummary", "UsageError", "canonical", "cell_identity", "check_finite",
+    "check_interval", "check_out_dir", "code_version", "default_figures", "describe_machine",
+    "estimate", "format_duration", "is_prng_key", "load_results", "measured_time_s",
+    "plot_curves", "provenance", "publish_report", "render_table", "reproduce_command",
+    "run_experiment", "select_cells", "to_jsonable", "write_reports",
+]

@@ -1,0 +1,190 @@
+"""Declaring an experiment: a paper's table or figure as data (cells, presets, a runner).
+
+An experiment module (one per paper table or figure, e.g. ``experiments/dni/table1.py``)
+exposes one :class:`Experiment` named ``EXPERIMENT``; see :mod:`experiments.framework`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import numpy as np
+
+if TYPE_CHECKING:
+    from experiments.framework.context import RunContext
+
+PRESETS = ("smoke", "quick", "paper")
+"""Presets every experiment defines: ``smoke`` (seconds, wiring only, CI), ``quick``
+(minutes to an hour on a laptop CPU; the default of ``make reproduce-NAME``), ``paper``
+(the paper's exact protocol)."""
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class UsageError(ValueError):
+    """A bad command-line input (experiment name, preset, cell pattern, output directory,
+    option value); the CLI prints it as one ``error:`` line and exits with 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One table cell, i.e. one training run.
+
+    ``id`` is stable and filesystem-safe (it names the result file and is what ``--only``
+    matches); ``row``/``column`` are the labels in the paper's table; ``params`` is whatever
+    ``run_cell`` needs; ``paper`` is the published number (``None`` if the paper gives none).
+    """
+
+    id: str
+    row: str
+    column: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    paper: float | None = None
+
+    def __post_init__(self):
+        if not SAFE_ID.match(self.id):
+            raise ValueError(f"cell id {self.id!r} must match {SAFE_ID.pattern}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A paper table or figure, declared as data.
+
+    ``cells`` is a sequence of :class:`Cell` or a function ``preset -> cells``.
+    ``presets`` maps each of :data:`PRESETS` (more are allowed) to a config: plain data,
+    preferably a frozen dataclass; it is part of every result's identity, so a cell is
+    re-run when its config changes. Keep prose out of configs: ``notes`` (the whole
+    experiment) and ``preset_notes`` (per preset: how it departs from the paper) are shown
+    in ``table.md`` and ``show`` but never make a cell rerun.
+    ``run_cell(cell, config, ctx)`` trains one cell and returns ``{"metric": float, ...}``
+    (see :func:`experiments.framework.run_experiment`).
+    ``figures(results, config)`` returns ``{name: matplotlib Figure}``, saved as
+    ``<name>.png``; ``None`` plots every logged curve
+    (:func:`experiments.framework.default_figures`).
+    """
+
+    name: str
+    paper: str
+    title: str
+    metric: str
+    cells: Sequence[Cell] | Callable[[str], Sequence[Cell]]
+    presets: Mapping[str, Any]
+    run_cell: Callable[[Cell, Any, RunContext], Mapping[str, Any] | float]
+    figures: Callable[[Sequence[CellResult], Any], Mapping[str, Any]] | None = None
+    notes: str = ""
+    preset_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not SAFE_ID.match(self.name) or self.name == "all":
+            raise ValueError(
+                f"experiment name {self.name!r} must match {SAFE_ID.pattern} and not be 'all'"
+            )
+        missing = [p for p in PRESETS if p not in self.presets]
+        if missing:
+            raise ValueError(f"experiment {self.name!r} lacks presets {missing}")
+        unknown = [p for p in self.preset_notes if p not in self.presets]
+        if unknown:
+            raise ValueError(f"experiment {self.name!r}: preset_notes for unknown presets "
+                             f"{unknown}")
+        for preset in self.presets:
+            self.cells_for(preset)  # validates cell ids at import time
+
+    def cells_for(self, preset: str) -> tuple[Cell, ...]:
+        """The cells of ``preset``; ids are checked for uniqueness."""
+        cells = tuple(self.cells(preset) if callable(self.cells) else self.cells)
+        ids = [c.id for c in cells]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"experiment {self.name!r} has duplicate cell ids {dupes}")
+        return cells
+
+
+class Curve(NamedTuple):
+    """A logged training curve; ``ax.plot(*curve)`` plots it."""
+
+    step: np.ndarray
+    value: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class CellResult:
+    """A finished cell as read back from ``cells/<id>.json`` (``record`` is the whole file)."""
+
+    cell: Cell
+    metric: float
+    metrics: Mapping[str, Any]
+    curves: Mapping[str, Curve]
+    seed: int
+    wall_time_s: float
+    record: Mapping[str, Any]
+
+    @property
+    def paper(self) -> float | None:
+        return self.cell.paper
+
+
+def reproduce_command(
+    name: str, preset: str, *, seed: int = 0, only: Sequence[str] = (), make: bool = False
+) -> str:
+    """The exact command that reproduces ``name`` at ``preset``."""
+    if make:
+        return f"make reproduce-{name} PRESET={preset}"
+    cmd = f"python -m experiments run {name} --preset {preset}"
+    if seed:
+        cmd += f" --seed {seed}"
+    if only:
+        cmd += " --only " + " ".join(only)
+    return cmd
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert a config (dataclass, mapping, sequence, numbers, enums, paths...) to JSON data.
+
+    Functions and classes become ``"module.qualname"``. Anything else is a ``TypeError``:
+    configs must be data, so that a changed config is detected and recorded.
+    """
+    if obj is None or isinstance(obj, bool | int | str | float):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray | jax.Array):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, np.dtype):
+        return str(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
+        return to_jsonable(obj.to_dict())
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, set | frozenset):
+        return sorted(to_jsonable(v) for v in obj)
+    if isinstance(obj, functools.partial):
+        return {
+            "partial": to_jsonable(obj.func),
+            "args": to_jsonable(obj.args),
+            "kwargs": to_jsonable(obj.keywords),
+        }
+    if isinstance(obj, type) or (callable(obj) and hasattr(obj, "__qualname__")):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    raise TypeError(f"cannot record {type(obj).__name__} {obj!r} in a config; use plain data")
+
+
+def canonical(obj: Any) -> Any:
+    """:func:`to_jsonable` then a JSON round trip, so that tuples/lists and int keys compare
+    as they are stored."""
+    return json.loads(json.dumps(to_jsonable(obj), sort_keys=True))
