@@ -248,3 +248,74 @@ def test_cli_entry_point_in_a_subprocess(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: unknown experiment 'nope'; valid experiments: toy"
+
+
+# --------------------------------------------------------------------------- the shared loop
+
+
+def _ctx(tmp_path, seed=0, name="c"):
+    cell = Cell(name, "r", "c")
+    return framework.RunContext(
+        experiment="toy", preset="smoke", cell=cell, seed=seed, out_dir=tmp_path,
+        checkpoint_dir=tmp_path / "checkpoints" / name, checkpoint_interval_s=0.0,
+        fingerprint={"cell": name})
+
+
+def _toy_step(state, x):
+    """Counts steps and accumulates the batch; reports both."""
+    new = {"n": state["n"] + 1, "s": state["s"] + x}
+    return new, {"loss": x, "n": new["n"].astype(jnp.float32), "vector": jnp.zeros(2)}
+
+
+def _toy_batch(data, key):
+    return (data * jax.random.uniform(key),)
+
+
+def _train(ctx, **kw):
+    from experiments import training
+
+    state = {"n": jnp.zeros((), jnp.int32), "s": jnp.zeros(())}
+    if kw.get("seeds"):
+        state = jax.tree.map(lambda v: jnp.stack([v] * kw["seeds"]), state)
+    evaluate = lambda st, step: {"s": st["s"]}  # noqa: E731
+    args = dict(steps=10, chunk=4, eval_every=5, batch_fn=_toy_batch, data=jnp.float32(2.0),
+                evaluate=evaluate, metrics=None)
+    return training.train_and_evaluate(ctx, _toy_step, state, **{**args, **kw})
+
+
+def test_loop_stops_exactly_at_steps_and_evaluations(tmp_path):
+    ctx = _ctx(tmp_path)
+    state, final = _train(ctx, steps=11, chunk=4, eval_every=5, eval_at=(2,))
+    assert int(state["n"]) == 11  # 11 % 4 != 0: never past steps
+    assert [s for s, _ in ctx.curves["s"]] == [2, 5, 10, 11]
+    assert [v for _, v in ctx.curves["n"]] == [1.5, 4.0, 8.0, 11.0]  # mean over each interval
+    assert "vector" not in ctx.curves  # only scalars are logged
+    assert final["s"] == pytest.approx(float(state["s"])) and final["n"] == 11.0
+    with pytest.raises(ValueError, match="outside 1..11"):
+        _train(_ctx(tmp_path, name="d"), steps=11, eval_at=(12,))
+    with pytest.raises(ValueError, match=r"metrics \['acc'\] not in the step's info"):
+        _train(_ctx(tmp_path, name="e"), metrics=("acc",))
+
+
+def test_loop_resumes_with_the_same_batches(tmp_path):
+    _, whole = _train(_ctx(tmp_path, name="whole"))
+    first = _ctx(tmp_path, name="resumed")
+    _train(first, steps=5)  # checkpoints at step 5 (interval 0)
+    again = _ctx(tmp_path, name="resumed")
+    state, resumed = _train(again)
+    assert again.resumed_from_step == 5 and int(state["n"]) == 10
+    assert resumed["s"] == pytest.approx(whole["s"], abs=1e-6)
+
+
+def test_loop_vmaps_over_seeds(tmp_path):
+    from experiments import training
+
+    key = jax.random.key(3)
+    state, final = _train(_ctx(tmp_path, name="s"), seeds=3, key=key)
+    assert state["s"].shape == (3,) and len(final["s_per_seed"]) == 3
+    keys = jax.random.split(key, 3)
+    for i in range(3):  # seed i of the vmapped run == a single run with its key
+        _, one = _train(_ctx(tmp_path, name=f"one{i}"), key=keys[i])
+        assert final["s_per_seed"][i] == pytest.approx(one["s"], rel=1e-6)
+    assert final["s"] == pytest.approx(np.mean(final["s_per_seed"]))
+    assert training.stops(10, 4, (3,)) == [3, 4, 8, 10]
