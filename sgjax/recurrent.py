@@ -32,6 +32,10 @@ auxiliary loss ``Σ_t mean_b ||â_t − δ̂_{t+T}||²`` (weight 1, A.3) through
 one extra forward/backward pass over one chunk per step (Fig. 4 keeps one extra core
 in memory; we keep the previous chunk's inputs and start carry instead).
 
+Optionally (``sg_into_core``; A.3 searched over it) the synthetic gradient model's
+regression error at ``s_{k-1}`` is also backpropagated into the core, through the last
+core step of the previous chunk (the extra core Fig. 4 keeps in memory).
+
 Episode resets: a chunk's ``resets[t]`` sets the carry back to zeros before step ``t``
 (a new Copy episode). The gradient through a reset is zero, so a bootstrapped target
 whose chunk starts with a reset is zero, as it should be.
@@ -260,7 +264,9 @@ class RecurrentState(NamedTuple):
     ``carry``: ``s_{k-1}``, where the next chunk starts; ``started``: whether a chunk
     has run (so a synthetic gradient was used at ``carry`` and its target is valid);
     ``prev_chunk``/``prev_carry``: the previous chunk and its start carry (DNI + Aux
-    only, else ``None``); ``step``: chunks done.
+    only, else ``None``); ``kept_chunk``/``kept_carry``: the last step of the previous
+    chunk and the carry before it, Fig. 4's extra core (with ``sg_into_core`` only,
+    else ``None``); ``step``: chunks done.
     """
 
     params: Any
@@ -270,6 +276,8 @@ class RecurrentState(NamedTuple):
     started: jax.Array
     prev_chunk: Chunk | None
     prev_carry: LSTMState | None
+    kept_chunk: Chunk | None
+    kept_carry: LSTMState | None
     step: jax.Array
 
 
@@ -280,7 +288,9 @@ class Backward(NamedTuple):
     ``sg``: the synthetic gradient consumed at the chunk's end ``(B, 2n)``;
     ``sg_target``: the bootstrapped target for the carry the chunk started from;
     ``losses`` ``(T, B)`` per-example task losses; ``carry``: the final carry;
-    ``aux_loss``: the DNI + Aux loss (0 without Aux); ``carries`` ``(T, B, 2n)``.
+    ``aux_loss``: the DNI + Aux loss (0 without Aux); ``carries`` ``(T, B, 2n)``;
+    ``core_sg_loss``: the synthetic gradient model's regression error backpropagated
+    into the core (``sg_into_core``; else 0).
     """
 
     grads: Any
@@ -290,6 +300,7 @@ class Backward(NamedTuple):
     carry: LSTMState
     aux_loss: jax.Array
     carries: jax.Array
+    core_sg_loss: jax.Array
 
 
 class Trainer(NamedTuple):
@@ -322,6 +333,7 @@ def truncated_bptt(
     T: int,
     batch_size: int,
     aux_weight: float = 1.0,
+    sg_into_core: bool = False,
     sg_optimizer: optax.GradientTransformation | None = None,
 ) -> Trainer:
     """Truncated BPTT over chunks of ``T`` steps with ``feedback`` at every boundary.
@@ -331,6 +343,14 @@ def truncated_bptt(
     ``optimizer`` trains the network; ``sg_optimizer`` (default: the same) trains the
     feedback's gradient model. DNI + Aux is on when ``net_`` has an ``aux`` head
     (:func:`net` with ``aux=True``), with the auxiliary loss weighted by ``aux_weight``.
+
+    ``sg_into_core`` (A.3 searched over it; default off) also backpropagates the
+    synthetic gradient model's regression error into the core: the loss
+    ``mean_b ||M(s_{k-1}) - δ_{k-1}||²`` (per-example units, the loss the feedback's
+    ``fit`` reports as ``sg_loss``) is differentiated with respect to ``s_{k-1}`` and
+    through the last core step of the previous chunk, recomputed with the current
+    parameters (Fig. 4 keeps that core in memory). Needs a feedback whose ``fit``
+    reports ``sg_loss`` (``synthetic``, optionally ``scaled``).
     """
     _check_T(T)
     if not isinstance(feedback, Feedback):
@@ -368,14 +388,18 @@ def truncated_bptt(
         params = net_.init(k_net)
         fstate = interface.init(k_fb)
         carry = net_.core.initial_carry(batch_size)
-        prev_chunk = prev_carry = None
+        prev_chunk = prev_carry = kept_chunk = kept_carry = None
         if use_aux:
             prev_chunk = Chunk(jnp.zeros((T, batch_size, net_.input_size), jnp.float32), None,
                                jnp.zeros((T, batch_size), bool))
             prev_carry = net_.core.initial_carry(batch_size)
+        if sg_into_core:
+            kept_chunk = Chunk(jnp.zeros((1, batch_size, net_.input_size), jnp.float32), None,
+                               jnp.zeros((1, batch_size), bool))
+            kept_carry = net_.core.initial_carry(batch_size)
         return RecurrentState(params, optimizer.init(params), fstate, carry,
-                              jnp.zeros((), bool), prev_chunk, prev_carry,
-                              jnp.zeros((), jnp.int32))
+                              jnp.zeros((), bool), prev_chunk, prev_carry, kept_chunk,
+                              kept_carry, jnp.zeros((), jnp.int32))
 
     def consumed_sg(fstate, s):
         sub, _, _ = interface.grad(fstate, s, None, None)
@@ -421,7 +445,32 @@ def truncated_bptt(
 
             aux_loss, aux_grads = jax.value_and_grad(aux_fn)(state.params)
             grads = jax.tree.map(jnp.add, grads, aux_grads)
-        return Backward(grads, sg, sg_target, losses, carry, aux_loss, carries)
+        core_sg_loss = jnp.zeros((), jnp.float32)
+        if sg_into_core:
+            core_sg_loss, sg_grads = core_sg_error(state, sg_target)
+            grads = jax.tree.map(jnp.add, grads, sg_grads)
+        return Backward(grads, sg, sg_target, losses, carry, aux_loss, carries, core_sg_loss)
+
+    def regression_error(fstate, s, target):
+        """``Σ_b ||M(s) - example_scale · target||²`` as the feedback's fit reports it."""
+        _, info = interface.fit(fstate, Target(grad=target, inputs=s, valid=True))
+        if "sg_loss" not in info:
+            raise ValueError(
+                "sg_into_core=True needs a feedback whose fit reports its regression loss "
+                f"'sg_loss' (feedback.synthetic); {feedback!r} reports {sorted(info)}")
+        return info["sg_loss"]
+
+    def core_sg_error(state, sg_target):
+        def loss_fn(params):
+            c0 = jax.tree.map(jax.lax.stop_gradient, state.kept_carry)
+            zero = net_.core.initial_carry(batch_size)
+            reset = state.kept_chunk.resets[0]
+            c0 = jax.tree.map(lambda z, s: jnp.where(reset[:, None], z, s), zero, c0)
+            s = flatten_carry(net_.core.apply(params["core"], c0, state.kept_chunk.inputs[0]))
+            err = regression_error(state.fstate, s, jax.lax.stop_gradient(sg_target))
+            return jnp.where(state.started, err, 0.0) / batch_size
+
+        return jax.value_and_grad(loss_fn)(state.params)
 
     def apply(state: RecurrentState, chunk: Chunk, bw: Backward):
         updates, opt_state = optimizer.update(bw.grads, state.opt_state, state.params)
@@ -430,14 +479,18 @@ def truncated_bptt(
         fstate, fit_info = interface.fit(
             state.fstate, Target(grad=bw.sg_target, inputs=s0, valid=state.started))
         carry = jax.tree.map(jax.lax.stop_gradient, bw.carry)
-        prev_chunk = prev_carry = None
+        prev_chunk = prev_carry = kept_chunk = kept_carry = None
         if use_aux:
             prev_chunk = Chunk(chunk.inputs, None, chunk.resets)
             prev_carry = state.carry
+        if sg_into_core:
+            kept_chunk = Chunk(chunk.inputs[-1:], None, chunk.resets[-1:])
+            before_last = bw.carries[-2] if T > 1 else flatten_carry(state.carry)
+            kept_carry = unflatten_carry(jax.lax.stop_gradient(before_last))
         new = RecurrentState(params, opt_state, fstate, carry, jnp.ones((), bool),
-                             prev_chunk, prev_carry, state.step + 1)
+                             prev_chunk, prev_carry, kept_chunk, kept_carry, state.step + 1)
         info = {"loss": jnp.sum(bw.losses) / batch_size, "losses": bw.losses,
-                "aux_loss": bw.aux_loss,
+                "aux_loss": bw.aux_loss, "core_sg_loss": bw.core_sg_loss,
                 "sg_loss": jnp.asarray(fit_info.get("sg_loss", 0.0), jnp.float32),
                 "sg_norm": jnp.sqrt(jnp.sum(bw.sg ** 2))}
         return new, info

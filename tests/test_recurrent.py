@@ -217,6 +217,37 @@ def test_aux_loss_regresses_the_previous_chunk_onto_this_chunks_sg():
     assert float(first.aux_loss) == 0.0
 
 
+def test_sg_regression_error_backpropagated_into_the_core():
+    K = 3
+    xs, ys, resets = stream(K)
+    net = R.net(R.lstm(N), D_IN, C)
+    chunks = R.chunked(xs, ys, T, resets)
+    trainers = {flag: R.truncated_bptt(net, xent, dni(), optax.adam(3e-2), T=T, batch_size=B,
+                                       sg_into_core=flag) for flag in (False, True)}
+    state = trainers[True].init(jax.random.key(0))
+    step = jax.jit(trainers[True].step)
+    for k in range(K - 1):
+        state, info = step(state, jax.tree.map(lambda a, k=k: a[k], chunks))
+    last = jax.tree.map(lambda a: a[K - 1], chunks)
+    with_sg = jax.jit(trainers[True].backward)(state, last)
+    plain = jax.jit(trainers[False].backward)(
+        state._replace(kept_chunk=None, kept_carry=None), last)
+    np.testing.assert_allclose(with_sg.sg_target, plain.sg_target, atol=1e-6)
+
+    def by_hand(params):  # the previous chunk's last core, re-run, then the SG model's L2
+        t = (K - 1) * T - 1
+        s = R.flatten_carry(net.core.apply(params["core"], state.kept_carry, xs[t]))
+        m, _ = R.sg_model(N).apply(state.fstate.variables, s)
+        return jnp.sum((m - B * with_sg.sg_target) ** 2) / B
+
+    loss, g = jax.jit(jax.value_and_grad(by_hand))(state.params)
+    assert float(loss) > 1e-8
+    np.testing.assert_allclose(with_sg.core_sg_loss, loss, rtol=1e-5)
+    extra = jax.tree.map(jnp.subtract, with_sg.grads, plain.grads)
+    chex.assert_trees_all_close(extra, g, atol=1e-6, rtol=0)
+    assert not np.any(extra["head"]["params"]["kernel"])  # only the core is affected
+
+
 # 5 ------------------------------------------------------------------------------------------
 
 
