@@ -1,7 +1,11 @@
-"""The command line: ``python -m experiments list | names | show NAME | run NAME|all``.
+"""The command line: ``python -m experiments list | names | show NAME | run NAME|all |
+report [NAME ...]``.
 
-Exit codes: 0 success; 1 a run failed (e.g. training diverged) or a module failed to import;
-2 a usage error (unknown experiment, preset or cell; the message lists the valid ones).
+Every expected failure prints one ``error:`` line (no traceback; ``SGJAX_DEBUG=1`` shows
+it). Exit codes: 0 success; 1 a run failed (training diverged, a dataset is missing or
+corrupt, a checkpoint is corrupt) or a module failed to import; 2 a usage error (unknown
+experiment, preset or cell, an ``--out`` that cannot hold results, a bad option value; the
+message lists the valid values).
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 
-from experiments import framework, registry
-from experiments.framework import UsageError
+from experiments import data, framework, registry
+from experiments.framework import CheckpointError, UsageError
+
+RUN_FAILURES = (data.DatasetNotFoundError, data.CorruptDatasetError, CheckpointError,
+                FloatingPointError)
+"""Errors a run reports as one ``error:`` line and exit status 1."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
         default=framework.DEFAULT_CHECKPOINT_INTERVAL_S,
         help="least time between in-cell checkpoints (default %(default)s)",
     )
+    report = sub.add_parser(
+        "report", help="copy finished quick runs from --results into reports/ (no rerun)")
+    report.add_argument("names", nargs="*", metavar="NAME",
+                        help="experiments (default: every one with results)")
+    report.add_argument("--results", default=framework.DEFAULT_OUT,
+                        help="results root the runs wrote (default: ./results)")
+    report.add_argument("--to", default=str(framework.REPORTS_DIR),
+                        help="reports root (default: the repository's reports/)")
     return p
 
 
@@ -65,12 +82,23 @@ def _report_failures(reg: registry.Registry) -> int:
     return 1 if reg.failures else 0
 
 
+def _quick_time(exp: framework.Experiment) -> str:
+    """The measured wall time of the committed ``quick`` report, e.g. ``35 min``."""
+    times = framework.measured_time_s(exp.name)
+    if not times:
+        return "not measured"
+    cells = len(exp.cells_for("quick"))
+    total = framework.format_duration(sum(times.values()))
+    return total if len(times) == cells else f"{total} ({len(times)}/{cells} cells)"
+
+
 def _list(reg: registry.Registry) -> int:
-    rows = [("NAME", "PAPER", "PRESETS", "REPRODUCES")]
-    rows += [(e.name, e.paper, ",".join(e.presets), e.title) for e in reg.experiments.values()]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    rows = [("NAME", "PAPER", "PRESETS", "QUICK (MEASURED)", "REPRODUCES")]
+    rows += [(e.name, e.paper, ",".join(e.presets), _quick_time(e), e.title)
+             for e in reg.experiments.values()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3])
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
     for module, err in reg.failures.items():
         print(f"FAILED  {module}: {err}")
     return 1 if reg.failures else 0
@@ -83,6 +111,8 @@ def _show(exp: framework.Experiment) -> int:
     for preset, config in exp.presets.items():
         cells = exp.cells_for(preset)
         print(f"\npreset {preset}: {len(cells)} cells")
+        if exp.preset_notes.get(preset):
+            print(f"  {exp.preset_notes[preset]}")
         print(f"  {framework.reproduce_command(exp.name, preset)}")
         print(f"  {framework.reproduce_command(exp.name, preset, make=True)}")
         print("  config: " + json.dumps(framework.to_jsonable(config)))
@@ -121,7 +151,9 @@ def _interrupt(signum, frame):
 
 
 def _run(reg: registry.Registry, args: argparse.Namespace) -> int:
+    framework.check_interval(args.checkpoint_interval)
     plan = _plan(reg, args.name, args.preset, args.only)
+    framework.check_out_dir(args.out)
     if threading.current_thread() is not threading.main_thread():
         return _run_plan(reg, args, plan)
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -153,6 +185,29 @@ def _run_plan(reg: registry.Registry, args: argparse.Namespace, plan) -> int:
     return status
 
 
+def _report(reg: registry.Registry, args: argparse.Namespace) -> int:
+    names = args.names or reg.names()
+    exps = [reg.get(n) for n in names]
+    if not os.path.isdir(args.results):
+        raise UsageError(f"--results {args.results}: no such directory (run an experiment "
+                         "with --preset quick first)")
+    for exp in exps:
+        dest = framework.publish_report(exp, args.results, reports_root=args.to)
+        if dest is None:
+            print(f"{exp.name}: no finished quick cells under {args.results}/{exp.name}/quick/;"
+                  " report left as it was", file=sys.stderr)
+        else:
+            print(f"{exp.name}: wrote {dest}/", file=sys.stderr)
+    return 0
+
+
+def _error(e: BaseException) -> str:
+    """One line: the message (newlines folded) and the notes (which cell was running)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    notes = "; ".join(getattr(e, "__notes__", ()))
+    return f"error: {text}" + (f" ({notes})" if notes else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -169,12 +224,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report_failures(reg)
         if args.command == "show":
             return _show(reg.get(args.name))
+        if args.command == "report":
+            return _report(reg, args)
         return _run(reg, args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("SGJAX_DEBUG"):
+            traceback.print_exception(e)
+        print(_error(e), file=sys.stderr)
         return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except RUN_FAILURES as e:
+        if os.environ.get("SGJAX_DEBUG"):
+            traceback.print_exception(e)
+        print(_error(e), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume", file=sys.stderr)

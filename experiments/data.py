@@ -53,6 +53,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "CACHE_DIR_ENV",
     "VALID_NAMES",
+    "CorruptDatasetError",
     "Dataset",
     "DatasetNotFoundError",
     "batches",
@@ -106,6 +107,11 @@ _IMAGE_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 class DatasetNotFoundError(FileNotFoundError):
     """No local copy of the dataset was found and tfds could not be used."""
+
+
+class CorruptDatasetError(ValueError):
+    """A dataset file that is truncated, corrupt or not in the expected format (the
+    message names the file)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +224,8 @@ def load(
         A :class:`Dataset` with float32 NHWC images in [0, 1] and int32 labels.
 
     Raises:
-        ValueError: unknown ``name`` or ``source``, negative limits, or corrupt files.
+        ValueError: unknown ``name`` or ``source``, negative limits; CorruptDatasetError (a
+            ValueError) for corrupt files.
         DatasetNotFoundError: the data could not be found locally nor obtained from tfds.
         ImportError: ``source="tfds"`` but TensorFlow is not installed.
     """
@@ -308,7 +315,7 @@ def _find_cifar_tar(d: Path) -> Path | None:
             continue
         tars = sorted(p for p in base.iterdir() if p.is_file() and p.name.endswith(_TAR_SUFFIXES))
         if len(tars) > 1:
-            raise ValueError(
+            raise CorruptDatasetError(
                 f"several tar files in {base}, cannot tell which is CIFAR-10: "
                 f"{[t.name for t in tars]}"
             )
@@ -410,7 +417,7 @@ def _make_dataset(
         source=src,
     )
     if ds.input_shape != _IMAGE_SHAPES[name]:
-        raise ValueError(
+        raise CorruptDatasetError(
             f"{name}: expected images of shape {_IMAGE_SHAPES[name]}, got {ds.input_shape}"
         )
     return ds
@@ -441,7 +448,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         ``train-images-idx3-ubyte.gz`` and ``(60000,)`` uint8 for the labels.
 
     Raises:
-        ValueError: naming the file, if it is not valid gzip, truncated, or not IDX.
+        CorruptDatasetError (a ValueError): naming the file, if it is not valid gzip,
+            truncated, or not IDX.
     """
     path = Path(path)
     try:
@@ -453,20 +461,21 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise ValueError(
+        raise CorruptDatasetError(
             f"{path}: cannot decompress ({e}); the file is corrupt or truncated"
         ) from e
 
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+        raise CorruptDatasetError(
+            f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, ndim={ndim})")
+        raise CorruptDatasetError(f"{path}: truncated IDX header ({len(raw)} bytes, ndim={ndim})")
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise ValueError(
+        raise CorruptDatasetError(
             f"{path}: IDX header says shape {shape} ({expected} data bytes) but the file has "
             f"{len(raw) - header} data bytes; the file is corrupt or truncated"
         )
@@ -490,7 +499,8 @@ def read_mnist_dir(
         ``(N,)`` in [0, 9]; N is 60000 for train and 10000 for test in the real files.
 
     Raises:
-        FileNotFoundError: a file is missing. ValueError: a file is corrupt or inconsistent.
+        FileNotFoundError: a file is missing. CorruptDatasetError: a file is corrupt or
+            inconsistent.
     """
     if not isinstance(files, dict):
         d = Path(files)
@@ -503,13 +513,15 @@ def read_mnist_dir(
         x, y = out[f"x_{split}"], out[f"y_{split}"]
         xf, yf = files[f"x_{split}"], files[f"y_{split}"]
         if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8:
-            raise ValueError(f"{xf}: expected uint8 images (N, 28, 28), got {x.dtype} {x.shape}")
+            raise CorruptDatasetError(
+                f"{xf}: expected uint8 images (N, 28, 28), got {x.dtype} {x.shape}")
         if y.ndim != 1 or y.dtype != np.uint8:
-            raise ValueError(f"{yf}: expected uint8 labels (N,), got {y.dtype} {y.shape}")
+            raise CorruptDatasetError(f"{yf}: expected uint8 labels (N,), got {y.dtype} {y.shape}")
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"{xf} has {x.shape[0]} images but {yf} has {y.shape[0]} labels")
+            raise CorruptDatasetError(
+                f"{xf} has {x.shape[0]} images but {yf} has {y.shape[0]} labels")
         if y.size and y.max() > 9:
-            raise ValueError(f"{yf}: labels must be in [0, 9], found {int(y.max())}")
+            raise CorruptDatasetError(f"{yf}: labels must be in [0, 9], found {int(y.max())}")
     return out["x_train"], out["y_train"], out["x_test"], out["y_test"]
 
 
@@ -556,8 +568,8 @@ def read_cifar10_jpeg_tar(
         labels ``(N,)`` in [0, 9] (N = 50000 / 10000 for the real data).
 
     Raises:
-        ValueError: naming the member, for an undecodable image, a non-32x32 image, an unknown
-            class folder, or an empty split.
+        CorruptDatasetError: naming the member, for an undecodable image, a non-32x32 image,
+            an unknown class folder, or an empty split.
     """
     tar_path = Path(tar_path)
     cpath = None
@@ -604,7 +616,7 @@ def _decode_cifar_tar(
     try:
         tf = tarfile.open(tar_path, "r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{tar_path}: cannot open as a tar archive ({e})") from e
+        raise CorruptDatasetError(f"{tar_path}: cannot open as a tar archive ({e})") from e
     with tf:
         try:
             members = [
@@ -613,17 +625,17 @@ def _decode_cifar_tar(
                 if m.isfile() and m.name.lower().endswith(_IMAGE_SUFFIXES)
             ]
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{tar_path}: corrupt or truncated tar archive ({e})") from e
+            raise CorruptDatasetError(f"{tar_path}: corrupt or truncated tar archive ({e})") from e
         bar = tqdm(members, desc=f"decoding {tar_path.name}", unit="img", disable=not progress)
         for m in bar:
             parts = [p for p in m.name.split("/") if p not in ("", ".")]
             if len(parts) < 3 or parts[-3] not in items:
-                raise ValueError(
+                raise CorruptDatasetError(
                     f"{tar_path}: member {m.name!r} is not under train/<class>/ or test/<class>/"
                 )
             split, cls, fname = parts[-3], parts[-2], parts[-1]
             if cls not in class_index:
-                raise ValueError(
+                raise CorruptDatasetError(
                     f"{tar_path}: member {m.name!r} has unknown class folder {cls!r}; "
                     f"expected one of {CIFAR10_CLASSES}"
                 )
@@ -632,9 +644,10 @@ def _decode_cifar_tar(
                 with Image.open(io.BytesIO(raw)) as im:
                     arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
             except (UnidentifiedImageError, OSError, EOFError, zlib.error, tarfile.TarError) as e:
-                raise ValueError(f"{tar_path}: cannot decode member {m.name!r} ({e})") from e
+                raise CorruptDatasetError(
+                    f"{tar_path}: cannot decode member {m.name!r} ({e})") from e
             if arr.shape != (32, 32, 3):
-                raise ValueError(
+                raise CorruptDatasetError(
                     f"{tar_path}: member {m.name!r} has shape {arr.shape}, expected (32, 32, 3)"
                 )
             items[split].append((fname.rsplit(".", 1)[0].zfill(16), class_index[cls], arr))
@@ -643,7 +656,7 @@ def _decode_cifar_tar(
     for split in ("train", "test"):
         rows = sorted(items[split], key=lambda r: (r[0], r[1]))
         if not rows:
-            raise ValueError(f"{tar_path}: no images under {split}/<class>/")
+            raise CorruptDatasetError(f"{tar_path}: no images under {split}/<class>/")
         out.append(np.stack([r[2] for r in rows]))
         out.append(np.array([r[1] for r in rows], dtype=np.int32))
     return out[0], out[1], out[2], out[3]

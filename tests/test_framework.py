@@ -32,6 +32,7 @@ def _toy(monkeypatch):
     toy.STARTS.clear()
     monkeypatch.setattr(toy, "DIVERGE", False)
     monkeypatch.setattr(toy, "INTERRUPT_AT", None)
+    monkeypatch.setattr(toy, "LOAD_DATA", None)
 
 
 def run(tmp_path, *args):
@@ -319,3 +320,98 @@ def test_loop_vmaps_over_seeds(tmp_path):
         assert final["s_per_seed"][i] == pytest.approx(one["s"], rel=1e-6)
     assert final["s"] == pytest.approx(np.mean(final["s_per_seed"]))
     assert training.stops(10, 4, (3,)) == [3, 4, 8, 10]
+
+
+# --------------------------------------------------------------------------- bad CLI input
+
+
+def _one_error_line(err: str) -> str:
+    """The single ``error:`` line of ``err`` (and no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and err.count("error:") == 1, err
+    return lines[0]
+
+
+def _fake_mnist(root: Path) -> Path:
+    import gzip
+
+    (root / "mnist").mkdir(parents=True)
+    for split, n in (("train", 8), ("t10k", 8)):
+        for kind, shape in (("images-idx3", (n, 28, 28)), ("labels-idx1", (n,))):
+            arr = np.zeros(shape, np.uint8)
+            header = bytes([0, 0, 8, arr.ndim]) + np.array(shape, ">u4").tobytes()
+            with gzip.open(root / "mnist" / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.tobytes())
+    return root
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "a-file", "truncated", "corrupt"])
+def test_bad_data_directory_is_one_error_line(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.setattr(toy, "LOAD_DATA", "mnist")
+    root = tmp_path / "data"
+    if case == "empty":
+        root.mkdir()
+    elif case == "a-file":
+        root.write_text("not a directory")
+    elif case in ("truncated", "corrupt"):
+        _fake_mnist(root)
+        bad = root / "mnist" / "train-labels-idx1-ubyte.gz"
+        raw = bad.read_bytes()
+        bad.write_bytes(raw[: len(raw) // 2] if case == "truncated" else b"garbage" * 10)
+    monkeypatch.setenv("SGJAX_DATA_DIR", str(root))
+    assert run(tmp_path / "out") == 1
+    line = _one_error_line(capsys.readouterr().err)
+    if case in ("truncated", "corrupt"):
+        assert "train-labels-idx1-ubyte.gz" in line and "corrupt or truncated" in line
+    else:
+        assert "Dataset 'mnist' not found" in line and str(root) in line
+        assert "SGJAX_DATA_DIR" in line and "pip install tensorflow" in line
+    assert "cell 'a-x'" in line
+
+
+def test_good_data_directory_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "LOAD_DATA", "mnist")
+    monkeypatch.setenv("SGJAX_DATA_DIR", str(_fake_mnist(tmp_path / "data")))
+    assert run(tmp_path / "out") == 0
+
+
+@pytest.mark.parametrize("case", ["file", "under-a-file", "unwritable"])
+def test_bad_out_directory_is_one_error_line(tmp_path, capsys, case):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("x")
+    if case == "unwritable" and not Path("/proc").is_dir():
+        pytest.skip("needs /proc: a directory nobody can create entries in")
+    out = {"file": a_file, "under-a-file": a_file / "sub",
+           "unwritable": Path("/proc/sgjax-results")}[case]
+    assert main(["run", "toy", "--preset", "smoke", "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --out {out}: ")
+    assert ("cannot write there" if case == "unwritable" else "not a directory") in line
+    assert toy.CALLS == []
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_checkpoint_interval_is_one_error_line(tmp_path, capsys, value):
+    assert run(tmp_path, "--checkpoint-interval", value) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--checkpoint-interval" in line and ">= 0" in line
+    assert toy.CALLS == []
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated"])
+def test_corrupt_cell_checkpoint_is_one_error_line_and_fresh_recovers(tmp_path, capsys,
+                                                                      damage):
+    toy.INTERRUPT_AT = 2
+    assert run(tmp_path) == 130
+    ckpt = tmp_path / "toy" / "smoke" / "checkpoints" / "a-x" / "state.npz"
+    raw = ckpt.read_bytes()
+    ckpt.write_bytes({"garbage": b"PK\x03\x04 not a zip", "empty": b"",
+                      "truncated": raw[: len(raw) // 2]}[damage])
+    toy.INTERRUPT_AT = None
+    capsys.readouterr()
+    assert run(tmp_path) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"checkpoint {ckpt} is corrupt or truncated" in line
+    assert "--fresh" in line and "delete it" in line
+    assert run(tmp_path, "--fresh") == 0

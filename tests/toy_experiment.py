@@ -12,6 +12,7 @@ import signal
 
 import jax.numpy as jnp
 
+from experiments import data
 from experiments.framework import Cell, Experiment
 
 CALLS: list[str] = []  # cell ids in the order run_cell was called
@@ -19,6 +20,7 @@ STARTS: dict[str, int] = {}  # step each cell started from (non-zero after a res
 DIVERGE = False  # make the loss NaN at the first step
 INTERRUPT_AT: int | None = None  # interrupt the run after checkpointing this step...
 INTERRUPT_WITH = "sigint"  # ...as Ctrl-C does ("sigint") or as `kill` does ("sigterm")
+LOAD_DATA: str | None = None  # load this dataset (experiments.data.load) first, like a real cell
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Config:
 
 def run_cell(cell: Cell, config: Config, ctx) -> dict:
     CALLS.append(cell.id)
+    if LOAD_DATA is not None:
+        data.load(LOAD_DATA, train_limit=8, test_limit=8)
     target = jnp.float32(cell.params["target"])
     state = {"w": jnp.zeros((), jnp.float32), "key": ctx.key()}
     start, state = ctx.restore(state)
