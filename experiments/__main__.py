@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="experiments (default: every one with results)")
     report.add_argument("--results", default=framework.DEFAULT_OUT,
                         help="results root the runs wrote (default: ./results)")
-    report.add_argument("--to", default=str(framework.REPORTS_DIR),
+    report.add_argument("--to", default=None,
                         help="reports root (default: the repository's reports/)")
     return p
 

@@ -415,3 +415,60 @@ def test_corrupt_cell_checkpoint_is_one_error_line_and_fresh_recovers(tmp_path, 
     assert f"checkpoint {ckpt} is corrupt or truncated" in line
     assert "--fresh" in line and "delete it" in line
     assert run(tmp_path, "--fresh") == 0
+
+
+# --------------------------------------------------------------------------- reports, ETA
+
+
+def test_smoke_table_says_first_that_its_numbers_are_not_results(tmp_path):
+    assert run(tmp_path) == 0
+    first = (tmp_path / "toy" / "smoke" / "table.md").read_text().splitlines()[0]
+    assert first.startswith("**Smoke preset: these numbers are not results") and first[-2:] == "**"
+    assert main(["run", "toy", "--preset", "quick", "--out", str(tmp_path)]) == 0
+    quick = (tmp_path / "toy" / "quick" / "table.md").read_text()
+    assert quick.startswith("# toy: ") and "not results" not in quick
+
+
+def test_identity_ignores_prose_and_records_the_code_version(tmp_path, monkeypatch):
+    assert run(tmp_path) == 0
+    record = json.loads((tmp_path / "toy" / "smoke" / "cells" / "a-x.json").read_text())
+    version = record["code_version"]
+    assert set(version) == {"commit", "dirty", "sgjax"}
+    assert version["commit"] is None or len(version["commit"]) == 40
+    assert record["cpu_cores"] >= 1 and record["cpu"]
+    reworded = dataclasses.replace(toy.EXPERIMENT, notes="other words",
+                                   preset_notes={"smoke": "a sentence"})
+    monkeypatch.setattr(toy, "EXPERIMENT", reworded)
+    assert run(tmp_path) == 0
+    assert len(toy.CALLS) == 4  # nothing reran
+    table = (tmp_path / "toy" / "smoke" / "table.md").read_text()
+    assert "other words" in table and "- Preset `smoke`: a sentence" in table
+
+
+def test_report_command_publishes_quick_runs_and_list_and_eta_use_them(
+        tmp_path, monkeypatch, capsys):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    monkeypatch.setattr(framework.reports, "REPORTS_DIR", reports)
+    assert main(["list"]) == 0
+    assert "not measured" in capsys.readouterr().out
+    assert main(["report", "--results", str(results)]) == 2  # nothing run yet
+    assert "--results" in _one_error_line(capsys.readouterr().err)
+    assert main(["run", "toy", "--preset", "quick", "--out", str(results)]) == 0
+    assert "4 cells (no measured quick times in reports/toy/)" in capsys.readouterr().err
+    assert main(["report", "--results", str(results)]) == 0
+    dest = reports / "toy"
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "curves-loss.png", "provenance.json", "results.csv", "table.md"]
+    assert (dest / "table.md").read_text() == (
+        results / "toy" / "quick" / "table.md").read_text()
+    prov = json.loads((dest / "provenance.json").read_text())
+    assert prov["cells_done"] == 4 and prov["reproduce"].endswith("--preset quick")
+    assert prov["machines"] and prov["commits"] and len(prov["dates"]) == 2
+    times = framework.measured_time_s("toy")
+    assert sorted(times) == ["a-x", "a-y", "b-x", "b-y"]
+    assert main(["list"]) == 0
+    assert "not measured" not in capsys.readouterr().out
+    assert main(["run", "toy", "--preset", "quick", "--out", str(results), "--fresh"]) == 0
+    err = capsys.readouterr().err
+    assert "[toy/quick] 4 cells, about " in err and "as measured on " in err
+    assert "a-x: running (took " in err

@@ -227,7 +227,7 @@ def publish_report(
     results_root: str | os.PathLike,
     *,
     preset: str = REPORT_PRESET,
-    reports_root: str | os.PathLike = REPORTS_DIR,
+    reports_root: str | os.PathLike | None = None,
 ) -> Path | None:
     """Copy the finished ``preset`` run of ``exp`` from ``results_root/<name>/<preset>/`` into
     ``reports_root/<name>/``: table.md, results.csv, figures at :data:`REPORT_DPI` and
@@ -239,7 +239,7 @@ def publish_report(
     results = tuple(r for r in found.values() if isinstance(r, CellResult))
     if not results:
         return None
-    dest = Path(reports_root) / exp.name
+    dest = Path(REPORTS_DIR if reports_root is None else reports_root) / exp.name
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     table = render_table(exp, preset, found)
@@ -253,11 +253,11 @@ def publish_report(
     return dest
 
 
-def measured_time_s(name: str, *, reports_root: str | os.PathLike = REPORTS_DIR
+def measured_time_s(name: str, *, reports_root: str | os.PathLike | None = None
                     ) -> dict[str, float]:
     """``{cell id: wall time (s)}`` of the committed ``quick`` report of ``name`` (empty if
-    there is none)."""
-    path = Path(reports_root) / name / "results.csv"
+    there is none); ``reports_root`` defaults to :data:`REPORTS_DIR`."""
+    path = Path(REPORTS_DIR if reports_root is None else reports_root) / name / "results.csv"
     try:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -273,10 +273,11 @@ def measured_time_s(name: str, *, reports_root: str | os.PathLike = REPORTS_DIR
     return times
 
 
-def measured_machine(name: str, *, reports_root: str | os.PathLike = REPORTS_DIR) -> str:
+def measured_machine(name: str, *, reports_root: str | os.PathLike | None = None) -> str:
     """The machine the committed report of ``name`` was measured on (``""`` if unknown)."""
+    root = Path(REPORTS_DIR if reports_root is None else reports_root)
     try:
-        prov = json.loads((Path(reports_root) / name / "provenance.json").read_text("utf-8"))
+        prov = json.loads((root / name / "provenance.json").read_text("utf-8"))
     except (OSError, ValueError):
         return ""
     return "; ".join(prov.get("machines", []))
