@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -102,9 +101,6 @@ class Checkpointer:
             )
         restored = [_leaf_from_numpy(a, t, self.path) for a, t in zip(stored, leaves, strict=True)]
         return meta["step"], jax.tree_util.tree_unflatten(treedef, restored), meta["extra"]
-
-    def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _leaf_to_numpy(leaf: Any) -> np.ndarray:

@@ -105,10 +105,6 @@ class RunContext:
         if self._bar is not None:
             self._bar.set_postfix(shown, refresh=False)
 
-    def check_finite(self, value: Any, *, step: int, what: str = "loss") -> Any:
-        """:func:`check_finite` with the experiment, cell and step filled in."""
-        return check_finite(value, where=f"{self.where}, step {step}, {what}")
-
     @property
     def checkpointer(self) -> Checkpointer:
         return Checkpointer(self.checkpoint_dir, fingerprint=self.fingerprint)
