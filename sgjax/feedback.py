@@ -25,6 +25,7 @@ method's prescribed substitute (the paper's §6 claim; tested).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -39,11 +40,16 @@ from sgjax.predictors import Predictor
 class Target(NamedTuple):
     """The message a stage sends to the stage below (arrays carry a batch axis).
 
+    A stage fills only the fields the feedback below it reads
+    (:attr:`Feedback.needs`); the others are ``None``.
+
     Attributes:
-      inputs: ``(B, *h_shape)`` the activations ``h`` this target is for.
-      labels: ``(B, C)`` their labels (one-hot for classification).
       grad: ``(B, *h_shape)`` gradient w.r.t. ``h`` computed by the stage above
-        (true gradient, or its synthetic gradient backpropagated through it).
+        (true gradient, or its synthetic gradient backpropagated through it),
+        in the units of the task loss as given.
+      inputs: ``(B, *h_shape)`` the activations ``h`` this target is for (read
+        by synthetic-gradient models, which are fitted on them).
+      labels: ``(B, C)`` their labels (one-hot for classification; read by cDNI).
       pre_grad: ``(B, *g_shape)`` gradient w.r.t. ``g``, the output of the
         first layer of the stage above (used by feedback alignment).
       error: ``(B, *out_shape)`` the output error ``∂L/∂p`` at the network
@@ -51,20 +57,30 @@ class Target(NamedTuple):
       valid: scalar bool; ``False`` for the placeholder before any target exists.
     """
 
-    inputs: jax.Array
-    labels: jax.Array
-    grad: jax.Array
-    pre_grad: jax.Array
-    error: jax.Array
-    valid: jax.Array
+    grad: Any = None
+    inputs: Any = None
+    labels: Any = None
+    pre_grad: Any = None
+    error: Any = None
+    valid: Any = True
+
+
+TARGET_FIELDS = frozenset(("grad", "inputs", "labels", "pre_grad", "error"))
 
 
 class InterfaceSpec(NamedTuple):
-    """Static facts about one interface, given to :attr:`Feedback.build`.
+    """Static facts about one interface, given to :meth:`Feedback.build`.
 
     ``h_shape`` is the activation shape at the cut, ``label_shape`` the label
     vector's, ``out_shape`` the network output's, ``next_shape`` the output of
     the first layer above the cut; ``optimizer`` trains SG modules.
+
+    ``example_scale`` turns a gradient of the task loss into a *per-example*
+    gradient: the batch size ``B`` when the loss is a batch mean, ``1`` when it
+    is a sum (:func:`sgjax.split_at` measures it from the loss). Synthetic-
+    gradient models regress per-example gradients ``example_scale · δ`` and
+    their prediction is divided by it when consumed, so DNI trains the same
+    whether the loss is averaged or summed over the batch.
     """
 
     h_shape: tuple[int, ...]
@@ -73,37 +89,80 @@ class InterfaceSpec(NamedTuple):
     next_shape: tuple[int, ...]
     batch_size: int
     optimizer: optax.GradientTransformation
+    example_scale: float = 1.0
 
 
 class Interface(NamedTuple):
-    """A feedback bound to one interface.
+    """A feedback bound to one interface: pure functions of its state ``fstate``.
 
-    ``init(key) -> fstate``;
-    ``step(fstate, h, y, target) -> (substitute, fstate, info)`` gives the
-    substitute for ``∂L/∂h`` (shape of ``h``) and trains the gradient source on
-    ``target``; ``sg_loss(fstate, h, y, target) -> scalar`` is the Table 1
-    SG-module loss, where defined.
+    * ``init(key) -> fstate``
+    * ``grad(fstate, h, y, target) -> (substitute, fstate, info)``: the
+      substitute for ``∂L/∂h`` (shape of ``h``, ``(B, *h_shape)``) for this
+      batch. ``target`` is this batch's :class:`Target` for update-locked
+      feedbacks and is ignored (may be ``None``) otherwise.
+    * ``fit(fstate, target) -> (fstate, info)``: train the gradient source on a
+      message from the stage above (DNI Fig. 2); a ``valid=False`` target
+      leaves ``fstate`` unchanged.
+    * ``sg_loss(fstate, h, y, target) -> scalar``: the Understanding-SG Table 1
+      SG-module loss, where defined.
+
+    ``update_locked`` fixes the order of :meth:`step`.
     """
 
     init: Callable[[jax.Array], Any]
-    step: Callable[..., tuple[jax.Array, Any, dict]]
+    grad: Callable[..., tuple[jax.Array, Any, dict]]
+    fit: Callable[..., tuple[Any, dict]]
     sg_loss: Callable[..., jax.Array] | None = None
+    update_locked: bool = False
+
+    def step(self, fstate, h, y, target):
+        """Substitute for this batch and the fitted state, in the method's order.
+
+        Not update locked (DNI, stale, none): first fit to the newest target
+        received (under ``sync``, the previous batch's), then predict for ``h``:
+        DNI Fig. 2's "use on t, fit on t, use on t + 1". Update locked (Bprop,
+        SG + prop, FA, DFA, Kickback): compute the substitute from this batch's
+        ``target``, then fit to that same target.
+        """
+        if self.update_locked:
+            sub, fstate, info = self.grad(fstate, h, y, target)
+            fstate, fit_info = self.fit(fstate, target)
+        else:
+            fstate, fit_info = self.fit(fstate, target)
+            sub, fstate, info = self.grad(fstate, h, y, None)
+        return sub, fstate, {**info, **fit_info}
+
+
+def _no_fit(fstate, target):
+    return fstate, {}
 
 
 @dataclasses.dataclass(frozen=True)
 class Feedback:
     """One method of Understanding-SG Table 1 (or a DNI baseline).
 
-    ``build(spec) -> Interface`` binds the method to an interface.
+    ``make(spec) -> Interface`` binds the method to an interface (use
+    :meth:`build`). ``needs`` names the :class:`Target` fields it reads, so the
+    stage above sends only those. Table 1's columns are the boolean attributes.
     """
 
     name: str
-    build: Callable[[InterfaceSpec], Interface]
+    make: Callable[[InterfaceSpec], Interface]
     sg_trains: bool
     update_locked: bool
     backwards_locked: bool
     direct_error: bool
+    needs: frozenset = frozenset()
     table: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = set(self.needs) - TARGET_FIELDS
+        if unknown:
+            raise ValueError(f"Feedback {self.name}: unknown Target fields {sorted(unknown)}")
+
+    def build(self, spec: InterfaceSpec) -> Interface:
+        """The :class:`Interface` of this method at the interface ``spec``."""
+        return self.make(spec)._replace(update_locked=self.update_locked)
 
     def __repr__(self) -> str:
         return f"Feedback({self.name})"
@@ -113,24 +172,35 @@ def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
 
+def _when_valid(target: Target, fit: Callable, fstate: Any) -> tuple[Any, dict]:
+    """``fit(fstate)`` if the target is a real message, else ``fstate`` unchanged.
+
+    A ``lax.cond``: only the taken branch runs (under ``vmap`` it becomes a select).
+    """
+    valid = jnp.asarray(target.valid, bool)
+    out = jax.eval_shape(fit, fstate)
+    skip = lambda fs: (fs, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out[1]))
+    return jax.lax.cond(valid, fit, skip, fstate)
+
+
 # ----------------------------------------------------------------- backprop --
 
 
 def backprop() -> Feedback:
     """True gradients: ``∂L/∂h`` backpropagated from the stage above (locked)."""
 
-    def build(spec):
-        def step(fstate, h, y, target):
+    def make(spec):
+        def grad(fstate, h, y, target):
             return target.grad, fstate, {}
 
         def sg_loss(fstate, h, y, target):  # SG(h) = h, t = -∂L/∂h, L = -<t, s>
             return -jnp.vdot(-jax.lax.stop_gradient(target.grad), h)
 
-        return Interface(lambda key: (), step, sg_loss)
+        return Interface(lambda key: (), grad, _no_fit, sg_loss)
 
     return Feedback(
-        "Bprop", build, sg_trains=False, update_locked=True, backwards_locked=True,
-        direct_error=False,
+        "Bprop", make, sg_trains=False, update_locked=True, backwards_locked=True,
+        direct_error=False, needs=frozenset({"grad"}),
         table=dict(substitute="∂L/∂h", sg_module="h", sg_target="-∂L/∂h",
                    sg_loss="-<t, s>"),
     )
@@ -140,14 +210,14 @@ def none() -> Feedback:
     """No gradient at all crosses the cut ("No Bprop", DNI Table 1): the stages
     below receive zero and their parameters never change."""
 
-    def build(spec):
-        def step(fstate, h, y, target):
+    def make(spec):
+        def grad(fstate, h, y, target):
             return jnp.zeros_like(h), fstate, {}
 
-        return Interface(lambda key: (), step)
+        return Interface(lambda key: (), grad, _no_fit)
 
     return Feedback(
-        "No Bprop", build, sg_trains=False, update_locked=False, backwards_locked=False,
+        "No Bprop", make, sg_trains=False, update_locked=False, backwards_locked=False,
         direct_error=False, table=dict(substitute="0", sg_module="—", sg_target="—",
                                        sg_loss="—"),
     )
@@ -163,40 +233,60 @@ class SyntheticState(NamedTuple):
     opt_state: Any
 
 
-def _synthetic_parts(predictor: Predictor, spec: InterfaceSpec):
-    """init / predict / L2-loss / fit shared by DNI and SG + prop."""
+class _SyntheticModel(NamedTuple):
+    """init / predict / regression loss / fit of one synthetic-gradient model,
+    shared by DNI and SG + prop. Predictions and targets are per-example
+    gradients (``example_scale · δ``; see :class:`InterfaceSpec`)."""
+
+    init: Callable
+    predict: Callable
+    l2: Callable
+    fit: Callable
+
+
+def _synthetic_model(predictor: Predictor, spec: InterfaceSpec) -> _SyntheticModel:
     num_classes = spec.label_shape[-1] if spec.label_shape else 0
+    scale = spec.example_scale
 
     def init(key):
         variables = predictor.init(key, spec.h_shape, num_classes)
-        return SyntheticState(variables, spec.optimizer.init(variables.get("params", {})))
+        return SyntheticState(variables, spec.optimizer.init(L.params_of(variables)))
 
     def predict(variables, h, y):
         y = y if predictor.conditioned else None
         return predictor.apply(variables, h, y, train=True)
 
     def l2(params, variables, h, y, grad):
-        """``L_SG = Σ_batch ||SG(h, y) - δ||²`` and the predictor's new state."""
-        s, new_state = predict({**variables, "params": params}, h, y)
-        return jnp.sum((s - jax.lax.stop_gradient(grad)) ** 2), new_state
+        """``L_SG = Σ_batch ||SG(h, y) - example_scale · δ||²`` and the predictor's new state."""
+        s, new_state = predict(L.with_params(variables, params), h, y)
+        return jnp.sum((s - scale * jax.lax.stop_gradient(grad)) ** 2), new_state
 
-    def fit(fstate, h, y, target):
-        # Computed unconditionally and selected with `where` rather than
-        # `lax.cond`: cheaper inside a fused scan than a branch on CPU/GPU.
-        params = fstate.variables.get("params", {})
-        (loss, new_state), g = jax.value_and_grad(l2, has_aux=True)(
-            params, fstate.variables, target.inputs, target.labels, target.grad
+    def fit(fstate, target):
+        def fit_valid(fstate):
+            params = L.params_of(fstate.variables)
+            (loss, new_state), g = jax.value_and_grad(l2, has_aux=True)(
+                params, fstate.variables, target.inputs, target.labels, target.grad
+            )
+            updates, opt_state = spec.optimizer.update(g, fstate.opt_state, params)
+            variables = L.with_params({**fstate.variables, **L.state_of(new_state)},
+                                      optax.apply_updates(params, updates))
+            return SyntheticState(variables, opt_state), {"sg_loss": loss}
+
+        return _when_valid(target, fit_valid, fstate)
+
+    return _SyntheticModel(init, predict, l2, fit)
+
+
+def _synthetic_needs(predictor: Predictor) -> frozenset:
+    return frozenset({"grad", "inputs", *(("labels",) if predictor.conditioned else ())})
+
+
+def _check_predictor(predictor, where: str) -> None:
+    if not isinstance(predictor, Predictor):
+        raise TypeError(
+            f"{where} needs an sgjax.predictors.Predictor (e.g. predictors.linear()), "
+            f"got {predictor!r}"
         )
-        updates, opt_state = spec.optimizer.update(g, fstate.opt_state, params)
-        # Keep the variables' structure (a parameter-free predictor, e.g.
-        # predictors.from_fn, has no "params" entry) so the tree.map below applies.
-        variables = L.with_params({**fstate.variables, **L.state_of(new_state)},
-                                  optax.apply_updates(params, updates))
-        fitted = SyntheticState(variables, opt_state)
-        fstate = jax.tree.map(lambda new, old: jnp.where(target.valid, new, old), fitted, fstate)
-        return fstate, {"sg_loss": jnp.where(target.valid, loss, 0.0)}
-
-    return init, predict, l2, fit
 
 
 def synthetic(predictor: Predictor) -> Feedback:
@@ -208,28 +298,24 @@ def synthetic(predictor: Predictor) -> Feedback:
     Order within a step: the predictor is first fitted to the newest target it
     has received, then used for the new batch. With the ``sync`` schedule the
     newest target is the previous batch's, which is exactly the paper's order
-    (use on batch t, fit on batch t, use on batch t+1, …).
+    (use on batch t, fit on batch t, use on batch t+1, …). The model works in
+    per-example units whatever the loss's batch reduction (``example_scale``).
     """
-    if not isinstance(predictor, Predictor):
-        raise TypeError(
-            f"synthetic() needs an sgjax.predictors.Predictor (e.g. predictors.linear()), "
-            f"got {predictor!r}"
-        )
+    _check_predictor(predictor, "synthetic()")
 
-    def build(spec):
-        init, predict, l2, fit = _synthetic_parts(predictor, spec)
+    def make(spec):
+        model = _synthetic_model(predictor, spec)
 
-        def step(fstate, h, y, target):
-            fstate, info = fit(fstate, h, y, target)
-            s, _ = predict(fstate.variables, h, y)
-            return s, fstate, info
+        def grad(fstate, h, y, target=None):
+            s, _ = model.predict(fstate.variables, h, y)
+            return s / spec.example_scale, fstate, {}
 
-        return Interface(init, step)
+        return Interface(model.init, grad, model.fit)
 
     cond = "c" if predictor.conditioned else ""
     return Feedback(
-        f"{cond}DNI", build, sg_trains=True, update_locked=False, backwards_locked=False,
-        direct_error=False,
+        f"{cond}DNI", make, sg_trains=True, update_locked=False, backwards_locked=False,
+        direct_error=False, needs=_synthetic_needs(predictor),
         table=dict(substitute="SG(h, y)", sg_module="SG(h, y)", sg_target="∂L/∂h",
                    sg_loss="||t - s||²"),
     )
@@ -240,22 +326,23 @@ def synthetic_prop(predictor: Predictor, alpha: float = 1.0) -> Feedback:
     with ``L_SG = ||SG(h, y) - ∂L/∂h||²`` on the same batch, so the stage below
     and the SG module "conspire". Update locked (it needs this batch's target).
     The predictor is used first, then fitted to the same target."""
+    _check_predictor(predictor, "synthetic_prop()")
 
-    def build(spec):
-        init, predict, l2, fit = _synthetic_parts(predictor, spec)
+    def make(spec):
+        model = _synthetic_model(predictor, spec)
 
-        def step(fstate, h, y, target):
-            params = fstate.variables.get("params", {})
-            s, _ = predict(fstate.variables, h, y)
-            dsg_dh = jax.grad(lambda h: l2(params, fstate.variables, h, y, target.grad)[0])(h)
-            fstate, info = fit(fstate, h, y, target)
-            return s + alpha * dsg_dh, fstate, info
+        def grad(fstate, h, y, target):
+            params = L.params_of(fstate.variables)
+            s, _ = model.predict(fstate.variables, h, y)
+            dsg_dh = jax.grad(lambda h: model.l2(params, fstate.variables, h, y,
+                                                 target.grad)[0])(h)
+            return (s + alpha * dsg_dh) / spec.example_scale, fstate, {}
 
-        return Interface(init, step)
+        return Interface(model.init, grad, model.fit)
 
     return Feedback(
-        "SG + prop", build, sg_trains=True, update_locked=True, backwards_locked=True,
-        direct_error=False,
+        "SG + prop", make, sg_trains=True, update_locked=True, backwards_locked=True,
+        direct_error=False, needs=_synthetic_needs(predictor),
         table=dict(substitute="SG(h, y) + α ∂L_SG/∂h", sg_module="SG(h, y)",
                    sg_target="∂L/∂h", sg_loss="||t - s||²"),
     )
@@ -265,38 +352,40 @@ def synthetic_prop(predictor: Predictor, alpha: float = 1.0) -> Feedback:
 
 
 def _projection_feedback(
-    name: str, matrix: Callable[[jax.Array, int, int], jax.Array],
-    source: Callable[[Target], jax.Array], source_shape: Callable[[InterfaceSpec], tuple],
+    name: str, matrix: Callable[[jax.Array, int, int], jax.Array], source: str,
+    source_shape: Callable[[InterfaceSpec], tuple],
     backwards_locked: bool, direct_error: bool, table: Mapping[str, str],
 ) -> Feedback:
     """Substitute ``e Aᵀ`` for a fixed matrix ``A`` (SG module ``h A``, target
-    ``-e``, loss ``-<t, s>``) where ``e = source(target)``: DFA, FA, Kickback."""
+    ``-e``, loss ``-<t, s>``) where ``e`` is the :class:`Target` field
+    ``source``: DFA and Kickback (``error``), FA (``pre_grad``)."""
 
-    def build(spec):
-        h_size = int(jnp.prod(jnp.array(spec.h_shape)))
-        e_size = int(jnp.prod(jnp.array(source_shape(spec))))
+    def make(spec):
+        h_size = math.prod(spec.h_shape)
+        e_size = math.prod(source_shape(spec))
 
         def init(key):
             return matrix(key, h_size, e_size)
 
-        def step(fstate, h, y, target):
-            e = _flat(source(target))
+        def grad(fstate, h, y, target):
+            e = _flat(getattr(target, source))
             return (e @ fstate.T).reshape(h.shape), fstate, {}
 
         def sg_loss(fstate, h, y, target):
             s = _flat(h) @ fstate
-            t = -jax.lax.stop_gradient(_flat(source(target)))
+            t = -jax.lax.stop_gradient(_flat(getattr(target, source)))
             return -jnp.vdot(t, s)
 
-        return Interface(init, step, sg_loss)
+        return Interface(init, grad, _no_fit, sg_loss)
 
-    return Feedback(name, build, sg_trains=False, update_locked=True,
-                    backwards_locked=backwards_locked, direct_error=direct_error, table=table)
+    return Feedback(name, make, sg_trains=False, update_locked=True,
+                    backwards_locked=backwards_locked, direct_error=direct_error,
+                    needs=frozenset({source}), table=table)
 
 
 def _random_matrix(scale: float | None):
     def make(key, h_size, e_size):
-        std = scale if scale is not None else 1.0 / jnp.sqrt(e_size)
+        std = scale if scale is not None else 1.0 / math.sqrt(e_size)
         return std * jax.random.normal(key, (h_size, e_size), jnp.float32)
 
     return make
@@ -308,7 +397,7 @@ def dfa(scale: float | None = None) -> Feedback:
     ``1/sqrt(|p|)``), ``p`` the network output. Update locked, not backwards
     locked, direct error."""
     return _projection_feedback(
-        "DFA", _random_matrix(scale), lambda t: t.error, lambda s: s.out_shape,
+        "DFA", _random_matrix(scale), "error", lambda s: s.out_shape,
         backwards_locked=False, direct_error=True,
         table=dict(substitute="(∂L/∂p) Aᵀ", sg_module="h A", sg_target="-∂L/∂p",
                    sg_loss="-<t, s>"),
@@ -320,7 +409,7 @@ def kickback() -> Feedback:
     i.e. ``∂L/∂h^ = (∂L/∂p) 1ᵀ``: every unit receives the summed output error."""
     return _projection_feedback(
         "Kickback", lambda key, h, e: jnp.ones((h, e), jnp.float32),
-        lambda t: t.error, lambda s: s.out_shape, backwards_locked=False, direct_error=True,
+        "error", lambda s: s.out_shape, backwards_locked=False, direct_error=True,
         table=dict(substitute="(∂L/∂p) 1ᵀ", sg_module="h 1", sg_target="-∂L/∂p",
                    sg_loss="-<t, s>"),
     )
@@ -332,7 +421,7 @@ def feedback_alignment(scale: float | None = None) -> Feedback:
     ``(|h|, |g|)`` matrix standing in for that layer's weights. Make the first
     layer above each cut a ``dense`` layer to get Lillicrap's rule exactly."""
     return _projection_feedback(
-        "FA", _random_matrix(scale), lambda t: t.pre_grad, lambda s: s.next_shape,
+        "FA", _random_matrix(scale), "pre_grad", lambda s: s.next_shape,
         backwards_locked=True, direct_error=False,
         table=dict(substitute="(∂L/∂g) Aᵀ", sg_module="h A", sg_target="-∂L/∂g",
                    sg_loss="-<t, s>"),
@@ -344,35 +433,139 @@ def feedback_alignment(scale: float | None = None) -> Feedback:
 
 def stale(decay: float = 0.9) -> Feedback:
     """Exponential average of past true gradients w.r.t. the activations (the
-    DNI §3.1 baseline): ``m ← decay·m + (1-decay)·δ`` with the newest target,
-    then ``∂L/∂h^ = m``.
+    DNI §3.1 baseline): ``m ← decay·m + (1-decay)·δ`` with each target received,
+    and ``∂L/∂h^ = m``.
     The average is over past *batches*, position by position, so it belongs to
     other examples than the ones it is applied to (as in the paper)."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"stale(decay={decay!r}): decay must be in [0, 1)")
 
-    def build(spec):
+    def make(spec):
         def init(key):
             return jnp.zeros((spec.batch_size, *spec.h_shape), jnp.float32)
 
-        def step(fstate, h, y, target):
+        def fit(fstate, target):
             if target.grad.shape != fstate.shape:
                 raise ValueError(
                     f"stale feedback keeps an average of shape {fstate.shape} but got a "
                     f"target of shape {target.grad.shape}: use a fixed batch size"
                 )
             new = decay * fstate + (1.0 - decay) * target.grad
-            fstate = jnp.where(target.valid, new, fstate)
+            return jnp.where(jnp.asarray(target.valid, bool), new, fstate), {}
+
+        def grad(fstate, h, y, target=None):
             return fstate, fstate, {}
 
-        return Interface(init, step)
+        return Interface(init, grad, fit)
 
     return Feedback(
-        f"Stale({decay})", build, sg_trains=False, update_locked=False,
-        backwards_locked=False, direct_error=False,
+        f"Stale({decay})", make, sg_trains=False, update_locked=False,
+        backwards_locked=False, direct_error=False, needs=frozenset({"grad"}),
         table=dict(substitute="EMA of past ∂L/∂h", sg_module="—", sg_target="∂L/∂h",
                    sg_loss="—"),
     )
+
+
+# ----------------------------------------------------------------- wrappers --
+# Modifiers take a Feedback and return one, the way optax transformations chain:
+# scaled(refit_every(synthetic(p), 10), 0.1) is a valid feedback.
+
+
+class CountedState(NamedTuple):
+    """State of a wrapper that counts: the wrapped feedback's state and a counter."""
+
+    inner: Any
+    count: jax.Array
+
+
+def scaled(feedback: Feedback, alpha: float) -> Feedback:
+    """The substitute of ``feedback`` multiplied by ``alpha`` when consumed
+    (DNI A.3: the recurrent synthetic gradient ×0.1; A.4: ×10 before entering
+    network A). What the gradient source is fitted to is unchanged."""
+    _check_feedback(feedback, "scaled()")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"scaled(alpha={alpha!r}): alpha must be a finite number")
+
+    def make(spec):
+        inner = feedback.build(spec)
+
+        def grad(fstate, h, y, target=None):
+            sub, fstate, info = inner.grad(fstate, h, y, target)
+            return alpha * sub, fstate, info
+
+        sg_loss = None
+        if inner.sg_loss is not None:
+            sg_loss = lambda *args: alpha * inner.sg_loss(*args)
+        return inner._replace(grad=grad, sg_loss=sg_loss)
+
+    return dataclasses.replace(feedback, name=f"{feedback.name} ×{alpha:g}", make=make)
+
+
+def refit_every(feedback: Feedback, n: int) -> Feedback:
+    """Fit the gradient source only on every ``n``-th valid message (the first
+    one included) and ignore the others (the blog post's protocol: the
+    synthetic-gradient model is refitted every ``n`` steps and used unchanged
+    in between)."""
+    _check_feedback(feedback, "refit_every()")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"refit_every(n={n!r}): n must be a positive integer")
+
+    def make(spec):
+        inner = feedback.build(spec)
+
+        def init(key):
+            return CountedState(inner.init(key), jnp.zeros((), jnp.int32))
+
+        def grad(fstate, h, y, target=None):
+            sub, state, info = inner.grad(fstate.inner, h, y, target)
+            return sub, fstate._replace(inner=state), info
+
+        def fit(fstate, target):
+            valid = jnp.asarray(target.valid, bool)
+            due = valid & (fstate.count % n == 0)
+            state, info = inner.fit(fstate.inner, target._replace(valid=due))
+            return CountedState(state, fstate.count + valid.astype(jnp.int32)), info
+
+        sg_loss = None
+        if inner.sg_loss is not None:
+            sg_loss = lambda fstate, *args: inner.sg_loss(fstate.inner, *args)
+        return inner._replace(init=init, grad=grad, fit=fit, sg_loss=sg_loss)
+
+    return dataclasses.replace(feedback, name=f"{feedback.name}, refit every {n}", make=make)
+
+
+def warmup(feedback: Feedback, steps: int) -> Feedback:
+    """Observe-only warm-up: for the first ``steps`` batches the gradient source
+    is fitted as usual but not used (the substitute is zero, as with
+    :func:`none`); afterwards ``feedback`` acts unchanged."""
+    _check_feedback(feedback, "warmup()")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"warmup(steps={steps!r}): steps must be a non-negative integer")
+
+    def make(spec):
+        inner = feedback.build(spec)
+
+        def init(key):
+            return CountedState(inner.init(key), jnp.zeros((), jnp.int32))
+
+        def grad(fstate, h, y, target=None):
+            sub, state, info = inner.grad(fstate.inner, h, y, target)
+            sub = jnp.where(fstate.count < steps, jnp.zeros_like(sub), sub)
+            return sub, CountedState(state, fstate.count + 1), info
+
+        def fit(fstate, target):
+            state, info = inner.fit(fstate.inner, target)
+            return fstate._replace(inner=state), info
+
+        return inner._replace(init=init, grad=grad, fit=fit, sg_loss=None)
+
+    return dataclasses.replace(feedback, name=f"{feedback.name}, warm-up {steps}", make=make)
+
+
+def _check_feedback(feedback, where: str) -> None:
+    if not isinstance(feedback, Feedback):
+        raise TypeError(f"{where} wraps an sgjax.feedback.Feedback, got {feedback!r}")
 
 
 ALL = {
@@ -380,3 +573,5 @@ ALL = {
     "synthetic_prop": synthetic_prop, "dfa": dfa, "feedback_alignment": feedback_alignment,
     "kickback": kickback, "stale": stale,
 }
+
+WRAPPERS = {"scaled": scaled, "refit_every": refit_every, "warmup": warmup}

@@ -46,12 +46,22 @@ class StageState(NamedTuple):
 
 
 class Stage(NamedTuple):
-    """One sub-network ``F_i^j``: pure ``init``/``update``/``forward``/``apply``.
+    """One sub-network ``F_i^j`` as pure functions of its :class:`StageState`.
 
-    ``forward(state, x) -> h`` runs the stage in training mode without changing
-    it (used when an update-locked feedback needs ``h`` before the update);
-    ``apply(state, x) -> h`` runs it in inference mode. ``in_shape``/``out_shape``
-    exclude the batch axis; ``feedback`` is ``None`` for the top stage.
+    * ``update(state, x, y, target) -> (state, h, target_below, info)``: one
+      whole step, ``forward_pass`` then ``backward_pass``.
+    * ``forward_pass(state, x) -> (h, residual)`` and
+      ``backward_pass(state, residual, y, target) -> (state, target_below, info)``:
+      the two halves, for stages that must wait for this batch's target (an
+      update-locked feedback): the forward pass runs once and its
+      :class:`Residual` is kept until the target arrives.
+    * ``fit(state, target) -> (state, info)``: consume a target without
+      updating the stage (a stage that skips, DNI Fig. 5).
+    * ``forward(state, x) -> h`` runs the stage in training mode without
+      changing it; ``apply(state, x) -> h`` runs it in inference mode.
+
+    ``in_shape``/``out_shape`` exclude the batch axis; ``feedback`` is ``None``
+    for the top stage.
     """
 
     index: int
@@ -63,6 +73,15 @@ class Stage(NamedTuple):
     update: Callable[..., tuple[StageState, jax.Array, Target | None, dict]]
     forward: Callable[[StageState, jax.Array], jax.Array]
     apply: Callable[[StageState, jax.Array], jax.Array]
+    forward_pass: Callable[..., tuple[jax.Array, Any]]
+    backward_pass: Callable[..., tuple[StageState, Target | None, dict]]
+    fit: Callable[..., tuple[StageState, dict]]
+
+    @property
+    def waits(self) -> bool:
+        """True if this stage needs this batch's target before it can update
+        (its feedback is update locked, Understanding-SG Table 1)."""
+        return self.feedback is not None and self.feedback.update_locked
 
 
 class Split(NamedTuple):
@@ -72,11 +91,42 @@ class Split(NamedTuple):
     cuts: tuple[int, ...]
     input_shape: tuple[int, ...]
     label_fn: Callable[[jax.Array], jax.Array]
+    num_classes: int | None = None
 
     @property
     def update_locked(self) -> bool:
         """True if some interface needs this batch's target before updating."""
-        return any(s.feedback is not None and s.feedback.update_locked for s in self.stages)
+        return any(s.waits for s in self.stages)
+
+    def check_batch(self, x, y) -> None:
+        """Raise a ``ValueError`` naming the problem if ``(x, y)`` cannot be a
+        training batch: wrong input shape, a different number of labels than
+        inputs, badly shaped labels, or (for concrete integer labels) class ids
+        outside ``[0, num_classes)``, which one-hot encoding would silently
+        turn into all-zero rows."""
+        x = jnp.asarray(x) if not hasattr(x, "shape") else x
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"inputs x have shape {tuple(x.shape)} but the network expects "
+                f"(batch, {', '.join(map(str, self.input_shape))})"
+            )
+        if y is None:
+            return
+        if jnp.shape(y)[:1] != x.shape[:1]:
+            raise ValueError(
+                f"labels y have batch size {jnp.shape(y)[:1]} but inputs x have {x.shape[0]} "
+                "examples: give one label per example"
+            )
+        labels = self.label_fn(y)
+        if (labels is not None and self.num_classes is not None and _is_concrete(y)
+                and jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer)):
+            lo, hi = int(jnp.min(y)), int(jnp.max(y))
+            if lo < 0 or hi >= self.num_classes:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"label {bad} is not a class id in [0, {self.num_classes}): check the "
+                    "labels or num_classes= in split_at"
+                )
 
     def init(self, key: jax.Array) -> tuple[StageState, ...]:
         """Initial state of every stage (single device; see ``sgjax.train`` for placement)."""
@@ -160,18 +210,80 @@ def _check_feedback(feedback, n_cuts) -> tuple[Feedback, ...]:
 
 
 def default_label_fn(num_classes: int | None) -> Callable[[jax.Array], jax.Array]:
-    """Integer class labels become one-hot vectors; float targets pass unchanged."""
+    """Integer class labels ``(B,)`` become one-hot ``(B, num_classes)``; float
+    targets pass unchanged. Static misuse (float class ids, ``(B, 1)`` integer
+    labels, integer labels without ``num_classes``) is a ``ValueError``."""
 
     def label_fn(y):
         if y is None:
             return None
+        y = jnp.asarray(y)
         if jnp.issubdtype(y.dtype, jnp.integer):
             if num_classes is None:
                 raise ValueError("integer labels need num_classes= in split_at")
+            if y.ndim != 1:
+                raise ValueError(
+                    f"integer class labels must have shape (batch,), got {tuple(y.shape)}: "
+                    "squeeze a trailing axis, e.g. y.reshape(-1)"
+                )
             return jax.nn.one_hot(y, num_classes)
+        if num_classes is not None and y.ndim == 1:
+            raise ValueError(
+                f"labels of dtype {y.dtype} and shape {tuple(y.shape)} look like class ids "
+                "stored as floats: class ids must be integers (y.astype(jnp.int32)); "
+                f"float labels must be one-hot of shape (batch, {num_classes})"
+            )
         return y
 
     return label_fn
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class Residual(NamedTuple):
+    """What a stage's forward pass keeps for its backward pass (stays on the
+    stage's device): the input ``x``, the output ``h``, the two VJPs (first
+    layer, rest of the stage) and the layers' new state (batch-norm statistics)."""
+
+    x: jax.Array
+    h: jax.Array
+    vjp_first: Any
+    vjp_rest: Any
+    layer_state: tuple
+
+
+def measure_example_scale(loss, out_shape, batch_size, y_example) -> float:
+    """How many times larger a per-example gradient is than ``∂loss/∂output``:
+    ``batch_size`` for a batch-mean loss, ``1`` for a summed loss.
+
+    Measured once, on a random probe, by comparing ``loss`` with the sum of the
+    same loss applied to each example alone (batch of one, where mean = sum).
+    Raises ``ValueError`` if the loss is not a scalar or is neither.
+    """
+    k_out, k_y = jax.random.split(jax.random.key(0))
+    out = jax.random.normal(k_out, (batch_size, *out_shape))
+    y = y_example(k_y)
+    value = loss(out, y)
+    if jnp.ndim(value) != 0:
+        raise ValueError(
+            f"loss must return a scalar (a batch mean or sum), got shape {jnp.shape(value)}: "
+            "reduce it, e.g. jnp.mean(per_example_loss)"
+        )
+    g_batch = jax.grad(loss)(out, y)
+    g_example = jax.grad(
+        lambda o: jnp.sum(jax.vmap(lambda oi, yi: loss(oi[None], yi[None]))(o, y)))(out)
+    num, den = float(jnp.linalg.norm(g_example)), float(jnp.linalg.norm(g_batch))
+    ratio = num / den if den > 0 else float("nan")
+    for scale in (float(batch_size), 1.0):
+        if abs(ratio - scale) <= 1e-3 * scale:
+            return scale
+    raise ValueError(
+        f"could not tell whether the loss is a batch mean or a batch sum (per-example "
+        f"gradients are {ratio:.4g}× its gradient with batch size {batch_size}): pass "
+        "example_scale= to split_at (batch_size for a mean, 1 for a sum)"
+    )
 
 
 def split_at(
@@ -186,6 +298,7 @@ def split_at(
     num_classes: int | None = None,
     label_shape: Sequence[int] | None = None,
     predictor_optimizer: optax.GradientTransformation | None = None,
+    example_scale: float | None = None,
 ) -> Split:
     """Cut ``layers`` at ``cuts`` into independently updated stages.
 
@@ -194,14 +307,20 @@ def split_at(
       cuts: layer indices, like ``jnp.split``: ``(2, 4)`` gives stages
         ``layers[:2]``, ``layers[2:4]``, ``layers[4:]``; ``"every"`` cuts after
         every layer (DNI Fig. 1 (d)); ``()`` is plain backpropagation.
-      feedback: one :class:`Feedback` for every cut, or one per cut.
-      loss: ``loss(output, y) -> scalar`` averaged over the batch.
+      feedback: one :class:`Feedback` for every cut, or one per cut. Mixed
+        feedbacks keep their own protocols (see :mod:`sgjax.train`).
+      loss: ``loss(output, y) -> scalar``, a mean or a sum over the batch.
       optimizer: optax transformation for every stage's parameters.
       input_shape: shape of one input example (no batch axis).
       batch_size: the training batch size (fixes message shapes).
-      num_classes: turns integer labels into one-hot ``(B, num_classes)``.
+      num_classes: turns integer labels into one-hot ``(B, num_classes)``; the
+        network must then output ``num_classes`` units.
       label_shape: shape of one label vector when labels are not integers.
       predictor_optimizer: optimiser for trainable feedback (default ``optimizer``).
+      example_scale: per-example gradient ÷ loss gradient (``batch_size`` for a
+        batch-mean loss, 1 for a sum). ``None`` measures it from ``loss``
+        (:func:`measure_example_scale`); synthetic-gradient models use it to
+        regress per-example gradients, so the reduction does not matter.
     """
     layers = tuple(layers)
     if not layers:
@@ -209,6 +328,20 @@ def split_at(
     for i, layer in enumerate(layers):
         if not isinstance(layer, L.Layer):
             raise TypeError(f"layers[{i}] is {layer!r}, not an sgjax.layers.Layer")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    for name, opt in (("optimizer", optimizer), ("predictor_optimizer", predictor_optimizer)):
+        if opt is not None and not isinstance(opt, optax.GradientTransformation):
+            raise TypeError(
+                f"{name}={opt!r} is not an optax.GradientTransformation: use e.g. "
+                "optax.adam(1e-3)"
+            )
+    if not callable(loss):
+        raise TypeError(
+            f"loss={loss!r} is not callable: use e.g. sgjax.losses.softmax_cross_entropy")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(
+            num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
     cuts = _check_cuts(cuts, len(layers))
     if feedback is None and cuts:
         raise ValueError("cuts were given but no feedback: pass feedback=sgjax.feedback....")
@@ -220,6 +353,20 @@ def split_at(
         label_shape = (num_classes,) if num_classes is not None else ()
     label_shape = tuple(label_shape)
     out_shape = shapes[-1]
+    if num_classes is not None and out_shape != (num_classes,):
+        raise ValueError(
+            f"num_classes={num_classes} but the network outputs shape {out_shape}: the last "
+            f"layer must have {num_classes} units (e.g. layers.dense({num_classes}))"
+        )
+    if example_scale is None:
+        def y_example(key):
+            if num_classes is not None:
+                return jax.random.randint(key, (batch_size,), 0, num_classes)
+            return jax.random.uniform(key, (batch_size, *(label_shape or out_shape)))
+
+        example_scale = measure_example_scale(loss, out_shape, batch_size, y_example)
+    elif not example_scale > 0:
+        raise ValueError(f"example_scale={example_scale!r} must be positive")
 
     bounds = (0, *cuts, len(layers))
     stages = []
@@ -233,17 +380,23 @@ def split_at(
             spec = InterfaceSpec(
                 h_shape=shapes[hi - 1], label_shape=label_shape, out_shape=out_shape,
                 next_shape=shapes[hi], batch_size=batch_size,
-                optimizer=predictor_optimizer or optimizer,
+                optimizer=predictor_optimizer or optimizer, example_scale=float(example_scale),
             )
+        # The message to the stage below holds what its feedback reads, plus the
+        # output error whenever a feedback further down needs it (DFA, Kickback).
+        below_needs = frozenset()
+        if k > 0:
+            below_needs = feedbacks[k - 1].needs | (
+                {"error"} if any("error" in f.needs for f in feedbacks[:k]) else set())
         stages.append(_make_stage(
             k, layers[lo:hi], in_shape, shapes[hi - 1], fb, spec, loss, optimizer, label_fn,
-            needs_input_grad=lo > 0,
+            below_needs=below_needs, needs_input_grad=lo > 0, batch_size=batch_size,
         ))
-    return Split(tuple(stages), cuts, input_shape, label_fn)
+    return Split(tuple(stages), cuts, input_shape, label_fn, num_classes)
 
 
 def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimizer,
-                label_fn, needs_input_grad) -> Stage:
+                label_fn, *, below_needs, needs_input_grad, batch_size) -> Stage:
     interface = feedback.build(spec) if feedback is not None else None
     first, rest = layers[0], layers[1:]
 
@@ -267,9 +420,18 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
                 f" but got {tuple(x.shape)}"
             )
 
-    def update(state, x, y, target=None):
+    def check_labels(x, y):
+        if y is None:
+            return
+        if jnp.shape(y)[:1] != x.shape[:1]:
+            raise ValueError(
+                f"labels y have batch size {jnp.shape(y)[:1]} but inputs x have {x.shape[0]} "
+                "examples: give one label per example"
+            )
+
+    def forward_pass(state, x):
+        """Run the stage in training mode and keep what its backward pass needs."""
         check_input(x)
-        labels = label_fn(y)
         p_first, p_rest = state.params[0], state.params[1:]
         s_first, s_rest = state.layer_state[0], state.layer_state[1:]
 
@@ -284,11 +446,21 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
         else:
             a, vjp_first, new_first = jax.vjp(lambda p: f_first(p, x), p_first, has_aux=True)
         h, vjp_rest, new_rest = jax.vjp(f_rest, p_rest, a, has_aux=True)
+        return h, Residual(x, h, vjp_first, vjp_rest, (*new_first, *new_rest))
 
+    def backward_pass(state, residual, y, target=None):
+        """Obtain ``∂L/∂h`` (loss or feedback), update, and build the message below."""
+        check_labels(residual.x, y)
+        labels = label_fn(y)
+        h = residual.h
         if interface is None:
             if labels is None:
                 raise ValueError("the top stage needs labels y to compute the loss")
             loss_value, grad_h = jax.value_and_grad(loss)(h, y)
+            if jnp.ndim(loss_value) != 0:
+                raise ValueError(
+                    f"loss must return a scalar, got shape {jnp.shape(loss_value)}"
+                )
             error, fstate, info = grad_h, state.feedback, {"loss": loss_value}
         else:
             if target is None:
@@ -303,21 +475,34 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
                     f"{grad_h.shape} for activations of shape {h.shape}"
                 )
             error = target.error
-        g_rest, pre_grad = vjp_rest(grad_h)
+        g_rest, pre_grad = residual.vjp_rest(grad_h)
         if needs_input_grad:
-            g_first, grad_x = vjp_first(pre_grad)
+            g_first, grad_x = residual.vjp_first(pre_grad)
         else:
-            (g_first,), grad_x = vjp_first(pre_grad), None
+            (g_first,), grad_x = residual.vjp_first(pre_grad), None
         grads = (g_first, *g_rest)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = StageState(params, (*new_first, *new_rest), opt_state, fstate,
-                               state.step + 1)
+        new_state = StageState(params, residual.layer_state, opt_state, fstate, state.step + 1)
         below = None
         if needs_input_grad:
-            below = Target(inputs=x, labels=labels, grad=grad_x, pre_grad=pre_grad,
-                           error=error, valid=jnp.ones((), bool))
+            fields = dict(grad=grad_x, inputs=residual.x, labels=labels, pre_grad=pre_grad,
+                          error=error)
+            below = Target(**{k: v for k, v in fields.items() if k in below_needs},
+                           valid=jnp.ones((), bool))
+        return new_state, below, info
+
+    def update(state, x, y, target=None):
+        h, residual = forward_pass(state, x)
+        new_state, below, info = backward_pass(state, residual, y, target)
         return new_state, h, below, info
+
+    def fit(state, target):
+        """Only consume ``target`` (fit the feedback): a stage that skips its update."""
+        if interface is None:
+            return state, {}
+        fstate, info = interface.fit(state.feedback, target)
+        return state._replace(feedback=fstate), info
 
     def forward(state, x):
         check_input(x)
@@ -328,4 +513,4 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
         return _run_layers(layers, state.params, state.layer_state, x, False)[0]
 
     return Stage(index, tuple(layers), feedback, tuple(in_shape), tuple(out_shape), init,
-                 update, forward, apply)
+                 update, forward, apply, forward_pass, backward_pass, fit)

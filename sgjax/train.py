@@ -61,14 +61,17 @@ def _direct(split: Split):
 
 
 def _placeholders(split: Split, stages: Sequence[StageState], x, y) -> tuple:
-    """``valid=False`` zero targets with the exact shapes each stage will receive."""
+    """``valid=False`` zero targets with the exact structure each stage that
+    does not wait will receive (``None`` for the top stage and for stages whose
+    feedback is update locked: they never keep a target between steps)."""
     inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
     for stage, state in zip(split.stages[:-1], stages):
         inputs.append(jax.eval_shape(stage.forward, state, inputs[-1]))
     pending: list = [None] * len(split.stages)
     target = None
     for k in reversed(range(len(split.stages))):
-        pending[k] = target
+        if not split.stages[k].waits:
+            pending[k] = target
         if k == 0:
             break
         out = jax.eval_shape(split.stages[k].update, stages[k], inputs[k], y, target)
@@ -77,6 +80,7 @@ def _placeholders(split: Split, stages: Sequence[StageState], x, y) -> tuple:
 
 
 def _init(split: Split, key, x, y) -> TrainState:
+    split.check_batch(x, y)
     stages = split.init(key)
     return TrainState(stages, _placeholders(split, stages, x, y))
 
@@ -91,51 +95,79 @@ def _merge(infos: Sequence[dict]) -> dict:
 
 
 def _sync_tick(split: Split, call, ts: TrainState, x, y):
+    """One step of every stage on batch ``(x, y)``, each with its own protocol.
+
+    Bottom-up, a stage that does not wait updates at once from the target it
+    keeps (the previous batch's); a stage that waits (update-locked feedback)
+    only runs its forward pass and keeps the residual. Then, top-down, each
+    waiting stage finishes its backward pass with the target the stage above
+    has just sent for this batch. Every forward pass runs once.
+    """
     K = len(split.stages)
-    infos: list = [None] * K
     new: list = [None] * K
-    pending = list(ts.pending)
-    if split.update_locked:
-        inputs = [x]
-        for k in range(K - 1):
-            inputs.append(call(k, "forward")(ts.stages[k], inputs[-1]))
-        target = None
-        for k in reversed(range(K)):
-            new[k], _, below, infos[k] = call(k, "update")(ts.stages[k], inputs[k], y, target)
-            target = below
-    else:
-        h = x
-        for k in range(K):
-            new[k], h, below, infos[k] = call(k, "update")(ts.stages[k], h, y, ts.pending[k])
-            if k > 0:
-                pending[k - 1] = below
-    return TrainState(tuple(new), tuple(pending)), _merge(infos)
+    infos: list = [None] * K
+    sent: list = [None] * (K + 1)  # sent[k]: the target stage k sent below, this step
+    residuals: dict = {}
+    h = x
+    for k, stage in enumerate(split.stages):
+        if stage.waits:
+            h_next, residuals[k] = call(k, "forward_pass")(ts.stages[k], h)
+        else:
+            new[k], h_next, sent[k], infos[k] = call(k, "update")(
+                ts.stages[k], h, y, ts.pending[k])
+        h = h_next
+    for k in reversed(sorted(residuals)):
+        new[k], sent[k], infos[k] = call(k, "backward_pass")(
+            ts.stages[k], residuals[k], y, sent[k + 1])
+    pending = tuple(None if (k == K - 1 or split.stages[k].waits) else sent[k + 1]
+                    for k in range(K))
+    return TrainState(tuple(new), pending), _merge(infos)
+
+
+def _check_concrete_batch(split: Split, x, y) -> None:
+    if not isinstance(x, jax.core.Tracer) and not isinstance(y, jax.core.Tracer):
+        split.check_batch(x, y)
 
 
 def sync(split: Split) -> Schedule:
     """The papers' synchronous protocol as a pure ``step(state, x, y)``."""
 
     def step(ts, x, y):
+        _check_concrete_batch(split, x, y)
         return _sync_tick(split, _direct(split), ts, x, y)
 
     return Schedule(lambda key, x, y: _init(split, key, x, y), step)
 
 
-def stochastic(split: Split, p_update: float) -> Schedule:
-    """Sparse updates (DNI Fig. 5 left) as a pure ``step(state, x, y, key)``:
-    after its forward pass each stage does its backward pass and update only
-    with probability ``p_update``; a stage that skips sends no target down, so
-    the predictor below is not fitted on that step."""
-    if not 0.0 < p_update <= 1.0:
+def stochastic(split: Split, p_update: float | None) -> Schedule:
+    """Sparse updates (DNI §3.1, Fig. 5 left) as a pure ``step(state, x, y, key)``.
+
+    "After every forward pass, each layer does its backward pass only with
+    probability ``p_update``." A stage that skips still runs forward (the stage
+    above needs ``h``) but does not update its parameters and sends no target
+    down. A target that has reached it is not lost: the synthetic-gradient
+    model at its output is still fitted to it (training the model belongs to
+    the arrival of the message, DNI Fig. 2), so its predictor keeps learning
+    from every backward pass the stage above makes.
+
+    ``p_update=None`` makes it an argument, ``step(state, x, y, key, p_update)``,
+    so a population of runs can be ``jax.vmap``-ed over ``p_update`` too.
+    """
+    if p_update is not None and not 0.0 < p_update <= 1.0:
         raise ValueError(f"p_update={p_update!r} must be in (0, 1]")
     if split.update_locked:
         raise ValueError(
             "stochastic updates need feedbacks that are not update locked (DNI, cDNI, "
             "none, stale); this split uses an update-locked feedback"
         )
+    fixed_p = p_update
 
-    def step(ts, x, y, key):
-        active = jax.random.bernoulli(key, p_update, (len(split.stages),))
+    def step(ts, x, y, key, p_update=None):
+        p = fixed_p if fixed_p is not None else p_update
+        if p is None:
+            raise ValueError("stochastic(split, None) needs p_update as the step's 5th argument")
+        _check_concrete_batch(split, x, y)
+        active = jax.random.bernoulli(key, p, (len(split.stages),))
         new, infos, pending = [], [], list(ts.pending)
         h = x
         for k, stage in enumerate(split.stages):
@@ -144,6 +176,9 @@ def stochastic(split: Split, p_update: float) -> Schedule:
             def skip(state, h, target, stage=stage, shapes=shapes):
                 below = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
                 info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[3])
+                if target is not None:
+                    state, fit_info = stage.fit(state, target)
+                    info = {**info, **fit_info}
                 return state, stage.forward(state, h), below, info
 
             def run(state, h, target, stage=stage):
@@ -158,6 +193,28 @@ def stochastic(split: Split, p_update: float) -> Schedule:
         return TrainState(tuple(new), tuple(pending)), _merge(infos)
 
     return Schedule(lambda key, x, y: _init(split, key, x, y), step)
+
+
+class NonFiniteError(FloatingPointError):
+    """A training quantity became NaN or infinite."""
+
+
+def check_finite(tree: Any, *, where: str = "training") -> Any:
+    """Raise :class:`NonFiniteError` naming the first NaN/inf leaf of ``tree``
+    (e.g. a step's info dict or a train state); return ``tree`` otherwise.
+
+    Opt-in and host-side: call it on what a (fused) step returned, every step
+    or every chunk. It waits for the values.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        arr = jnp.asarray(leaf)
+        if jnp.issubdtype(arr.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(arr))):
+            name = jax.tree_util.keystr(path) or "value"
+            raise NonFiniteError(
+                f"{where}: {name} is not finite (NaN or inf): lower the learning rate, "
+                "check the inputs, or clip gradients"
+            )
+    return tree
 
 
 def fused(step: Callable, *, batch_fn: Callable | None = None, donate: bool = False
@@ -175,6 +232,14 @@ def fused(step: Callable, *, batch_fn: Callable | None = None, donate: bool = Fa
     """
 
     def run(state, *xs, data=None):
+        lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+                   for leaf in jax.tree.leaves(xs)}
+        if len(lengths) > 1 or None in lengths:
+            raise ValueError(
+                f"fused run: every scanned input needs the same leading (step) axis, got "
+                f"lengths {sorted(str(n) for n in lengths)}"
+            )
+
         def body(state, x_t):
             return step(state, *(batch_fn(data, *x_t) if batch_fn is not None else x_t))
 
@@ -221,8 +286,8 @@ class Runner:
             )
         self.split, self.schedule, self.devices = split, schedule, devices[:K]
         self._fns = [
-            {"update": jax.jit(s.update), "forward": jax.jit(s.forward),
-             "apply": jax.jit(s.apply)}
+            {name: jax.jit(getattr(s, name))
+             for name in ("update", "forward", "apply", "forward_pass", "backward_pass")}
             for s in split.stages
         ]
 

@@ -51,7 +51,8 @@ def counting(split):
 
         return counted
 
-    stages = tuple(s._replace(update=wrap(k, s.update)) for k, s in enumerate(split.stages))
+    stages = tuple(s._replace(update=wrap(k, s.update), backward_pass=wrap(k, s.backward_pass))
+                   for k, s in enumerate(split.stages))
     return split._replace(stages=stages), counts
 
 
@@ -142,29 +143,64 @@ def test_stochastic_with_p1_is_sync():
         assert int(s.step) == 4
 
 
-def test_stochastic_skipping_stages_are_unchanged():
+def test_stochastic_skipping_stages_keep_their_parameters_but_fit_on_arrived_targets():
+    """DNI Fig. 5: a stage that skips does no backward pass (parameters, optimiser and
+    layer state unchanged, no target sent down), but a target that reached it still
+    fits its synthetic-gradient model, so no message from above is lost."""
     split = make()
-    xs, ys = batches(12)
+    xs, ys = batches(16)
     sto = sgjax.stochastic(split, 0.5)
     ts = sto.init(jax.random.key(0), xs[0], ys[0])
     step = jax.jit(sto.step)
     K = len(split.stages)
-    seen_skip = seen_run = False
-    for t in range(12):
+    seen_skip = seen_run = seen_skip_fit = False
+    for t in range(16):
         new, info = step(ts, xs[t], ys[t], jax.random.key(100 + t))
         for k in range(K):
             if bool(info[f"active/{k}"]):
                 seen_run = True
                 assert int(new.stages[k].step) == int(ts.stages[k].step) + 1
-            else:
-                seen_skip = True
-                chex.assert_trees_all_equal(new.stages[k], ts.stages[k])
-                if k > 0:  # a skipping stage sends no target down
-                    assert not bool(new.pending[k - 1].valid)
+                continue
+            seen_skip = True
+            for field in ("params", "layer_state", "opt_state", "step"):
+                chex.assert_trees_all_equal(getattr(new.stages[k], field),
+                                            getattr(ts.stages[k], field))
+            if k > 0:  # a skipping stage sends no target down
+                assert not bool(new.pending[k - 1].valid)
+            pending = ts.pending[k]
+            if pending is not None and bool(pending.valid):
+                seen_skip_fit = True
+                expected, fit_info = split.stages[k].fit(ts.stages[k], pending)
+                chex.assert_trees_all_close(new.stages[k].feedback, expected.feedback,
+                                            rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(info[f"sg_loss/{k}"], fit_info["sg_loss"],
+                                           rtol=1e-5)
+                assert int(new.stages[k].feedback.opt_state[0].count) == int(
+                    ts.stages[k].feedback.opt_state[0].count) + 1
+            elif pending is not None:
+                chex.assert_trees_all_equal(new.stages[k].feedback, ts.stages[k].feedback)
         ts = new
-    assert seen_skip and seen_run
+    assert seen_skip and seen_run and seen_skip_fit
     steps = [int(s.step) for s in ts.stages]
-    assert 0 < min(steps) and max(steps) < 12
+    assert 0 < min(steps) and max(steps) < 16
+
+
+def test_stochastic_p_update_can_be_an_argument_for_vmap():
+    split = make()
+    xs, ys = batches(3)
+    sto = sgjax.stochastic(split, None)
+    ts = sto.init(jax.random.key(0), xs[0], ys[0])
+    seeds = jnp.arange(3)
+    ps = jnp.array([0.1, 0.5, 1.0])
+    tss = jax.vmap(lambda s: sto.init(jax.random.key(s), xs[0], ys[0]))(seeds)
+    out, info = jax.jit(jax.vmap(sto.step, in_axes=(0, None, None, 0, 0)))(
+        tss, xs[0], ys[0], jax.random.split(jax.random.key(1), 3), ps)
+    chex.assert_shape(info["loss"], (3,))
+    assert bool(jnp.all(info["active/0"][2]))  # p_update = 1: every stage updates
+    single, _ = sto.step(ts, xs[0], ys[0], jax.random.key(2), 1.0)
+    assert int(single.stages[0].step) == 1
+    with pytest.raises(ValueError, match="5th argument"):
+        sto.step(ts, xs[0], ys[0], jax.random.key(2))
 
 
 def test_stochastic_rejects_bad_input():
@@ -220,10 +256,16 @@ def test_runner_update_locked_traces_once():
     rs = runner.init(jax.random.key(0), xs[0], ys[0])
     rs = steps_without_retrace(runner.step, rs, xs, ys, counts)
     _, info = runner.step(rs, xs[0], ys[0])
-    for name in ("update", "forward"):
-        fn = runner._fns[0][name]
-        if hasattr(fn, "_cache_size"):
-            assert fn._cache_size() == 1
+    # The waiting stage runs its forward pass once and finishes with backward_pass.
+    for k, names in ((0, ("forward_pass", "backward_pass")), (1, ("update",))):
+        for name in names:
+            fn = runner._fns[k][name]
+            if hasattr(fn, "_cache_size"):
+                assert fn._cache_size() == 1, (k, name)
+        for name in {"update", "forward_pass", "backward_pass"} - set(names):
+            fn = runner._fns[k][name]
+            if hasattr(fn, "_cache_size"):
+                assert fn._cache_size() == 0, (k, name)
     assert np.isfinite(float(info["loss"]))
 
 
