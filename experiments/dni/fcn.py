@@ -82,13 +82,13 @@ def gradient_quality(split, states, k, predictor, x, y) -> dict[str, jax.Array]:
 
 def train_fcn(ctx, split: sgjax.Split, ds, config: table1.Config, *,
               schedule: sgjax.Schedule | None = None,
-              probe: Callable[[Any], dict[str, Any]] | None = None,
+              probe: Callable[[Any, int], dict[str, Any]] | None = None,
               eval_train: bool = False, log_info: bool = False,
               train_eval_limit: int = 10_000) -> training.Trained:
     """Train ``split`` on ``ds`` with :func:`experiments.training.train_and_evaluate`
     (uniform batches of ``config.batch_size``), logging ``test_error`` (and
     ``train_error`` on the first ``train_eval_limit`` training examples with
-    ``eval_train``) every ``config.eval_every`` steps, plus ``probe(train_state)`` — a
+    ``eval_train``) every ``config.eval_every`` steps, plus ``probe(train_state, step)`` — a
     dict of scalars, e.g. :func:`gradient_quality` on a fixed batch — at the same steps.
     ``log_info`` logs every scalar the schedule reports (``sg_loss_<stage>``)."""
     schedule = schedule or sgjax.sync(split)
@@ -103,13 +103,12 @@ def train_fcn(ctx, split: sgjax.Split, ds, config: table1.Config, *,
     apply = training.inference_fn(split, compiler_options=compiler)
 
     def evaluate(ts, step):
-        del step
         out = {"test_error": training.evaluate_error(apply, ts.stages, x_test, y_test)}
         if eval_train:
             out["train_error"] = training.evaluate_error(
                 apply, ts.stages, x_train[:train_eval_limit], y_train[:train_eval_limit])
         if probe is not None:
-            out.update(probe(ts))
+            out.update(probe(ts, step))
         return out
 
     return training.train_and_evaluate(

@@ -133,7 +133,8 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
         quality = jax.jit(lambda stages: fcn.gradient_quality(split, stages, 0, predictor,
                                                               xb, yb))
 
-        def probe(ts):
+        def probe(ts, step):
+            del step
             return {f"grad_{name}": v for name, v in quality(ts.stages).items()}
 
     _, final = fcn.train_fcn(ctx, split, ds, cfg, probe=probe, log_info=kind != "bprop")

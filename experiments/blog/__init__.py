@@ -1,0 +1,1 @@
+"""Reproductions of blog posts about synthetic gradients (``../shared/papers/``)."""
