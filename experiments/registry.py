@@ -18,6 +18,12 @@ from experiments.framework import Experiment, UsageError
 
 MODULES: tuple[str, ...] = (
     "experiments.dni.table1",
+    "experiments.dni.stale",
+    "experiments.dni.sparse",
+    "experiments.dni.single",
+    "experiments.dni.linear",
+    "experiments.dni.underfit",
+    "experiments.blog.birdseye",
     "experiments.dni.table2",
     "experiments.understanding.fig2",
     "experiments.understanding.fig3",
