@@ -198,6 +198,7 @@ def _report(reg: registry.Registry, args: argparse.Namespace) -> int:
                   " report left as it was", file=sys.stderr)
         else:
             print(f"{exp.name}: wrote {dest}/", file=sys.stderr)
+    print(f"wrote {framework.write_index(args.to)}", file=sys.stderr)
     return 0
 
 

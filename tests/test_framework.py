@@ -457,6 +457,8 @@ def test_report_command_publishes_quick_runs_and_list_and_eta_use_them(
     assert "4 cells (no measured quick times in reports/toy/)" in capsys.readouterr().err
     assert main(["report", "--results", str(results)]) == 0
     dest = reports / "toy"
+    index = (reports / "README.md").read_text()
+    assert "| [toy](toy/table.md) | 4 |" in index
     assert sorted(p.name for p in dest.iterdir()) == [
         "curves-loss.png", "provenance.json", "results.csv", "table.md"]
     assert (dest / "table.md").read_text() == (

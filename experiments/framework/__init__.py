@@ -66,6 +66,7 @@ from experiments.framework.reports import (
     provenance,
     publish_report,
     render_table,
+    write_index,
     write_reports,
 )
 from experiments.framework.running import (
@@ -90,5 +91,5 @@ __all__ = [
     "check_interval", "check_out_dir", "code_version", "default_figures", "describe_machine",
     "estimate", "format_duration", "is_prng_key", "load_results", "measured_time_s",
     "plot_curves", "provenance", "publish_report", "render_table", "reproduce_command",
-    "run_experiment", "select_cells", "to_jsonable", "write_reports",
+    "run_experiment", "select_cells", "to_jsonable", "write_index", "write_reports",
 ]

@@ -253,6 +253,32 @@ def publish_report(
     return dest
 
 
+def write_index(reports_root: str | os.PathLike | None = None) -> Path:
+    """``reports/README.md``: one line per published report (experiment, cells done, wall
+    time, date, commit), read from the reports' ``provenance.json``."""
+    root = Path(REPORTS_DIR if reports_root is None else reports_root)
+    lines = ["# Reference results", "",
+             "The latest `quick` run of each experiment, copied from `results/` by "
+             "`make reports` (nothing is rerun). Each folder holds `table.md`, "
+             "`results.csv`, the figures and `provenance.json`.", "",
+             "| experiment | cells | wall time | measured on | date | commit |",
+             "|---|---:|---:|---|---|---|"]
+    for prov_path in sorted(root.glob("*/provenance.json")):
+        try:
+            prov = json.loads(prov_path.read_text("utf-8"))
+        except (OSError, ValueError):
+            continue
+        name = prov_path.parent.name
+        dates = " to ".join(dict.fromkeys(d[:10] for d in prov.get("dates", [])))
+        commits = ", ".join(c[:10] + c[40:] for c in prov.get("commits", []))
+        lines.append(f"| [{name}]({name}/table.md) | {prov.get('cells_done', '?')} | "
+                     f"{format_duration(prov.get('wall_time_s', 0.0))} | "
+                     f"{'; '.join(prov.get('machines', []))} | {dates} | {commits} |")
+    path = root / "README.md"
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
+    return path
+
+
 def measured_time_s(name: str, *, reports_root: str | os.PathLike | None = None
                     ) -> dict[str, float]:
     """``{cell id: wall time (s)}`` of the committed ``quick`` report of ``name`` (empty if
