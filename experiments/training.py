@@ -117,8 +117,9 @@ def train_and_evaluate(
         ctx: the cell's run context (``restore``, ``save``, ``log``, ``progress``, ``close``).
         step: pure ``step(state, *batch) -> (state, info)``; ``info`` maps names to scalars
             (e.g. :func:`sgjax.sync`'s ``step``).
-        state: the initial state (replaced by the checkpoint when resuming). With
-            ``seeds=S`` every leaf has a leading axis of size ``S``.
+        state: the initial state (replaced by the checkpoint when resuming; its buffers
+            are donated to the compiled chunk, so do not reuse it). With ``seeds=S`` every
+            leaf has a leading axis of size ``S``.
         steps: total number of steps (the loop never runs past it).
         chunk: steps per compiled call; a call stops early at the next evaluation step.
         eval_every, eval_at: evaluate every ``eval_every`` steps and at the steps in
