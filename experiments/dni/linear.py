@@ -53,14 +53,16 @@ class Config:
 
 PRESETS = {
     "smoke": Config(train=table1.SMOKE, depths=(3,), models=("dni-linear",)),
-    "quick": Config(train=table1.Config(steps=2_000, lr=3e-4, lr_boundaries=(1_200, 1_600),
-                                        eval_every=250, chunk=250)),
+    "quick": Config(train=table1.Config(steps=1_500, lr=3e-4, lr_boundaries=(900, 1_200),
+                                        eval_every=250, chunk=250, sg_width_divisor=4),
+                    depths=(3, 6)),
     "paper": Config(train=table1.PAPER_CONFIG),
 }
 PRESET_NOTES = {
     "smoke": "wiring only, numbers mean nothing: 4 steps, widths / 8, one cell",
-    "quick": ("A.1's networks and models, batch 256, Adam 3e-4 (paper 3e-5) for 2k steps "
-              "(paper 500k), ÷10 at 60 %/80 %"),
+    "quick": ("A.1's networks, batch 256, Adam 3e-4 (paper 3e-5) for 1.5k steps (paper 500k), "
+              "÷10 at 60 %/80 %; DNI-MLP 4× narrower (2 × 256); depths 3 and 6 only (CPU "
+              "time)"),
     "paper": "A.1's protocol (500k steps, Adam 3e-5 ÷10 at 300k and 400k)",
 }
 

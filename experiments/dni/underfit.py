@@ -20,8 +20,9 @@ synthetic gradient models, optimiser and schedule) for the CIFAR-10 CNNs — the
 of Fig. 13 — with Bprop, DNI and cDNI, logging training error (on the first
 ``train_eval_limit`` training examples) and test error during training. A CIFAR-10 CNN at
 A.1's width takes seconds per step on a CPU, so ``quick`` shrinks it (widths ÷ 8, batch
-64, 5k training examples, a few hundred steps) and adds the same comparison on Table 1's
-6-layer MNIST FCN (A.1 sizes), where the claim can be tested at a CPU-feasible length.
+32, 2k training examples, 200 steps) and adds the same comparison on Table 1's
+6-layer MNIST FCN (A.1 sizes, DNI model 4× narrower at ``quick``), where the claim can
+be tested at a CPU-feasible length.
 The CIFAR-10 data is whatever :func:`experiments.data.load` finds (offline: a JPEG
 re-encoding; the row label says so).
 
@@ -58,20 +59,21 @@ PRESETS = {
                     train_eval_limit=256),
     "quick": Config(
         networks=(("cifar10", "cnn", 3), ("mnist", "fcn", 6)),
-        cnn=table1.Config(steps=300, lr=1e-3, lr_boundaries=(), eval_every=50, chunk=50,
-                          batch_size=64, width_divisor=8, train_limit=5_000,
+        cnn=table1.Config(steps=200, lr=1e-3, lr_boundaries=(), eval_every=50, chunk=50,
+                          batch_size=32, width_divisor=8, train_limit=2_000,
                           test_limit=2_000),
-        fcn=table1.Config(steps=2_000, lr=3e-4, lr_boundaries=(1_200, 1_600),
-                          eval_every=250, chunk=250),
-        train_eval_limit=5_000),
+        fcn=table1.Config(steps=1_500, lr=3e-4, lr_boundaries=(900, 1_200),
+                          eval_every=250, chunk=250, sg_width_divisor=4),
+        train_eval_limit=2_000),
     "paper": Config(networks=(("cifar10", "cnn", 3), ("cifar10", "cnn", 4)),
                     cnn=table1.PAPER_CONFIG, fcn=table1.PAPER_CONFIG),
 }
 PRESET_NOTES = {
     "smoke": "wiring only, numbers mean nothing: 4 steps of CIFAR-10 CNN 3 at widths / 8",
-    "quick": ("CIFAR-10 CNN 3 at widths / 8 (16 channels), batch 64, Adam 1e-3, 300 steps on "
-              "5k training examples (a CPU-sized stand-in for A.1's 500k steps); MNIST FCN 6 "
-              "at A.1 sizes, Adam 3e-4, 2k steps ÷10 at 60 %/80 %"),
+    "quick": ("CIFAR-10 CNN 3 at widths / 8 (16 channels), batch 32, Adam 1e-3, 200 steps on "
+              "2k training examples (a CPU-sized stand-in for A.1's 500k steps); MNIST FCN 6 "
+              "(DNI model 4× narrower), Adam 3e-4, 1.5k steps ÷10 at 60 %/80 %; training "
+              "error on the first 2k training examples"),
     "paper": "Table 1's CIFAR-10 CNN cells at A.1's protocol (needs a GPU)",
 }
 

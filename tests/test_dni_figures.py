@@ -1,0 +1,208 @@
+"""DNI feed-forward figure experiments and the blog post: smoke runs end to end, the
+claim verdicts, the gradient comparison of Fig. 10 (exact against jax.grad) and the
+Fig. 5 population (vmapped members equal members run one by one)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sgjax
+from experiments import training
+from experiments.__main__ import main
+from experiments.blog import birdseye
+from experiments.dni import fcn, linear, single, sparse, stale, table1, underfit
+from experiments.framework import Cell, CellResult
+
+# ----------------------------------------------------------------- smoke, end to end
+
+SMOKE = [
+    # (experiment, one or two cells, the figures it must draw, metrics a cell must have)
+    ("stale", ["mnist-fcn3-stale"], ["stale-sweep"], {"best_decay", "errors"}),
+    ("sparse", ["cdni"], ["fig5-left"], {"verdict", "snapshots", "final_errors"}),
+    ("single", ["dni-after2"], ["fig9a", "fig10"], {"mean_cosine", "final_sign_error"}),
+    ("linear", ["mnist-fcn3-dni-linear"], ["fig12"], {"train_error", "sg_model"}),
+    ("underfit", ["cifar10-cnn3-bprop"], ["fig13"], {"train_error", "gap"}),
+    ("blog", ["synthetic"], ["blog-accuracy", "blog-heatmaps"],
+     {"heatmap_cosine", "heatmap_synthetic", "parameters"}),
+]
+
+
+@pytest.mark.parametrize("name,only,figs,keys", SMOKE, ids=[s[0] for s in SMOKE])
+def test_smoke_run(tmp_path, name, only, figs, keys):
+    assert main(["run", name, "--preset", "smoke", "--out", str(tmp_path),
+                 "--only", *only]) == 0
+    out = tmp_path / name / "smoke"
+    for cell in only:
+        record = json.loads((out / "cells" / f"{cell}.json").read_text())
+        assert math.isfinite(record["metric"])
+        assert keys <= set(record["metrics"]), sorted(record["metrics"])
+    for fig in figs:
+        assert (out / f"{fig}.png").stat().st_size > 0
+    assert "| row | column | paper | ours | diff |" in (out / "table.md").read_text()
+
+
+# ----------------------------------------------------------------- verdicts
+
+
+def _result(cell_id, params, metric, **metrics):
+    return CellResult(Cell(cell_id, row="r", column="c", params=params), metric, metrics,
+                      {}, 0, 0.0, {})
+
+
+@pytest.mark.parametrize("stale_err,expected", [(13.0, "holds"), (15.0, "differs"),
+                                                (4.0, "differs")])
+def test_stale_verdict(stale_err, expected):
+    rs = [_result(f"m{m}", {"depth": 3, "method": m}, v)
+          for m, v in (("nobprop", 13.5), ("stale", stale_err), ("cdni", 2.0))]
+    assert stale.verdicts(rs)[3]["verdict"] == expected
+
+
+def test_single_verdicts():
+    rs = [_result("b", {"kind": "bprop", "k": 0}, 1.6),
+          _result("d1", {"kind": "dni", "k": 1}, 1.8, mean_cosine=0.1, mean_sign_error=0.4),
+          _result("d5", {"kind": "dni", "k": 5}, 3.4, mean_cosine=0.05, mean_sign_error=0.45),
+          _result("n1", {"kind": "none", "k": 1}, 2.9),
+          _result("n5", {"kind": "none", "k": 5}, 23.7)]
+    assert set(single.verdicts(rs).values()) == {"holds"}
+    rs[1] = _result("d1", {"kind": "dni", "k": 1}, 3.0, mean_cosine=-0.1, mean_sign_error=0.4)
+    v = single.verdicts(rs)
+    assert v["DNI < no gradient at every position"] == "differs"
+    assert v["mean cosine > 0 at every position"] == "differs"
+
+
+def test_linear_and_underfit_verdicts():
+    rs = [_result(m, {"depth": 4, "model": m}, v)
+          for m, v in (("dni-linear", 3.0), ("cdni-linear", 2.0), ("dni-mlp", 2.5))]
+    assert set(linear.verdicts(rs).values()) == {"holds"}
+    net = {"dataset": "cifar10", "kind": "cnn", "depth": 3}
+    rs = [_result(m, {**net, "method": m}, 20.0, train_error=t)
+          for m, t in (("bprop", 1.0), ("dni", 15.0), ("cdni", 5.0))]
+    assert set(underfit.verdicts(rs).values()) == {"holds"}
+    rs[2] = _result("cdni", {**net, "method": "cdni"}, 20.0, train_error=16.0)
+    assert underfit.verdicts(rs)["cDNI train error < DNI's"] == "differs"
+
+
+def test_blog_verdicts_and_parameter_counts():
+    counts = birdseye.parameter_counts(birdseye.PRESETS["quick"])
+    assert counts == {"network": 89_610, "sg_ours_activation_grads": 20_200,
+                      "sg_post_parameter_grads": 1_111_000}
+    rs = [_result("backprop", {"method": "backprop"}, 97.0, us_per_step=100.0),
+          _result("stale", {"method": "stale"}, 92.0),
+          _result("synthetic", {"method": "synthetic"}, 91.0, us_per_step=300.0,
+                  heatmap_cosine=0.3, heatmap_sign_agreement=0.6)]
+    v = birdseye.verdicts(rs)
+    assert v["stale ≈ synthetic (|Δacc| ≤ 2)"] == "holds"
+    assert v["heatmaps correspond (cos > 0)"] == "holds"
+    assert v["retracted: SG ≥ 100× slower (ours 3.0×)"] == "differs"
+
+
+# ----------------------------------------------------------------- Fig. 10 gradients
+
+TINY = table1.Config(steps=1, lr=1e-3, lr_boundaries=(), eval_every=1, chunk=1,
+                     batch_size=8, width_divisor=32)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_gradient_pair_true_gradient_is_backprop_and_synthetic_is_the_model(k):
+    """The true gradient equals jax.grad of the whole network's summed loss w.r.t. the
+    cut's activations; the synthetic one is the predictor's output on them."""
+    predictor = sgjax.predictors.linear(conditioned=True)
+    split = fcn.fcn_split(4, (1, 2), sgjax.feedback.synthetic(predictor), TINY, (28, 28, 1))
+    x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
+    y = jnp.arange(8) % 10
+    states = list(split.init(jax.random.key(1)))
+    # give the predictor non-zero weights so the comparison is not 0 == 0
+    fb = states[k].feedback
+    params = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), fb.variables["params"])
+    states[k] = states[k]._replace(feedback=fb._replace(
+        variables={**fb.variables, "params": params}))
+    s, t = jax.jit(lambda st: fcn.gradient_pair(split, st, k, predictor, x, y))(states)
+
+    def h_of(x):
+        for st, stage in zip(states[:k + 1], split.stages[:k + 1]):
+            x = stage.forward(st, x)
+        return x
+
+    def summed(h):
+        for st, stage in zip(states[k + 1:], split.stages[k + 1:]):
+            h = stage.forward(st, h)
+        return jnp.sum(jax.vmap(lambda o, yy: sgjax.losses.softmax_cross_entropy(
+            o[None], yy[None]))(h, y))
+
+    h = jax.jit(h_of)(x)
+    chex.assert_trees_all_close(t, jax.jit(jax.grad(summed))(h), atol=1e-6, rtol=1e-6)
+    expected, _ = predictor.apply(states[k].feedback.variables, h, jax.nn.one_hot(y, 10),
+                                  train=True)
+    chex.assert_trees_all_close(s, expected, atol=1e-6)
+    assert float(jnp.max(jnp.abs(s))) > 0
+    with pytest.raises(ValueError, match="no interface"):
+        fcn.gradient_pair(split, states, 2, predictor, x, y)
+
+
+# ----------------------------------------------------------------- Fig. 5 population
+
+
+@pytest.mark.slow
+def test_population_members_equal_single_runs():
+    """One vmapped program over (state, p_update) gives each member what running that
+    member alone gives (SGD: Adam would amplify the float rounding differences between
+    the batched and unbatched programs on its near-zero first gradients)."""
+    cfg = table1.Config(steps=3, lr=1e-3, lr_boundaries=(), eval_every=3, chunk=3,
+                        batch_size=8, width_divisor=32)
+    predictor = table1.make_predictor("mnist", "fcn", "cdni", cfg)
+    split = fcn.fcn_split(sparse.DEPTH, "every", sgjax.feedback.synthetic(predictor), cfg,
+                          (28, 28, 1), optimizer=optax.sgd(0.1))
+    schedule = sgjax.stochastic(split, None)
+    step = sparse.member_step(schedule)
+    xs = jax.random.uniform(jax.random.key(0), (64, 28, 28, 1))
+    ys = jnp.arange(64) % 10
+    p = np.array([0.3, 1.0, 0.6], np.float32)
+    state = sparse.init_population(schedule, jax.random.key(1), p, np.array([0, 0, 1]),
+                                   xs[:8], ys[:8])
+    batch_fn = training.uniform_batches(8, keyed=True)
+    keys = jax.random.split(jax.random.key(2), 3)
+    steps = jnp.arange(3)
+    pop, _ = sparse._chunk_runner(step, batch_fn, True)(state, steps, data=((xs, ys), keys))
+    one = sparse._chunk_runner(step, batch_fn, False)
+    for i in range(3):
+        member = jax.tree.map(lambda a, i=i: a[i], state)
+        alone, _ = one(member, steps, data=((xs, ys), keys[i]))
+        chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], pop), alone,
+                                    atol=1e-5, rtol=1e-5)
+    p_members, seeds = sparse.population(sparse.PRESETS["quick"])
+    assert len(p_members) == 14 and set(seeds) == {0, 1}
+
+
+def test_paper_population_has_the_claims_p_values():
+    p = sparse.PRESETS["paper"].p_values
+    assert {0.05, 0.2} <= set(p) and all(0 < v <= 1 for v in p) and len(p) >= 99
+
+
+def test_blog_stale_split_reuses_gradients():
+    """The blog's stale method: parameters move by the same step for `every` updates."""
+    cfg = birdseye.Config(steps=4, lr=0.1, sg_lr=1e-5, eval_every=4, chunk=4,
+                          hidden=(8, 8), every=3, batch_size=4)
+    split = birdseye.make_split("stale", cfg, (28, 28, 1))
+    sched = sgjax.sync(split)
+    step = jax.jit(sched.step)
+    x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+    ts = sched.init(jax.random.key(1), x, jnp.arange(4))
+    w = [ts.stages[0].params]
+    for t in range(4):
+        xb = jax.random.uniform(jax.random.key(10 + t), (4, 28, 28, 1))
+        ts, _ = step(ts, xb, jnp.arange(4) + t)
+        w.append(ts.stages[0].params)
+    d = [jax.tree.map(lambda a, b: b - a, w[i], w[i + 1]) for i in range(4)]
+    chex.assert_trees_all_close(d[0], d[1], atol=1e-6)
+    chex.assert_trees_all_close(d[0], d[2], atol=1e-6)
+    with pytest.raises(AssertionError):
+        chex.assert_trees_all_close(d[0], d[3], atol=1e-6)
+    assert isinstance(optax.sgd(0.1), optax.GradientTransformation)
