@@ -115,6 +115,10 @@ METHODS = ("nobprop", "bprop", "dni", "cdni")
 COLUMNS: Mapping[str, str] = {"nobprop": "No Bprop", "bprop": "Bprop", "dni": "DNI",
                               "cdni": "cDNI"}
 NUM_CLASSES = 10
+STALE_PAPER: Mapping[int, float] = {3: 9.1, 4: 11.8, 5: 15.4, 6: 19.0}
+"""§3.1's best stale-gradient errors (%), the "Stale" column (MNIST FCNs only)."""
+STALE_DECAY = 0.0
+"""Decay of the Stale cells: the best of experiments/dni/stale.py's quick sweep at 4–6 layers."""
 
 PAPER: Mapping[tuple[str, str, int], tuple[float, float, float, float]] = {
     # (dataset, kind, layers): (No Bprop, Bprop, DNI, cDNI) final test error (%), Table 1.
@@ -274,14 +278,16 @@ def make_feedback(dataset: str, kind: str, method: str, config: Config | None = 
         return None
     if method == "nobprop":
         return sgjax.feedback.none()
+    if method == "stale":
+        return sgjax.feedback.stale(STALE_DECAY)
     return sgjax.feedback.synthetic(make_predictor(dataset, kind, method, config))
 
 
 def make_split(dataset: str, kind: str, depth: int, method: str, config: Config,
                input_shape: Sequence[int]) -> sgjax.Split:
     """One cell's network as an :func:`sgjax.split_at` split."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method not in (*METHODS, "stale"):
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}, stale")
     layers = make_layers(dataset, kind, depth, config)
     feedback = make_feedback(dataset, kind, method, config)
     return sgjax.split_at(
@@ -342,6 +348,12 @@ def all_cells() -> list[Cell]:
                                 "method": method},
                         paper=value,
                     ))
+                if (dataset, kind) == ("mnist", "fcn"):
+                    cells.append(Cell(cell_id(dataset, kind, depth, "stale"),
+                                      row=f"{label} FCN {depth}", column="Stale",
+                                      params={"dataset": dataset, "kind": kind,
+                                              "depth": depth, "method": "stale"},
+                                      paper=STALE_PAPER[depth]))
     return cells
 
 
