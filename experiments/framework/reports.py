@@ -22,7 +22,7 @@ REPORTS_DIR = REPO_ROOT / "reports"
 
 REPORT_PRESET = "quick"
 FIGURE_DPI = 120
-REPORT_DPI = 72  # committed PNGs stay small
+REPORT_DPI = 72  # committed PNGs stay small (and get a 256-colour palette)
 
 SMOKE_BANNER = ("**Smoke preset: these numbers are not results. It checks the wiring in "
                 "seconds; run `quick` (the default of `make reproduce-NAME`) or `paper` for "
@@ -188,12 +188,24 @@ def default_figures(results: Sequence[CellResult], config: Any) -> dict[str, Any
     return {f"curves-{n}": plot_curves(results, n) for n in names}
 
 
-def _save_figures(exp: Experiment, preset: str, results, directory: Path, dpi: int):
+def _shrink_png(path: Path) -> None:
+    """Re-encode ``path`` with a 256-colour palette (committed reports stay small)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+    small.save(path, optimize=True)
+
+
+def _save_figures(exp: Experiment, preset: str, results, directory: Path, dpi: int,
+                  shrink: bool = False):
     paths = []
     make = exp.figures or default_figures
     for name, fig in dict(make(results, exp.presets[preset])).items():
         path = directory / f"{name}.png"
         fig.savefig(path, dpi=dpi)
+        if shrink:
+            _shrink_png(path)
         paths.append(path)
         if getattr(fig.canvas, "manager", None) is not None:  # made with pyplot
             import matplotlib.pyplot as plt
@@ -245,7 +257,7 @@ def publish_report(
     table = render_table(exp, preset, found)
     atomic_write(dest / "table.md", lambda f: f.write(table))
     write_csv(dest / "results.csv", exp, preset, found)
-    _save_figures(exp, preset, results, dest, REPORT_DPI)
+    _save_figures(exp, preset, results, dest, REPORT_DPI, shrink=True)
     prov = {"experiment": exp.name, "preset": preset, **provenance(results),
             "reproduce": reproduce_command(exp.name, preset),
             "regenerate": "make reports"}
