@@ -120,7 +120,8 @@ class Interface(NamedTuple):
 
         Not update locked (DNI, stale, none): first fit to the newest target
         received (under ``sync``, the previous batch's), then predict for ``h``:
-        DNI Fig. 2's "use on t, fit on t, use on t + 1". Update locked (Bprop,
+        DNI Fig. 2's "use on t, fit on t, use on t + 1"; ``target=None`` only
+        predicts (the schedule fits separately, see :mod:`sgjax.train`). Update locked (Bprop,
         SG + prop, FA, DFA, Kickback): compute the substitute from this batch's
         ``target``, then fit to that same target.
         """
@@ -128,7 +129,9 @@ class Interface(NamedTuple):
             sub, fstate, info = self.grad(fstate, h, y, target)
             fstate, fit_info = self.fit(fstate, target)
         else:
-            fstate, fit_info = self.fit(fstate, target)
+            fit_info = {}
+            if target is not None:
+                fstate, fit_info = self.fit(fstate, target)
             sub, fstate, info = self.grad(fstate, h, y, None)
         return sub, fstate, {**info, **fit_info}
 
@@ -175,12 +178,21 @@ def _flat(x: jax.Array) -> jax.Array:
 def _when_valid(target: Target, fit: Callable, fstate: Any) -> tuple[Any, dict]:
     """``fit(fstate)`` if the target is a real message, else ``fstate`` unchanged.
 
-    A ``lax.cond``: only the taken branch runs (under ``vmap`` it becomes a select).
+    A ``lax.cond`` when validity is only known at run time: only the taken
+    branch runs (under ``vmap`` it becomes a select).
     """
+    if isinstance(target.valid, bool):  # known while tracing: no branch at all, so
+        # inside one compiled step the fit can share the prediction's forward pass
+        return fit(fstate) if target.valid else _no_fit_like(fit, fstate)
     valid = jnp.asarray(target.valid, bool)
     out = jax.eval_shape(fit, fstate)
     skip = lambda fs: (fs, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out[1]))
     return jax.lax.cond(valid, fit, skip, fstate)
+
+
+def _no_fit_like(fit: Callable, fstate: Any) -> tuple[Any, dict]:
+    out = jax.eval_shape(fit, fstate)
+    return fstate, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out[1])
 
 
 # ----------------------------------------------------------------- backprop --

@@ -346,6 +346,14 @@ def split_at(
     if feedback is None and cuts:
         raise ValueError("cuts were given but no feedback: pass feedback=sgjax.feedback....")
     feedbacks = _check_feedback(feedback, len(cuts)) if cuts else ()
+    for i, f in enumerate(feedbacks):
+        unlocked_above = [g.name for g in feedbacks[i + 1:] if not g.update_locked]
+        if "error" in f.needs and unlocked_above:
+            raise ValueError(
+                f"feedback {f.name} at cut {cuts[i]} needs this batch's output error, but "
+                f"the interfaces above it ({', '.join(unlocked_above)}) do not wait for it: "
+                "put direct-error feedbacks (DFA, Kickback) only below update-locked ones"
+            )
     input_shape = tuple(int(s) for s in input_shape)
     shapes = _shapes(layers, input_shape)
     label_fn = default_label_fn(num_classes)
@@ -463,10 +471,11 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
                 )
             error, fstate, info = grad_h, state.feedback, {"loss": loss_value}
         else:
-            if target is None:
+            if target is None and interface.update_locked:
                 raise ValueError(
-                    f"stage {index} has feedback {feedback.name} and needs the Target "
-                    "message from the stage above (use a schedule from sgjax.train)"
+                    f"stage {index} has the update-locked feedback {feedback.name} and needs "
+                    "this batch's Target message from the stage above (use a schedule from "
+                    "sgjax.train)"
                 )
             grad_h, fstate, info = interface.step(state.feedback, h, labels, target)
             if grad_h.shape != h.shape:
@@ -474,7 +483,7 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
                     f"feedback {feedback.name} at stage {index} gave a gradient of shape "
                     f"{grad_h.shape} for activations of shape {h.shape}"
                 )
-            error = target.error
+            error = target.error if target is not None else None
         g_rest, pre_grad = residual.vjp_rest(grad_h)
         if needs_input_grad:
             g_first, grad_x = residual.vjp_first(pre_grad)
@@ -489,7 +498,7 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
             fields = dict(grad=grad_x, inputs=residual.x, labels=labels, pre_grad=pre_grad,
                           error=error)
             below = Target(**{k: v for k, v in fields.items() if k in below_needs},
-                           valid=jnp.ones((), bool))
+                           valid=True)
         return new_state, below, info
 
     def update(state, x, y, target=None):

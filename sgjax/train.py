@@ -11,19 +11,23 @@
   its own device (``jax.device_put``; computation follows the data). Each stage
   function is jitted once.
 
-How targets flow. With feedbacks that are not update locked (DNI, cDNI,
-No Bprop, stale) stage *k* receives, with batch *t*, the target the stage above
-computed for batch *t − 1*: it fits its predictor to it and then predicts for
-batch *t*. That is exactly the order of DNI Fig. 2 (use on *t*, fit on *t*, use
-on *t + 1*) and needs one forward pass per stage. With update-locked feedbacks
-(Bprop, SG + prop, FA, DFA, Kickback) the schedule first runs the stages
-forward, then updates them from the top down with this batch's targets.
+How targets flow. Each interface keeps its own protocol, so feedbacks can be
+mixed in one split. A stage whose feedback is not update locked (DNI, cDNI,
+No Bprop, stale) updates as soon as its input arrives, from its predictor's
+synthetic gradient for batch *t*; once the stage above has sent the target for
+batch *t*, the predictor is fitted to it, and the fitted predictor is used on
+batch *t + 1*: exactly DNI Fig. 2 (use on *t*, fit on *t*, use on *t + 1*).
+A stage whose feedback is update locked (Bprop, SG + prop, FA, DFA, Kickback)
+runs its forward pass, keeps the residual, and finishes its backward pass when
+this batch's target comes down. Every forward pass runs once per step.
 
 ``pipelined`` (Runner only): on tick *t* stage *k* processes batch *t − k*,
 and every stage of a tick is dispatched before any result is awaited, so on *K*
 devices they run at the same time. The target a stage receives on tick *t* was
-computed by the stage above on tick *t − 1*, for batch *t − k − 2*: one batch
-older than under ``sync``. Update-locked feedbacks cannot be pipelined.
+computed by the stage above on tick *t − 1*, for batch *t − k − 2*, so it is
+kept as a pending target and fitted at the start of the next tick, before the
+prediction for batch *t − k* (``TrainState.pending``). Update-locked feedbacks
+cannot be pipelined.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from sgjax.split import Split, StageState
 
 
 class TrainState(NamedTuple):
-    """All stages' states and, per stage, the newest target it has received
-    (``pending[k]`` is ``None`` for the top stage)."""
+    """All stages' states and, for the pipelined schedule, per stage the target
+    received but not yet fitted (``None`` everywhere under ``sync`` and
+    ``stochastic``, which fit each target in the step it arrives)."""
 
     stages: tuple[StageState, ...]
     pending: tuple[Target | None, ...]
@@ -79,9 +84,13 @@ def _placeholders(split: Split, stages: Sequence[StageState], x, y) -> tuple:
     return tuple(pending)
 
 
-def _init(split: Split, key, x, y) -> TrainState:
+def _init(split: Split, key, x, y, *, pending: bool = False) -> TrainState:
+    """Initial state; ``pending`` adds the ``valid=False`` placeholder targets a
+    pipelined schedule keeps between ticks (``sync``/``stochastic`` keep none)."""
     split.check_batch(x, y)
     stages = split.init(key)
+    if not pending:
+        return TrainState(stages, (None,) * len(stages))
     return TrainState(stages, _placeholders(split, stages, x, y))
 
 
@@ -97,11 +106,16 @@ def _merge(infos: Sequence[dict]) -> dict:
 def _sync_tick(split: Split, call, ts: TrainState, x, y):
     """One step of every stage on batch ``(x, y)``, each with its own protocol.
 
-    Bottom-up, a stage that does not wait updates at once from the target it
-    keeps (the previous batch's); a stage that waits (update-locked feedback)
-    only runs its forward pass and keeps the residual. Then, top-down, each
-    waiting stage finishes its backward pass with the target the stage above
-    has just sent for this batch. Every forward pass runs once.
+    1. Bottom-up: a stage whose feedback is not update locked updates at once
+       from its synthetic (or zero, or stale) gradient; a stage that waits
+       (update-locked feedback) runs only its forward pass and keeps the residual.
+    2. Top-down: each waiting stage finishes its backward pass with the target
+       the stage above has just sent for this batch.
+    3. Every other interface's gradient source is fitted to the target that
+       arrived for this batch (DNI Fig. 2: use on t, fit on t, use on t + 1).
+       Inside one compiled step the fit reuses the prediction's forward pass.
+
+    Every forward pass runs once; nothing is kept between steps.
     """
     K = len(split.stages)
     new: list = [None] * K
@@ -113,15 +127,16 @@ def _sync_tick(split: Split, call, ts: TrainState, x, y):
         if stage.waits:
             h_next, residuals[k] = call(k, "forward_pass")(ts.stages[k], h)
         else:
-            new[k], h_next, sent[k], infos[k] = call(k, "update")(
-                ts.stages[k], h, y, ts.pending[k])
+            new[k], h_next, sent[k], infos[k] = call(k, "update")(ts.stages[k], h, y, None)
         h = h_next
     for k in reversed(sorted(residuals)):
         new[k], sent[k], infos[k] = call(k, "backward_pass")(
             ts.stages[k], residuals[k], y, sent[k + 1])
-    pending = tuple(None if (k == K - 1 or split.stages[k].waits) else sent[k + 1]
-                    for k in range(K))
-    return TrainState(tuple(new), pending), _merge(infos)
+    for k in range(K - 1):
+        if not split.stages[k].waits:
+            new[k], fit_info = call(k, "fit")(new[k], sent[k + 1])
+            infos[k] = {**infos[k], **fit_info}
+    return TrainState(tuple(new), ts.pending), _merge(infos)
 
 
 def _check_concrete_batch(split: Split, x, y) -> None:
@@ -167,30 +182,27 @@ def stochastic(split: Split, p_update: float | None) -> Schedule:
         if p is None:
             raise ValueError("stochastic(split, None) needs p_update as the step's 5th argument")
         _check_concrete_batch(split, x, y)
-        active = jax.random.bernoulli(key, p, (len(split.stages),))
-        new, infos, pending = [], [], list(ts.pending)
+        K = len(split.stages)
+        active = jax.random.bernoulli(key, p, (K,))
+        new, infos, sent = [None] * K, [None] * K, [None] * (K + 1)
         h = x
         for k, stage in enumerate(split.stages):
-            shapes = jax.eval_shape(stage.update, ts.stages[k], h, y, ts.pending[k])
+            shapes = jax.eval_shape(stage.update, ts.stages[k], h, y, None)
 
-            def skip(state, h, target, stage=stage, shapes=shapes):
+            def skip(state, h, stage=stage, shapes=shapes):
                 below = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
                 info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[3])
-                if target is not None:
-                    state, fit_info = stage.fit(state, target)
-                    info = {**info, **fit_info}
                 return state, stage.forward(state, h), below, info
 
-            def run(state, h, target, stage=stage):
-                return stage.update(state, h, y, target)
+            def run(state, h, stage=stage):
+                return stage.update(state, h, y, None)
 
-            st, h, below, info = jax.lax.cond(active[k], run, skip, ts.stages[k], h,
-                                              ts.pending[k])
-            new.append(st)
-            infos.append({**info, "active": active[k]})
-            if k > 0:
-                pending[k - 1] = below
-        return TrainState(tuple(new), tuple(pending)), _merge(infos)
+            new[k], h, sent[k], info = jax.lax.cond(active[k], run, skip, ts.stages[k], h)
+            infos[k] = {**info, "active": active[k]}
+        for k in range(K - 1):  # a skipped stage above sent an invalid target: no fit
+            new[k], fit_info = split.stages[k].fit(new[k], sent[k + 1])
+            infos[k] = {**infos[k], **fit_info}
+        return TrainState(tuple(new), ts.pending), _merge(infos)
 
     return Schedule(lambda key, x, y: _init(split, key, x, y), step)
 
@@ -287,7 +299,7 @@ class Runner:
         self.split, self.schedule, self.devices = split, schedule, devices[:K]
         self._fns = [
             {name: jax.jit(getattr(s, name))
-             for name in ("update", "forward", "apply", "forward_pass", "backward_pass")}
+             for name in ("update", "forward", "apply", "forward_pass", "backward_pass", "fit")}
             for s in split.stages
         ]
 
@@ -300,7 +312,7 @@ class Runner:
         return call
 
     def init(self, key, x, y):
-        ts = _init(self.split, key, x, y)
+        ts = _init(self.split, key, x, y, pending=self.schedule == "pipelined")
         stages = tuple(jax.device_put(s, d) for s, d in zip(ts.stages, self.devices))
         pending = tuple(jax.device_put(p, d) for p, d in zip(ts.pending, self.devices))
         ts = TrainState(stages, pending)

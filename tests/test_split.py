@@ -212,8 +212,22 @@ def perturbed_dni_state():
         for k, s in enumerate(ts.stages))
     ts = ts._replace(stages=stages)
     step = jax.jit(sched.step)
-    for t in range(3):
+    for t in range(2):
         ts, _ = step(ts, xs[t], ys[t])
+
+    @jax.jit
+    def predict_only(stages, x, y):
+        """Batch 2 without the fitting phase: every stage updates, and the targets sent
+        down are left pending (what a pipelined stage holds between ticks)."""
+        new, sent, h = [], [], x
+        for stage, state in zip(split.stages, stages):
+            st, h, below, _ = stage.update(state, h, y, None)
+            new.append(st)
+            sent.append(below)
+        return tuple(new), (*sent[1:], None)
+
+    stages, pending = predict_only(ts.stages, xs[2], ys[2])
+    ts = ts._replace(stages=stages, pending=pending)
     x, y = xs[3], ys[3]
     inputs = [x]
     for stage, state in zip(split.stages[:-1], ts.stages[:-1]):
@@ -225,7 +239,7 @@ def perturbed_dni_state():
         update with an invalid (placeholder) target."""
         out = [stage.update(state, x, y, pending)
                for stage, state, x, pending in zip(split.stages, ts.stages, inputs, ts.pending)]
-        placeholder = jax.tree.map(jnp.zeros_like, ts.pending[1])
+        placeholder = jax.tree.map(jnp.zeros_like, ts.pending[1])  # valid=False
         return out, split.stages[1].update(ts.stages[1], inputs[1], y, placeholder)
 
     out, with_placeholder = updates(ts, inputs, y)
@@ -414,10 +428,15 @@ def test_wrong_input_shape_to_a_stage(shape):
 
 
 def test_stage_with_feedback_needs_a_target():
+    split = small((2,), F.backprop())
+    states = split.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="stage 0 has the update-locked feedback Bprop"):
+        split.stages[0].update(states[0], jnp.zeros((B, D)), jnp.zeros((B,), jnp.int32))
+    # an unlocked feedback without a target only predicts (nothing to fit)
     split = small((2,), F.none())
     states = split.init(jax.random.key(0))
-    with pytest.raises(ValueError, match="stage 0 has feedback No Bprop"):
-        split.stages[0].update(states[0], jnp.zeros((B, D)), jnp.zeros((B,), jnp.int32))
+    new, *_ = split.stages[0].update(states[0], jnp.zeros((B, D)), jnp.zeros((B,), jnp.int32))
+    assert int(new.step) == 1
 
 
 def test_integer_labels_need_num_classes():

@@ -168,9 +168,9 @@ def run_sg_sgjax(ab0: jax.Array, config: Config) -> tuple[jax.Array, jax.Array]:
     """The SG run of :func:`run_sg` through ``sgjax``.
 
     Returns ``(ab, c)``: ``ab (steps, 2)`` the model after each step and ``c (steps,)`` the
-    SG output each step used. In ``sgjax``'s sync schedule a step first fits ``c`` to the
-    previous step's target, then uses it, so ``ab[t]`` matches :func:`run_sg`'s
-    trajectory at ``t + 1`` and ``c[t]`` its ``c`` at ``t``.
+    SG output after each step. In ``sgjax``'s sync schedule step ``t`` uses ``c``, then
+    fits it to the target of the same batch (DNI Fig. 2), so both ``ab[t]`` and ``c[t]``
+    match :func:`run_sg`'s trajectory at ``t + 1``.
     """
     split = sgjax_split(config)
     sched = sgjax.sync(split)
