@@ -12,12 +12,21 @@ from sgjax.feedback import Feedback, Target
 from sgjax.layers import Layer
 from sgjax.predictors import Predictor
 from sgjax.split import Split, Stage, StageState, split_at
-from sgjax.train import Runner, Schedule, TrainState, fused, stochastic, sync
+from sgjax.train import (
+    NonFiniteError,
+    Runner,
+    Schedule,
+    TrainState,
+    check_finite,
+    fused,
+    stochastic,
+    sync,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Feedback", "Layer", "Predictor", "Runner", "Schedule", "Split", "Stage", "StageState",
-    "Target", "TrainState", "feedback", "fused", "layers", "losses", "metrics", "predictors",
-    "split_at", "stochastic", "sync", "train",
+    "Feedback", "Layer", "NonFiniteError", "Predictor", "Runner", "Schedule", "Split", "Stage",
+    "StageState", "Target", "TrainState", "check_finite", "feedback", "fused", "layers",
+    "losses", "metrics", "predictors", "split_at", "stochastic", "sync", "train",
 ]

@@ -10,18 +10,29 @@ import jax
 import jax.numpy as jnp
 
 
-def _flat(x):
-    return x.reshape(x.shape[0], -1)
+def _pair(synthetic, true):
+    """Both as ``(B, -1)``; a ``ValueError`` if their shapes differ (broadcasting
+    would silently compare the wrong numbers)."""
+    if jnp.shape(synthetic) != jnp.shape(true):
+        raise ValueError(
+            f"synthetic gradient of shape {jnp.shape(synthetic)} compared with a true "
+            f"gradient of shape {jnp.shape(true)}: they must have the same shape (B, ...)"
+        )
+    if jnp.ndim(true) < 1:
+        raise ValueError("gradients need a batch axis: shape (B, ...)")
+    return (jnp.reshape(synthetic, (jnp.shape(synthetic)[0], -1)),
+            jnp.reshape(true, (jnp.shape(true)[0], -1)))
 
 
 def l2_error(synthetic: jax.Array, true: jax.Array) -> jax.Array:
     """Mean over examples of the squared L2 distance ``‖ĝ − g‖²``."""
-    return jnp.mean(jnp.sum((_flat(synthetic) - _flat(true)) ** 2, axis=-1))
+    s, t = _pair(synthetic, true)
+    return jnp.mean(jnp.sum((s - t) ** 2, axis=-1))
 
 
 def cosine_similarity(synthetic: jax.Array, true: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Mean over examples of ``<ĝ, g> / (‖ĝ‖ ‖g‖)`` (0 where either is zero)."""
-    s, t = _flat(synthetic), _flat(true)
+    s, t = _pair(synthetic, true)
     num = jnp.sum(s * t, axis=-1)
     den = jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1)
     return jnp.mean(jnp.where(den > eps, num / jnp.maximum(den, eps), 0.0))
@@ -29,7 +40,8 @@ def cosine_similarity(synthetic: jax.Array, true: jax.Array, eps: float = 1e-12)
 
 def sign_error(synthetic: jax.Array, true: jax.Array) -> jax.Array:
     """Mean fraction of dimensions whose sign differs between ``ĝ`` and ``g``."""
-    return jnp.mean(jnp.sign(synthetic) != jnp.sign(true))
+    s, t = _pair(synthetic, true)
+    return jnp.mean(jnp.sign(s) != jnp.sign(t))
 
 
 def all_metrics(synthetic: jax.Array, true: jax.Array) -> dict[str, jax.Array]:
