@@ -7,12 +7,17 @@ needs — a synthetic-gradient predictor and its optimiser state, a fixed random
 matrix, an exponential average — and replaces ``∂L/∂h`` for the stage below
 the cut with its own substitute ``∂L/∂h^`` (Table 1, first row).
 
-The stage above the cut sends back a :class:`Target` message: the activations
-``h`` it received, their labels, and the gradient it computed for them (for a
-synthetic stage above, its synthetic gradient backpropagated through it, DNI
-Fig. 2). Feedbacks that are *update locked* (Table 1) need that message for the
-same batch before the stage below can update; the others use it only to train
-their gradient model, so it may arrive later.
+The stage above the cut sends back a :class:`Target` message holding only what
+the feedback reads (``Feedback.needs``): for DNI the activations ``h`` it
+received (and their labels, for cDNI) and the gradient it computed for them
+(its own synthetic gradient backpropagated through it, DNI Fig. 2). A bound
+feedback (:class:`Interface`) is three pure functions of its state: ``init``,
+``grad`` (the substitute for this batch) and ``fit`` (train the gradient source
+on a message). Feedbacks that are *update locked* (Table 1) need that message
+for the same batch before the stage below can update; the others use it only to
+train their gradient model, so it may arrive later. Wrappers (``scaled``,
+``refit_every``, ``warmup``) take a feedback and return one, as optax
+transformations chain.
 
 Table 1's columns are attributes (``sg_trains``, ``update_locked``,
 ``backwards_locked``, ``direct_error``) and its formula rows are strings in
