@@ -96,7 +96,13 @@ def test_headline_samples_and_seconds_to_target():
     assert h["bptt_T20"]["samples"] == 30 * 20 * 4
     assert h["data_ratio"] == pytest.approx(400 / 2400)
     assert h["speedup"] == pytest.approx(12.0 / 2.0)
+    assert h["common"]["target_bpc"] == 1.5  # both reach 1.4 < 1.5: the same target
     assert "17 %" in T2.headline_markdown([a, b])
+    slow = _result("ptb-dniaux-T5", 5, [2.0, 1.9, 1.8], [1.0, 2.0, 3.0])
+    h = T2.headline([slow, b])
+    assert h["dniaux_T5"] is None and "data_ratio" not in h
+    assert h["common"]["target_bpc"] == 1.8 and h["common"]["bptt_T20"]["iterations"] == 20
+    assert "not reached" in T2.headline_markdown([slow, b])
     assert T2.headline([a]) is None
 
 

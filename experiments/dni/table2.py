@@ -421,29 +421,39 @@ def _bpc_axes(ax, results, methods, title):
         ax.legend(fontsize="x-small")
 
 
+def _reach(r: CellResult, target: float) -> dict[str, Any] | None:
+    """The first evaluation at which ``r``'s validation BPC is at most ``target``."""
+    steps, values = r.curves["valid_bpc"]
+    secs = (np.interp(steps, *r.curves["seconds"]) if "seconds" in r.curves
+            else np.zeros(len(steps)))
+    hit = np.nonzero(values <= target + 1e-9)[0]
+    if not len(hit):
+        return None
+    i = hit[0]
+    return {"iterations": int(steps[i]), "samples": float(_samples(r, [steps[i]])[0]),
+            "seconds": float(secs[i]), "valid_bpc": float(values[i])}
+
+
+def _compare(a: CellResult, b: CellResult, target: float) -> dict[str, Any]:
+    out = {"target_bpc": target, "dniaux_T5": _reach(a, target), "bptt_T20": _reach(b, target)}
+    if out["dniaux_T5"] and out["bptt_T20"]:
+        out["data_ratio"] = out["dniaux_T5"]["samples"] / out["bptt_T20"]["samples"]
+        out["speedup"] = out["bptt_T20"]["seconds"] / max(out["dniaux_T5"]["seconds"], 1e-9)
+    return out
+
+
 def headline(results: Sequence[CellResult]) -> dict[str, Any] | None:
     """Samples and training seconds for DNI + Aux ``T = 5`` and BPTT ``T = 20`` to
-    reach the best validation BPC of BPTT ``T = 20`` (``None`` unless both ran)."""
+    reach the best validation BPC of BPTT ``T = 20`` (the paper's comparison), and, in
+    ``"common"``, to reach the lowest BPC both reach (``None`` unless both cells ran)."""
     by = {r.cell.id: r for r in results}
     a, b = by.get("ptb-dniaux-T5"), by.get("ptb-bptt-T20")
     if a is None or b is None or "valid_bpc" not in a.curves or "valid_bpc" not in b.curves:
         return None
-    target = float(np.min(b.curves["valid_bpc"].value))
-
-    def reach(r):
-        steps, values = r.curves["valid_bpc"]
-        secs = np.interp(steps, *r.curves["seconds"]) if "seconds" in r.curves else steps * 0
-        hit = np.nonzero(values <= target + 1e-9)[0]
-        if not len(hit):
-            return None
-        i = hit[0]
-        return {"iterations": int(steps[i]), "samples": float(_samples(r, [steps[i]])[0]),
-                "seconds": float(secs[i]), "valid_bpc": float(values[i])}
-
-    out = {"target_bpc": target, "dniaux_T5": reach(a), "bptt_T20": reach(b)}
-    if out["dniaux_T5"] and out["bptt_T20"]:
-        out["data_ratio"] = out["dniaux_T5"]["samples"] / out["bptt_T20"]["samples"]
-        out["speedup"] = out["bptt_T20"]["seconds"] / max(out["dniaux_T5"]["seconds"], 1e-9)
+    best_a = float(np.min(a.curves["valid_bpc"].value))
+    best_b = float(np.min(b.curves["valid_bpc"].value))
+    out = _compare(a, b, best_b)
+    out["common"] = _compare(a, b, max(best_a, best_b))
     return out
 
 
@@ -451,21 +461,30 @@ def headline_markdown(results: Sequence[CellResult]) -> str:
     h = headline(results)
     if h is None:
         return "Headline: needs the cells ptb-dniaux-T5 and ptb-bptt-T20.\n"
-    lines = [f"Headline (paper: DNI + Aux T=5 reaches 1.35 BPC with 58 % of the data of BPTT "
-             f"T=20, 2× faster). Target: BPTT T=20's best validation BPC, "
-             f"{h['target_bpc']:.4f}.", "",
-             "| cell | iterations | samples | training seconds | valid BPC |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for name in ("dniaux_T5", "bptt_T20"):
-        r = h[name]
-        if r is None:
-            lines.append(f"| {name} | not reached | | | |")
-        else:
-            lines.append(f"| {name} | {r['iterations']} | {r['samples']:.0f} | "
-                         f"{r['seconds']:.1f} | {r['valid_bpc']:.4f} |")
-    if "data_ratio" in h:
-        lines += ["", f"DNI + Aux T=5 used {100 * h['data_ratio']:.0f} % of the data and was "
-                      f"{h['speedup']:.2f}× as fast in training wall-clock."]
+    lines = ["Headline (paper: DNI + Aux T=5 reaches 1.35 BPC with 58 % of the data of BPTT "
+             "T=20, 2× faster). Samples = iterations × T × batch; seconds = compiled "
+             "training steps only, from the cells' own runs.", "",
+             "| target | cell | iterations | samples | training seconds | valid BPC |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    blocks = [("BPTT T=20's best", h)]
+    if h["common"]["target_bpc"] != h["target_bpc"]:
+        blocks.append(("lowest BPC both reach", h["common"]))
+    notes = []
+    for label, c in blocks:
+        for name in ("dniaux_T5", "bptt_T20"):
+            r = c[name]
+            if r is None:
+                lines.append(f"| {label} {c['target_bpc']:.4f} | {name} | not reached | | | |")
+            else:
+                lines.append(f"| {label} {c['target_bpc']:.4f} | {name} | {r['iterations']} | "
+                             f"{r['samples']:.0f} | {r['seconds']:.1f} | {r['valid_bpc']:.4f} |")
+        if "data_ratio" in c:
+            notes.append(f"to {c['target_bpc']:.4f} BPC, DNI + Aux T=5 used "
+                         f"{100 * c['data_ratio']:.0f} % of the data and was "
+                         f"{c['speedup']:.2f}× as fast in training wall-clock as BPTT T=20")
+    if notes:
+        text = "; ".join(notes)
+        lines += ["", text[0].upper() + text[1:] + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -508,9 +527,13 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
             ax.set_xlabel(xl)
             ax.set_ylabel("validation BPC")
             ax.legend(fontsize="small")
-        text = (f"data {100 * h['data_ratio']:.0f} %, {h['speedup']:.2f}× faster"
-                if "data_ratio" in h else "target not reached by both")
-        fig.suptitle(f"DNI + Aux T=5 vs BPTT T=20 to BPC {h['target_bpc']:.3f}: {text}")
+        c = h if "data_ratio" in h else h["common"]
+        if c["target_bpc"] != h["target_bpc"]:
+            right.axhline(c["target_bpc"], color="k", lw=0.8, ls=":")
+            left.axhline(c["target_bpc"], color="k", lw=0.8, ls=":")
+        text = (f"data {100 * c['data_ratio']:.0f} %, {c['speedup']:.2f}× faster"
+                if "data_ratio" in c else "target not reached by both")
+        fig.suptitle(f"DNI + Aux T=5 vs BPTT T=20 to BPC {c['target_bpc']:.3f}: {text}")
         figs["headline"] = fig
     return figs
 
