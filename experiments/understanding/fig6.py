@@ -223,7 +223,7 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict:
         ab_s, c_s = jax.jit(jax.vmap(lambda s: run_sg_sgjax(s, config)))(starts)
         ab_s, c_s = np.asarray(ab_s), np.asarray(c_s)
         diff_ab = np.abs(ab_s - traj[:, 1:, :2]).max()
-        diff_c = np.abs(c_s - traj[:, :-1, 2]).max()
+        diff_c = np.abs(c_s - traj[:, 1:, 2]).max()
         new_cp = at_new_critical_point(a, b, c, config.tol)
         extra = {"sgjax_max_abs_diff": float(max(diff_ab, diff_c)),
                  "frac_new_critical_point": float(new_cp.mean()),
