@@ -495,6 +495,28 @@ class CountedState(NamedTuple):
     count: jax.Array
 
 
+def _counted(inner: Interface, *, grad=None, fit=None) -> Interface:
+    """``inner`` with its state wrapped in :class:`CountedState`; ``grad``/``fit``
+    replace the pass-through versions (the counter is theirs to advance)."""
+
+    def init(key):
+        return CountedState(inner.init(key), jnp.zeros((), jnp.int32))
+
+    def passthrough_grad(fstate, h, y, target=None):
+        sub, state, info = inner.grad(fstate.inner, h, y, target)
+        return sub, fstate._replace(inner=state), info
+
+    def passthrough_fit(fstate, target):
+        state, info = inner.fit(fstate.inner, target)
+        return fstate._replace(inner=state), info
+
+    sg_loss = None
+    if inner.sg_loss is not None:
+        sg_loss = lambda fstate, *args: inner.sg_loss(fstate.inner, *args)
+    return inner._replace(init=init, grad=grad or passthrough_grad,
+                          fit=fit or passthrough_fit, sg_loss=sg_loss)
+
+
 def scaled(feedback: Feedback, alpha: float) -> Feedback:
     """The substitute of ``feedback`` multiplied by ``alpha`` when consumed
     (DNI A.3: the recurrent synthetic gradient ×0.1; A.4: ×10 before entering
@@ -531,23 +553,13 @@ def refit_every(feedback: Feedback, n: int) -> Feedback:
     def make(spec):
         inner = feedback.build(spec)
 
-        def init(key):
-            return CountedState(inner.init(key), jnp.zeros((), jnp.int32))
-
-        def grad(fstate, h, y, target=None):
-            sub, state, info = inner.grad(fstate.inner, h, y, target)
-            return sub, fstate._replace(inner=state), info
-
         def fit(fstate, target):
             valid = jnp.asarray(target.valid, bool)
             due = valid & (fstate.count % n == 0)
             state, info = inner.fit(fstate.inner, target._replace(valid=due))
             return CountedState(state, fstate.count + valid.astype(jnp.int32)), info
 
-        sg_loss = None
-        if inner.sg_loss is not None:
-            sg_loss = lambda fstate, *args: inner.sg_loss(fstate.inner, *args)
-        return inner._replace(init=init, grad=grad, fit=fit, sg_loss=sg_loss)
+        return _counted(inner, fit=fit)
 
     return dataclasses.replace(feedback, name=f"{feedback.name}, refit every {n}", make=make)
 
@@ -563,19 +575,12 @@ def warmup(feedback: Feedback, steps: int) -> Feedback:
     def make(spec):
         inner = feedback.build(spec)
 
-        def init(key):
-            return CountedState(inner.init(key), jnp.zeros((), jnp.int32))
-
         def grad(fstate, h, y, target=None):
             sub, state, info = inner.grad(fstate.inner, h, y, target)
             sub = jnp.where(fstate.count < steps, jnp.zeros_like(sub), sub)
             return sub, CountedState(state, fstate.count + 1), info
 
-        def fit(fstate, target):
-            state, info = inner.fit(fstate.inner, target)
-            return fstate._replace(inner=state), info
-
-        return inner._replace(init=init, grad=grad, fit=fit, sg_loss=None)
+        return _counted(inner, grad=grad)._replace(sg_loss=None)
 
     return dataclasses.replace(feedback, name=f"{feedback.name}, warm-up {steps}", make=make)
 

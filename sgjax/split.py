@@ -112,11 +112,7 @@ class Split(NamedTuple):
             )
         if y is None:
             return
-        if jnp.shape(y)[:1] != x.shape[:1]:
-            raise ValueError(
-                f"labels y have batch size {jnp.shape(y)[:1]} but inputs x have {x.shape[0]} "
-                "examples: give one label per example"
-            )
+        check_label_batch(x, y)
         labels = self.label_fn(y)
         if (labels is not None and self.num_classes is not None and _is_concrete(y)
                 and jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer)):
@@ -236,6 +232,15 @@ def default_label_fn(num_classes: int | None) -> Callable[[jax.Array], jax.Array
         return y
 
     return label_fn
+
+
+def check_label_batch(x, y) -> None:
+    """``ValueError`` unless there is one label per example of ``x``."""
+    if jnp.shape(y)[:1] != x.shape[:1]:
+        raise ValueError(
+            f"labels y have batch size {jnp.shape(y)[:1]} but inputs x have {x.shape[0]} "
+            "examples: give one label per example"
+        )
 
 
 def _is_concrete(x) -> bool:
@@ -428,15 +433,6 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
                 f" but got {tuple(x.shape)}"
             )
 
-    def check_labels(x, y):
-        if y is None:
-            return
-        if jnp.shape(y)[:1] != x.shape[:1]:
-            raise ValueError(
-                f"labels y have batch size {jnp.shape(y)[:1]} but inputs x have {x.shape[0]} "
-                "examples: give one label per example"
-            )
-
     def forward_pass(state, x):
         """Run the stage in training mode and keep what its backward pass needs."""
         check_input(x)
@@ -458,7 +454,8 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
 
     def backward_pass(state, residual, y, target=None):
         """Obtain ``∂L/∂h`` (loss or feedback), update, and build the message below."""
-        check_labels(residual.x, y)
+        if y is not None:
+            check_label_batch(residual.x, y)
         labels = label_fn(y)
         h = residual.h
         if interface is None:
