@@ -23,19 +23,25 @@ from experiments.framework import Cell, CellResult
 
 # ----------------------------------------------------------------- smoke, end to end
 
+SLOW = pytest.mark.slow  # a CIFAR-10 CNN, a vmapped stochastic population, a decay sweep
 SMOKE = [
     # (experiment, one or two cells, the figures it must draw, metrics a cell must have)
-    ("stale", ["mnist-fcn3-stale"], ["stale-sweep"], {"best_decay", "errors"}),
-    ("sparse", ["cdni"], ["fig5-left"], {"verdict", "snapshots", "final_errors"}),
-    ("single", ["dni-after2"], ["fig9a", "fig10"], {"mean_cosine", "final_sign_error"}),
-    ("linear", ["mnist-fcn3-dni-linear"], ["fig12"], {"train_error", "sg_model"}),
-    ("underfit", ["cifar10-cnn3-bprop"], ["fig13"], {"train_error", "gap"}),
-    ("blog", ["synthetic"], ["blog-accuracy", "blog-heatmaps"],
-     {"heatmap_cosine", "heatmap_synthetic", "parameters"}),
+    pytest.param("stale", ["mnist-fcn3-stale"], ["stale-sweep"], {"best_decay", "errors"},
+                 marks=SLOW, id="stale"),
+    pytest.param("sparse", ["cdni"], ["fig5-left"], {"verdict", "snapshots", "final_errors"},
+                 marks=SLOW, id="sparse"),
+    pytest.param("single", ["dni-after2"], ["fig9a", "fig10"],
+                 {"mean_cosine", "final_sign_error"}, id="single"),
+    pytest.param("linear", ["mnist-fcn3-dni-linear"], ["fig12"], {"train_error", "sg_model"},
+                 id="linear"),
+    pytest.param("underfit", ["cifar10-cnn3-bprop"], ["fig13"], {"train_error", "gap"},
+                 marks=SLOW, id="underfit"),
+    pytest.param("blog", ["synthetic"], ["blog-accuracy", "blog-heatmaps"],
+                 {"heatmap_cosine", "heatmap_synthetic", "parameters"}, id="blog"),
 ]
 
 
-@pytest.mark.parametrize("name,only,figs,keys", SMOKE, ids=[s[0] for s in SMOKE])
+@pytest.mark.parametrize("name,only,figs,keys", SMOKE)
 def test_smoke_run(tmp_path, name, only, figs, keys):
     assert main(["run", name, "--preset", "smoke", "--out", str(tmp_path),
                  "--only", *only]) == 0
@@ -186,6 +192,7 @@ def test_paper_population_has_the_claims_p_values():
     assert {0.05, 0.2} <= set(p) and all(0 < v <= 1 for v in p) and len(p) >= 99
 
 
+@pytest.mark.slow
 def test_blog_stale_split_reuses_gradients():
     """The blog's stale method: parameters move by the same step for `every` updates."""
     cfg = birdseye.Config(steps=4, lr=0.1, sg_lr=1e-5, eval_every=4, chunk=4,
