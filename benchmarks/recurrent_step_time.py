@@ -11,6 +11,11 @@ so the ratios come from the same conditions.
 
 Defaults are CPU-sized (A.3's PTB model is 1024 units, batch 256: ``--width 1024
 --batch 256`` on an accelerator).
+
+Measured with ``--steps 100 --rounds 5`` (2 CPU cores shared with other jobs): ms per time
+step BPTT T=5 5.68, DNI T=5 6.37 (1.12× BPTT at the same T), DNI + Aux T=5 14.45 (2.55×:
+the auxiliary loss re-runs the previous chunk and the synthetic gradient model runs at
+every step), BPTT T=20 5.88.
 """
 
 from __future__ import annotations
