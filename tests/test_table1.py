@@ -25,12 +25,16 @@ def test_registered():
 
 def test_cells_and_paper_numbers():
     cells = T1.EXPERIMENT.cells_for("smoke")
-    # 2 datasets x (FCN 3-6, CNN 3-4) x 4 methods: the paper's 6 rows x 8 columns.
-    assert len(cells) == 48
+    # 2 datasets x (FCN 3-6, CNN 3-4) x 4 methods: the paper's 6 rows x 8 columns, plus
+    # §3.1's Stale column for the 4 MNIST FCNs.
+    assert len(cells) == 48 + 4
+    stale = [c for c in cells if c.params["method"] == "stale"]
+    assert [(c.id, c.paper) for c in stale] == [
+        (f"mnist-fcn{d}-stale", T1.STALE_PAPER[d]) for d in (3, 4, 5, 6)]
     for preset in framework.PRESETS:
         assert [c.id for c in T1.EXPERIMENT.cells_for(preset)] == [c.id for c in cells]
     by = {c.id: c for c in cells}
-    assert len(by) == 48
+    assert len(by) == 52
     expected = {  # spot checks against Table 1 (left), one per block and column
         "mnist-fcn3-nobprop": 9.3, "mnist-fcn3-bprop": 2.0, "mnist-fcn3-dni": 1.9,
         "mnist-fcn3-cdni": 2.2, "mnist-fcn6-nobprop": 21.4, "mnist-fcn6-dni": 4.3,
@@ -190,8 +194,8 @@ def test_smoke_cells_end_to_end(tmp_path, capsys):
     out_dir = tmp_path / "table1" / "smoke"
     ran = sorted(p.stem for p in (out_dir / "cells").glob("*.json"))
     assert ran == sorted(["mnist-fcn3-nobprop", "mnist-fcn3-bprop", "mnist-fcn3-dni",
-                          "mnist-fcn3-cdni", "mnist-cnn3-dni", "cifar10-fcn3-cdni",
-                          "cifar10-cnn3-nobprop"])
+                          "mnist-fcn3-cdni", "mnist-fcn3-stale", "mnist-cnn3-dni",
+                          "cifar10-fcn3-cdni", "cifar10-cnn3-nobprop"])
     record = json.loads((out_dir / "cells" / "mnist-fcn3-dni.json").read_text())
     assert 0.0 <= record["metric"] <= 100.0
     assert record["paper"] == 1.9 and record["column"] == "DNI"
@@ -210,11 +214,11 @@ def test_smoke_cells_end_to_end(tmp_path, capsys):
     assert f"| {T1.dataset_label('cifar10')} CNN 4 | cDNI | 16.4 |" in table
     assert table.splitlines()[0].startswith("**Smoke preset: these numbers are not results")
     rows = list(csv.DictReader((out_dir / "results.csv").open()))
-    assert len(rows) == 48 and sum(r["status"] == "done" for r in rows) == 7
+    assert len(rows) == 52 and sum(r["status"] == "done" for r in rows) == 8
     for name in ("table1-right", "fig11-mnist-fcn", "fig11-mnist-cnn", "fig11-cifar10-fcn",
                  "fig11-cifar10-cnn"):
         assert (out_dir / f"{name}.png").stat().st_size > 1000, name
-    assert elapsed < 240, f"7 smoke cells took {elapsed:.0f} s"  # 2 cores shared by other jobs
+    assert elapsed < 240, f"8 smoke cells took {elapsed:.0f} s"  # 2 cores shared by other jobs
 
 
 @pytest.mark.slow
@@ -223,4 +227,4 @@ def test_smoke_preset_all_cells(tmp_path):
     runs in CI)."""
     assert main(["run", "table1", "--preset", "smoke", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "table1" / "smoke" / "results.csv").open()))
-    assert len(rows) == 48 and all(r["status"] == "done" for r in rows)
+    assert len(rows) == 52 and all(r["status"] == "done" for r in rows)
