@@ -184,7 +184,11 @@ def test_population_members_equal_single_runs():
         chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], pop), alone,
                                     atol=1e-5, rtol=1e-5)
     p_members, seeds = sparse.population(sparse.PRESETS["quick"])
-    assert len(p_members) == 14 and set(seeds) == {0, 1}
+    assert len(p_members) == 4 and set(seeds) == {0}
+    p_members, seeds = sparse.population(sparse.Config(sparse.PRESETS["quick"].train,
+                                                       (0.1, 0.5), 2, (), 0))
+    np.testing.assert_allclose(p_members, [0.1, 0.5, 0.1, 0.5])
+    assert seeds.tolist() == [0, 0, 1, 1]
 
 
 def test_paper_population_has_the_claims_p_values():
