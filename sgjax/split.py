@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sgjax import layers as L
@@ -116,7 +117,8 @@ class Split(NamedTuple):
         labels = self.label_fn(y)
         if (labels is not None and self.num_classes is not None and _is_concrete(y)
                 and jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer)):
-            lo, hi = int(jnp.min(y)), int(jnp.max(y))
+            y_host = np.asarray(y)  # numpy: no tracer even while a jit is being traced
+            lo, hi = int(y_host.min()), int(y_host.max())
             if lo < 0 or hi >= self.num_classes:
                 bad = lo if lo < 0 else hi
                 raise ValueError(
