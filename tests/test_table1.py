@@ -228,3 +228,39 @@ def test_smoke_preset_all_cells(tmp_path):
     assert main(["run", "table1", "--preset", "smoke", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "table1" / "smoke" / "results.csv").open()))
     assert len(rows) == 52 and all(r["status"] == "done" for r in rows)
+
+
+def test_paper_preset_cell_resumes_after_a_kill_with_identical_numbers(tmp_path, monkeypatch,
+                                                                       capsys):
+    """``--preset paper`` at a tiny scale: interrupt a DNI cell right after its step-4
+    checkpoint (as Ctrl-C or ``kill`` would), rerun the same command, and get exactly the
+    numbers of an uninterrupted run."""
+    tiny = T1.Config(steps=8, lr=1e-3, lr_boundaries=(4,), eval_every=2, chunk=2,
+                     batch_size=16, width_divisor=16, train_limit=256, test_limit=128)
+    monkeypatch.setitem(T1.EXPERIMENT.presets, "paper", tiny)
+    args = ["run", "table1", "--preset", "paper", "--only", "mnist-fcn3-dni",
+            "--checkpoint-interval", "0"]
+
+    save = framework.RunContext.save
+    def save_then_kill(ctx, step, state, **kw):
+        saved = save(ctx, step, state, **kw)
+        if step == 4:
+            raise KeyboardInterrupt
+        return saved
+
+    with monkeypatch.context() as m:
+        m.setattr(framework.RunContext, "save", save_then_kill)
+        assert main([*args, "--out", str(tmp_path / "killed")]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    def record(root):
+        cell = tmp_path / root / "table1" / "paper" / "cells" / "mnist-fcn3-dni.json"
+        return json.loads(cell.read_text())
+
+    resumed, whole = record("killed"), record("whole")
+    assert resumed["resumed_from_step"] == 4 and not whole.get("resumed_from_step")
+    assert resumed["metric"] == whole["metric"]
+    assert resumed["curves"] == whole["curves"]
+    assert resumed["metrics"]["train_error"] == whole["metrics"]["train_error"]
