@@ -1,0 +1,178 @@
+"""DNI Table 1's unconditioned DNI cells against their training budget: does the gap to
+the paper close with training?
+
+At ``quick`` (5k steps, Adam 3e-4) every-layer DNI on A.1's MNIST FCNs is the column of
+Table 1 furthest from the paper (3-layer ≈ 3 %, 6-layer ≈ 14 % against the paper's 1.9
+and 4.3 % after 500k steps). This experiment trains the same cells — A.1's network, A.1's
+synthetic gradient model (two hidden layers of 1024, batch norm, ReLU), batch 256, the
+ordinary batch-mean loss — for several budgets ``S``, each with the paper's schedule
+*shape* (learning rate divided by 10 at 60 % and 80 % of ``S``, as 300k/400k of 500k), and
+at more than one initial learning rate where the preset asks. Cell ids look like
+``mnist-fcn3-dni-20000-lr3e-04``; the paper column is Table 1's DNI number.
+
+The question, answered by :func:`verdicts` with the numbers of ``table.md``: for every
+depth, does the test error at the largest budget fall below the error at the smallest
+(``gap closes with budget``), and how much of the distance to the paper's number is left?
+The conclusion drawn from the committed ``quick`` report is stated in
+:mod:`experiments.dni.table1`'s docstring.
+
+Reproduce with ``python -m experiments run table1-budget --preset quick``
+(``make reproduce-table1-budget PRESET=quick``); ``--preset paper`` runs the full grid
+{3, 6 layers} × {5k, 20k, 50k steps} × {Adam 3e-4, 1e-4} (hours on a GPU-less machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import sgjax
+from experiments.dni import fcn, table1
+from experiments.framework import Cell, CellResult, Experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """``base`` (:class:`experiments.dni.table1.Config`) gives widths, batch size and data
+    limits; ``grid`` lists the ``(depth, steps)`` pairs to train, each at every learning
+    rate of ``lrs``. A cell's schedule divides its learning rate by 10 at 60 % and 80 % of
+    its steps and measures the test error ``evals`` times."""
+
+    base: table1.Config
+    grid: tuple[tuple[int, int], ...]
+    lrs: tuple[float, ...] = (3e-4,)
+    evals: int = 20
+
+    def __post_init__(self):
+        for depth, steps in self.grid:
+            if depth not in table1.DEPTHS["fcn"] or steps < self.evals:
+                raise ValueError(f"bad (depth, steps) {(depth, steps)} in grid: depth in "
+                                 f"{table1.DEPTHS['fcn']}, steps >= evals ({self.evals})")
+
+    def train(self, steps: int, lr: float) -> table1.Config:
+        """The Table 1 training config of one cell."""
+        every = steps // self.evals
+        return dataclasses.replace(
+            self.base, steps=steps, lr=lr,
+            lr_boundaries=(steps * 6 // 10, steps * 8 // 10),
+            eval_every=every, chunk=every, blocks={})
+
+
+PRESETS = {
+    "smoke": Config(base=table1.SMOKE, grid=((3, 4), (3, 8)), evals=2),
+    "quick": Config(base=table1.QUICK,
+                    grid=((3, 5_000), (3, 10_000), (3, 20_000), (6, 5_000), (6, 10_000))),
+    "paper": Config(base=table1.QUICK,
+                    grid=tuple((d, s) for d in (3, 6) for s in (5_000, 20_000, 50_000)),
+                    lrs=(3e-4, 1e-4)),
+}
+PRESET_NOTES = {
+    "smoke": "wiring only, numbers mean nothing: 4 and 8 steps at widths / 8",
+    "quick": ("A.1's 3- and 6-layer MNIST FCNs and DNI model, batch 256, Adam 3e-4 ÷10 at "
+              "60 %/80 % of the budget; 3 layers at 5k, 10k, 20k steps, 6 layers at 5k and "
+              "10k (CPU time: a 6-layer DNI step with A.1's model takes ~85 ms here)"),
+    "paper": ("the full grid: 3 and 6 layers × 5k, 20k, 50k steps × Adam 3e-4 and 1e-4 "
+              "(still 10× fewer steps than A.1's 500k)"),
+}
+
+
+def cell_id(depth: int, steps: int, lr: float) -> str:
+    return f"mnist-fcn{depth}-dni-{steps}-lr{lr:.0e}"
+
+
+def cells(preset: str) -> list[Cell]:
+    cfg = PRESETS[preset]
+    return [Cell(cell_id(d, s, lr), row=f"MNIST FCN {d}, DNI",
+                 column=f"{s:,} steps, Adam {lr:.0e}",
+                 params={"depth": d, "steps": s, "lr": lr},
+                 paper=table1.PAPER[("mnist", "fcn", d)][2])
+            for d, s in cfg.grid for lr in cfg.lrs]
+
+
+def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
+    p = cell.params
+    cfg = config.train(p["steps"], p["lr"])
+    ds = table1.load_dataset("mnist", cfg.train_limit, cfg.test_limit)
+    predictor = table1.make_predictor("mnist", "fcn", "dni", cfg)
+    split = fcn.fcn_split(p["depth"], "every", sgjax.feedback.synthetic(predictor), cfg,
+                          ds.input_shape)
+    _, final = fcn.train_fcn(ctx, split, ds, cfg, eval_train=True)
+    return {"metric": final["test_error"], "train_error": final["train_error"],
+            "sg_model": predictor.description}
+
+
+def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
+    """Per depth (and learning rate) with at least two budgets: whether the largest
+    budget's error is below the smallest's, and the share of the distance to the paper's
+    number it removed."""
+    out = {}
+    groups: dict[tuple[int, float], dict[int, CellResult]] = {}
+    for r in results:
+        p = r.cell.params
+        groups.setdefault((p["depth"], p["lr"]), {})[p["steps"]] = r
+    for (depth, lr), by in sorted(groups.items()):
+        if len(by) < 2:
+            continue
+        lo, hi = by[min(by)], by[max(by)]
+        gap = lo.metric - lo.cell.paper
+        closed = (lo.metric - hi.metric) / gap if gap > 0 else float("nan")
+        verdict = "holds" if hi.metric < lo.metric else "differs"
+        out[f"{depth} layers, Adam {lr:g}: {min(by) // 1000}k→{max(by) // 1000}k steps"] = (
+            f"{verdict} ({lo.metric:.2f} → {hi.metric:.2f} %, paper {lo.cell.paper}; "
+            f"{100 * closed:.0f} % of the gap closed)")
+    return out
+
+
+def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
+    """``budget``: final test error against budget per depth (left), and the test-error
+    curves of every cell (right)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    groups: dict[tuple[int, float], list[CellResult]] = {}
+    for r in results:
+        groups.setdefault((r.cell.params["depth"], r.cell.params["lr"]), []).append(r)
+    colors = {3: "tab:blue", 6: "tab:purple"}
+    for (depth, lr), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r.cell.params["steps"])
+        ls = "-" if lr == max(config.lrs) else "--"
+        color = colors.get(depth, "k")
+        left.plot([r.cell.params["steps"] for r in rs], [r.metric for r in rs], "o" + ls,
+                  color=color, label=f"{depth} layers, Adam {lr:g}")
+        left.axhline(rs[0].cell.paper, color=color, lw=0.8, ls=":")
+        for r in rs:
+            if "test_error" in r.curves:
+                right.plot(*r.curves["test_error"], ls, color=color, alpha=0.5 + 0.5 * (
+                    r.cell.params["steps"] / max(x.cell.params["steps"] for x in rs)),
+                    label=f"{depth}L {r.cell.params['steps'] // 1000}k, {lr:g}")
+    left.set_xscale("log")
+    left.set_xlabel("training steps (budget)")
+    left.set_ylabel("final test error (%)")
+    left.set_title("DNI vs budget (dotted: paper, 500k)", fontsize="small")
+    right.set_ylim(0, 20)
+    right.set_xlabel("step")
+    right.set_title("test error during training", fontsize="small")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="xx-small")
+    claims = "\n".join(f"{c}: {v}" for c, v in verdicts(results).items())
+    fig.suptitle(f"Does DNI's gap to the paper close with budget?\n{claims}",
+                 fontsize="x-small")
+    return {"budget": fig}
+
+
+EXPERIMENT = Experiment(
+    name="table1-budget",
+    paper="DNI (Jaderberg et al. 2016)",
+    title="Table 1's DNI cells against training budget (MNIST FCN 3 and 6 layers)",
+    metric="test error (%)",
+    cells=cells,
+    presets=PRESETS,
+    run_cell=run_cell,
+    figures=figures,
+    notes=("paper column = Table 1's DNI after 500k steps of Adam 3e-5; each cell's "
+           "learning rate is divided by 10 at 60 %/80 % of its own budget"),
+    preset_notes=PRESET_NOTES,
+)

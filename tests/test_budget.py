@@ -1,0 +1,60 @@
+"""experiments/dni/budget.py: Table 1's DNI cells against budget (issue: does DNI's gap
+to the paper close with training?)."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import registry
+from experiments.dni import budget as B
+from experiments.dni import table1
+from experiments.framework import CellResult
+
+
+def test_registered_with_every_preset():
+    assert registry.load_module("experiments.dni.budget") is B.EXPERIMENT
+    ids = [c.id for c in B.cells("quick")]
+    assert ids == ["mnist-fcn3-dni-5000-lr3e-04", "mnist-fcn3-dni-10000-lr3e-04",
+                   "mnist-fcn3-dni-20000-lr3e-04", "mnist-fcn6-dni-5000-lr3e-04",
+                   "mnist-fcn6-dni-10000-lr3e-04"]
+    assert {c.paper for c in B.cells("quick")} == {1.9, 4.3}  # Table 1's DNI, 3 and 6
+    assert len(B.cells("paper")) == 2 * 3 * 2
+
+
+@pytest.mark.parametrize("steps", [5_000, 20_000, 50_000])
+def test_each_budget_has_the_papers_schedule_shape(steps):
+    cfg = B.PRESETS["quick"].train(steps, 3e-4)
+    assert cfg.lr_boundaries == (steps * 3 // 5, steps * 4 // 5)  # 300k/400k of 500k
+    assert cfg.steps == steps and cfg.lr == 3e-4 and cfg.lr_factor == 0.1
+    assert cfg.eval_every == steps // 20 and steps % cfg.chunk == 0
+    # the quick 5k cell is exactly Table 1's quick MNIST FCN DNI cell
+    if steps == 5_000:
+        assert dataclasses_equal(cfg, table1.QUICK, ignore=("eval_every", "chunk", "blocks"))
+
+
+def dataclasses_equal(a, b, ignore):
+    import dataclasses
+    return all(getattr(a, f.name) == getattr(b, f.name)
+               for f in dataclasses.fields(a) if f.name not in ignore)
+
+
+def test_bad_grid_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"bad \(depth, steps\) \(7, 5000\)"):
+        B.Config(base=table1.QUICK, grid=((7, 5_000),))
+
+
+def _result(depth, steps, metric, lr=3e-4):
+    cell = next(c for c in B.cells("paper")
+                if c.params == {"depth": depth, "steps": steps, "lr": lr})
+    return CellResult(cell=cell, metric=metric, metrics={}, curves={}, seed=0,
+                      wall_time_s=1.0, record={})
+
+
+def test_verdicts_say_whether_the_gap_closes():
+    closing = B.verdicts([_result(3, 5_000, 3.9), _result(3, 50_000, 2.9)])
+    (claim, verdict), = closing.items()
+    assert claim == "3 layers, Adam 0.0003: 5k→50k steps"
+    assert verdict.startswith("holds (3.90 → 2.90 %, paper 1.9; 50 % of the gap closed")
+    opening = B.verdicts([_result(6, 5_000, 10.0), _result(6, 20_000, 12.0)])
+    assert next(iter(opening.values())).startswith("differs")
+    assert B.verdicts([_result(6, 5_000, 10.0)]) == {}  # one budget: nothing to say
