@@ -5,7 +5,9 @@ Prints, from ONE run, steps/s and the ratio of each method's step time to
 backprop's, for per-step jitted dispatch and for scan-fused chunks, and the
 pipelined schedule on 2 devices against sync on one. Timings are interleaved
 over several rounds and the median is reported, so that the ratios come from
-the same conditions.
+the same conditions. The last column is the ratio of XLA's FLOP counts of the two
+compiled steps (``cost_analysis``): the arithmetic each method must do, the floor of its
+time ratio where the step is compute-bound.
 
     make bench                       # or: python benchmarks/step_time.py
     python benchmarks/step_time.py --rounds 5 --steps 200
@@ -109,6 +111,17 @@ def runner_timer(split, xs, ys, schedule, devices):
     return run
 
 
+def step_flops(split, xs, ys):
+    """XLA's count of floating-point operations in one compiled sync step: the
+    arithmetic a method cannot avoid, which bounds its step-time ratio from below when
+    (as on a CPU) the step is compute-bound."""
+    schedule = sgjax.sync(split)
+    state = schedule.init(jax.random.key(1), xs[0], ys[0])
+    cost = jax.jit(schedule.step).lower(state, xs[0], ys[0]).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
 def measure(timers, steps, rounds):
     """Median steps/s per timer, rounds interleaved so conditions are shared."""
     for run in timers.values():
@@ -131,9 +144,10 @@ def main(argv=None):
     steps = max(chunk, args.steps // chunk * chunk)
     xs, ys = data(chunk)
 
-    timers = {}
+    timers, flops = {}, {}
     for name, build in METHODS.items():
         split = build()
+        flops[name] = step_flops(split, xs, ys)
         timers[(name, "per-step")] = per_step_timer(split, xs, ys)
         timers[(name, "scan-fused")] = fused_timer(split, xs, ys)
     two = make_split((3,), F.synthetic(P.linear()))
@@ -149,8 +163,8 @@ def main(argv=None):
           f"Adam; {jax.devices()[0].platform} x{len(devices)} "
           f"({os.cpu_count()} CPU cores), jax {jax.__version__}; "
           f"median of {args.rounds} interleaved rounds of {steps} steps\n")
-    print("| method | mode | steps/s | step time ÷ Bprop (same mode) |")
-    print("|---|---|---:|---:|")
+    print("| method | mode | steps/s | step time ÷ Bprop (same mode) | FLOPs ÷ Bprop |")
+    print("|---|---|---:|---:|---:|")
     for (name, mode), rate in rates.items():
         base = rates.get(("Bprop", mode))
         if base is None:
@@ -159,7 +173,8 @@ def main(argv=None):
             ratio = f"{ref / rate:.2f} (÷ Runner sync, 1 device)"
         else:
             ratio = f"{base / rate:.2f}"
-        print(f"| {name} | {mode} | {rate:.0f} | {ratio} |")
+        flop_ratio = f"{flops[name] / flops['Bprop']:.2f}" if name in flops else "—"
+        print(f"| {name} | {mode} | {rate:.0f} | {ratio} | {flop_ratio} |")
     return 0
 
 

@@ -10,6 +10,7 @@ unless ``SGJAX_REQUIRE_DATA=1``, which makes the missing dataset a failure
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -38,3 +39,22 @@ def pytest_runtest_call(item):
     reason = _missing_dataset(ExceptionInfo.from_exc_info(excinfo))
     if reason:
         outcome.force_exception(pytest.skip.Exception(f"needs real data: {reason}"))
+
+
+_CLI_NOT_FOUND = re.compile(r"^error: (Dataset '[^']+' not found)", re.MULTILINE)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that runs the CLI sees a missing dataset as exit status 1 and the CLI's one-line
+    error on stderr, not as an exception: skip it too, with the same rule."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.when != "call" or not report.failed
+            or os.environ.get("SGJAX_REQUIRE_DATA") == "1"):
+        return
+    found = _CLI_NOT_FOUND.search(report.capstderr or "")
+    if found:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0,
+                           f"Skipped: needs real data: {found.group(1)}")
