@@ -7,7 +7,18 @@ network into independently updated stages run by the schedules of
 :mod:`sgjax.train`.
 """
 
-from sgjax import feedback, layers, losses, metrics, optim, predictors, recurrent, train
+from sgjax import (
+    feedback,
+    layers,
+    losses,
+    metrics,
+    multirate,
+    optim,
+    predictors,
+    recurrent,
+    train,
+    unlock,
+)
 from sgjax.feedback import Feedback, Target
 from sgjax.layers import Layer
 from sgjax.predictors import Predictor
@@ -28,6 +39,6 @@ __version__ = "0.2.0"
 __all__ = [
     "Feedback", "Layer", "NonFiniteError", "Predictor", "Runner", "Schedule", "Split", "Stage",
     "StageState", "Target", "TrainState", "check_finite", "feedback", "fused", "layers",
-    "losses", "metrics", "optim", "predictors", "recurrent", "split_at", "stochastic", "sync",
-    "train",
+    "losses", "metrics", "multirate", "optim", "predictors", "recurrent", "split_at",
+    "stochastic", "sync", "train", "unlock",
 ]
