@@ -21,6 +21,7 @@ MODULES: tuple[str, ...] = (
     "experiments.dni.budget",
     "experiments.dni.stale",
     "experiments.dni.sparse",
+    "experiments.dni.unlock",
     "experiments.dni.single",
     "experiments.dni.linear",
     "experiments.dni.underfit",
