@@ -27,6 +27,7 @@ MODULES: tuple[str, ...] = (
     "experiments.dni.underfit",
     "experiments.blog.birdseye",
     "experiments.dni.table2",
+    "experiments.dni.two_networks",
     "experiments.understanding.fig2",
     "experiments.understanding.fig3",
     "experiments.understanding.fig4",

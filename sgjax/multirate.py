@@ -280,6 +280,11 @@ def _check_pair(a: Network, b: Network, T, batch_size) -> None:
         )
 
 
+def _counters() -> tuple[jax.Array, ...]:
+    """Four zero counters, distinct buffers (a state may be donated to a compiled step)."""
+    return tuple(jnp.zeros((), jnp.int32) + i * 0 for i in range(4))
+
+
 def _init_net(net: Network, key, optimizer, batch_size) -> NetState:
     params, state = _split_vars(net.init(key))
     return NetState(params, state, optimizer.init(params), net.core.initial_carry(batch_size))
@@ -331,10 +336,8 @@ def end_to_end(a: Network, b: Network, optimizer: optax.GradientTransformation, 
 
     def init(key):
         ka, kb = jax.random.split(key)
-        zero = jnp.zeros((), jnp.int32)
         return MultiRateState(_init_net(a, ka, optimizer, batch_size),
-                              _init_net(b, kb, optimizer, batch_size), (), zero, zero, zero,
-                              zero)
+                              _init_net(b, kb, optimizer, batch_size), (), *_counters())
 
     def step(state: MultiRateState, window: Window):
         _check_window(window, a, T, batch_size)
@@ -399,10 +402,9 @@ def decoupled(a: Network, b: Network, feedback: Feedback,
 
     def init(key):
         ka, kb, kf = jax.random.split(key, 3)
-        zero = jnp.zeros((), jnp.int32)
         return MultiRateState(_init_net(a, ka, optimizer, batch_size),
                               _init_net(b, kb, optimizer, batch_size), interface.init(kf),
-                              zero, zero, zero, zero)
+                              *_counters())
 
     def substitute(fstate, messages, target):
         flat = messages.reshape(-1, *m_shape)
