@@ -40,7 +40,7 @@ def _result(system, a_curve, b_final, a_final=None):
 @pytest.mark.parametrize("dni_a,dni_b,none_b,expected", [
     ([50, 20, 10, 10], 30.0, 60.0, (False, True, True)),  # A at e2e's final + 2 only at 3/4
     ([50, 11, 10, 10], 34.0, 60.0, (True, True, True)),  # at 2/4: half the steps
-    ([50, 40, 30, 11], 40.0, 42.0, (False, False, False)),
+    ([50, 40, 30, 11], 40.0, 34.0, (False, False, False)),
 ])
 def test_verdicts(dni_a, dni_b, none_b, expected):
     e2e = _result("e2e", [60, 50, 30, 10], 30.0)  # reaches its final + 2 at window 4
@@ -61,7 +61,7 @@ def test_smoke_run(tmp_path):
         record = json.loads((out / "cells" / f"{cell}.json").read_text())
         assert math.isfinite(record["metric"])
         m = record["metrics"]
-        assert {"a_error", "b_error", "a_updates", "b_updates"} <= set(m)
+        assert {"a_error", "b_error", "a_updates", "b_updates", "b_chance_error"} <= set(m)
         T, windows = tn.PRESETS["smoke"].T, tn.PRESETS["smoke"].windows
         assert m["a_steps"] == windows * T * T and m["b_updates"] == windows
         assert m["a_updates"] == windows * (1 if cell == "e2e" else T)
