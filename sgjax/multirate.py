@@ -282,7 +282,7 @@ def _check_pair(a: Network, b: Network, T, batch_size) -> None:
 
 def _counters() -> tuple[jax.Array, ...]:
     """Four zero counters, distinct buffers (a state may be donated to a compiled step)."""
-    return tuple(jnp.zeros((), jnp.int32) + i * 0 for i in range(4))
+    return tuple(jnp.zeros((), jnp.int32) for _ in range(4))
 
 
 def _init_net(net: Network, key, optimizer, batch_size) -> NetState:
