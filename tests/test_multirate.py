@@ -61,7 +61,7 @@ def run(system, ws, key=1):
 # 1 ------------------------------------------------------------------- B ticks once per T steps
 
 
-@pytest.mark.parametrize("T,a_every,kind", [(3, 1, "none"), (4, 2, "dni"), (2, 2, "e2e")])
+@pytest.mark.parametrize("T,a_every,kind", [(1, 1, "none"), (4, 2, "dni")])
 def test_b_steps_once_per_T_steps_of_a(T, a_every, kind):
     W = 2
     a, b = nets()
@@ -85,7 +85,7 @@ def test_b_steps_once_per_T_steps_of_a(T, a_every, kind):
 # 2 ------------------------------------------------------- oracle feedback == end to end
 
 
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [3])
 def test_oracle_feedback_gives_end_to_end_gradients(T):
     """With B's true gradient as the feedback (update locked, so A updates once per
     window), A's and B's gradients equal end-to-end backprop's of L_A + L_B, window
@@ -104,8 +104,10 @@ def test_oracle_feedback_gives_end_to_end_gradients(T):
                                 (s_e.a.params, s_e.b.params, s_e.a.state), atol=1e-6, rtol=0)
     np.testing.assert_allclose(i_o["a_loss"], i_e["a_loss"], atol=1e-6)
     np.testing.assert_allclose(i_o["b_loss"], i_e["b_loss"], atol=1e-6)
-    for s in (s_e, s_o):  # B ticked once per T steps of A; both updated once per window
+    for s, i in ((s_e, i_e), (s_o, i_o)):  # B ticked once per T steps of A; one update
         assert (int(s.a_steps), int(s.b_steps), int(s.a_updates)) == (W * T * T, W * T, W)
+        np.testing.assert_array_equal(np.asarray(i["b_ticks_at"]),
+                                      np.arange(1, W * T + 1).reshape(W, T) * T)
     # and the message gradient is not trivially zero
     assert float(jnp.abs(s_e.a.opt_state["message"][0]["kernel"]).max()) > 1e-4
 

@@ -48,7 +48,8 @@ def test_verdicts(dni_a, dni_b, none_b, expected):
     none = _result("none", [50, 20, 10, 10], none_b)
     v = tn.verdicts([e2e, dni, none])
     first = next(i for i, e in enumerate(dni_a) if e <= 12) + 1
-    assert v["a_steps_to_target"] == {"e2e": 64, "dni": 16 * first, "target": 12.0}
+    assert v["a_steps_to_target"] == {"e2e": 64, "dni": 16 * first, "none": 48,
+                                      "target": 12.0}
     assert (v["speed"], v["dni_matches"], v["none_poor"]) == expected
     assert v["speed"] == (first <= 2)
     assert tn.verdicts([e2e]) == {"speed": None, "dni_matches": None, "none_poor": None}
