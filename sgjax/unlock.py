@@ -44,6 +44,7 @@ model, whether the model's owner is busy or not (as in :func:`sgjax.stochastic`)
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -208,14 +209,14 @@ def _check_p(p_update, n_stages: int):
     """``None`` (a step argument), or a tuple of ``n_stages`` floats in (0, 1]."""
     if p_update is None:
         return None
-    values = (p_update,) * n_stages if not isinstance(p_update, Sequence) else tuple(p_update)
+    values = tuple(p_update) if isinstance(p_update, list | tuple) else (p_update,) * n_stages
     if len(values) != n_stages:
         raise ValueError(
             f"p_update={p_update!r}: give one probability for every stage or exactly one "
             f"per stage ({n_stages})"
         )
     for p in values:
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 < p <= 1.0:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p <= 1.0:
             raise ValueError(
                 f"p_update={p_update!r}: every update probability must be a number in (0, 1]"
             )
