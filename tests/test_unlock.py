@@ -183,6 +183,37 @@ def test_inference_ignores_input_models_and_populations_vmap():
     np.testing.assert_array_equal(sched.apply(garbage, xs[0]), out)
 
 
+def test_busy_stage_sends_nothing_but_its_models_consume_what_arrives():
+    """Per-stage ``p_update``: stage 1 of 3 is always busy (no forward, no backward). Its
+    layers do not change, it sends no activation up (``I_1`` unchanged) and no target
+    down (``M_0`` unchanged); the models it owns still consume what arrives: ``I_0`` the
+    activation of stage 0, ``M_1`` the target of stage 2."""
+    split = _split()
+    sched = complete_unlock(split, sgjax.unlock.mlp((4,)), optimizer=optax.adam(1e-2),
+                            p_update=[1.0, 1e-9, 1.0])
+    xs, ys = _batches(1)
+    state = sched.init(jax.random.key(0), xs[0], ys[0])
+    new, info = jax.jit(sched.step, compiler_options=FAST)(state, xs[0], ys[0],
+                                                          jax.random.key(1))
+    assert [bool(info[f"active/{k}"]) for k in range(3)] == [True, False, True]
+
+    def changed(a, b):
+        return any(jax.tree.leaves(jax.tree.map(lambda u, v: bool(jnp.any(u != v)), a, b)))
+
+    def sg_params(stage_state):
+        return L.params_of(stage_state.feedback.variables)
+
+    assert not changed(new.stages[1].params, state.stages[1].params)
+    assert not changed(new.inputs[1], state.inputs[1])  # I_1: no activation from stage 1
+    assert not changed(new.stages[0].feedback, state.stages[0].feedback)  # M_0: no target
+    # stage 0 and 2 updated (stage 0 from M_0's first, zero, synthetic gradient)
+    assert [int(s.step) for s in new.stages] == [1, 0, 1]
+    assert changed(new.inputs[0].variables["params"], state.inputs[0].variables["params"])
+    assert changed(sg_params(new.stages[1]), sg_params(state.stages[1]))  # target from 2
+    assert float(info["input_loss/1"]) > 0.0 and float(info["input_loss/2"]) == 0.0
+    assert float(info["sg_loss/0"]) == 0.0 and float(info["sg_loss/1"]) > 0.0
+
+
 # ------------------------------------------------------------------- bad input
 
 
