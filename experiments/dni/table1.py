@@ -90,6 +90,21 @@ targets, bootstrapped from the models above, shrink towards zero), its test erro
 around during training, and its training error stays as high as its test error
 (underfitting, as A.2.1 describes).
 
+The committed ``quick`` report (``reports/table1/``, all 52 cells, 84 min on 2 CPU cores,
+sgjax 0.2's batch-mean loss): MNIST FCN Bprop 1.67–2.02 % and cDNI 1.79–1.92 % (paper
+1.6–2.2), No Bprop 10.8 → 25.2 % with depth (paper 9.3 → 21.4), DNI 2.98, 5.08, 8.19,
+12.51 % at 3–6 layers (paper 1.9, 2.2, 3.4, 4.3), Stale 14.7–25.1 % (paper 9.1–19.0).
+The CNN and CIFAR-10 blocks run at CPU-sized budgets (:data:`QUICK`'s ``blocks``) and
+are far from converged: they show which methods train at all, not the paper's numbers.
+
+Does DNI's gap close with budget? (:mod:`experiments.dni.budget`, the same 3-layer DNI
+cell with the paper's schedule shape at a longer budget.) For 3 layers, yes: 2.98 % after
+5k steps, 2.05 % after 20k (paper 1.9 % after 500k), 86 % of the gap closed by 4× the
+steps at the same learning rate (``reports/table1-budget/``, ``python -m experiments run
+table1-budget --preset quick --only 'mnist-fcn3-*'``, 12 min). So the 3-layer DNI gap at
+``quick`` is budget, not a defect of sgjax's DNI. The 6-layer cells (5k, 10k steps) and
+the ``paper`` grid (to 50k steps, two learning rates) are defined but not yet run.
+
 The data. MNIST is the original IDX files. CIFAR-10 is whatever
 :func:`experiments.data.load` finds: offline that is a JPEG re-encoding of CIFAR-10 (a
 lossy substitute), and the table's rows then read "CIFAR-10 (JPEG substitute)" (the
