@@ -101,7 +101,7 @@ Does DNI's gap close with budget? (:mod:`experiments.dni.budget`, the same 3-lay
 cell with the paper's schedule shape at a longer budget.) For 3 layers, yes: 2.98 % after
 5k steps, 2.05 % after 20k (paper 1.9 % after 500k), 86 % of the gap closed by 4× the
 steps at the same learning rate (``reports/table1-budget/``, ``python -m experiments run
-table1-budget --preset quick --only 'mnist-fcn3-*'``, 12 min). So the 3-layer DNI gap at
+table1-budget --preset quick --only 'mnist-fcn3-*'``, 18 min). So the 3-layer DNI gap at
 ``quick`` is budget, not a defect of sgjax's DNI. The 6-layer cells (5k, 10k steps) and
 the ``paper`` grid (to 50k steps, two learning rates) are defined but not yet run.
 
