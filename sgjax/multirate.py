@@ -157,23 +157,32 @@ class AOut(NamedTuple):
     emitted_at: jax.Array
 
 
-def run_a(net: Network, T: int, params: dict, state: dict, carry: LSTMState,
-          inputs: jax.Array, step0: jax.Array, *, train: bool) -> AOut:
-    """Run network A over ``inputs`` ``(K·T, B, *input_shape)`` from ``carry``: the
-    encoder on every step, the core step by step, the head and the message layer on the
-    core output at the last step of each tick. ``step0``: A's steps before these."""
-    n, b = inputs.shape[0], inputs.shape[1]
-    variables = _join_vars(params, state)
-    z, enc_state = net.encoder.apply(variables["encoder"],
-                                     inputs.reshape(n * b, *inputs.shape[2:]), train=train)
-    z = z.reshape(n, b, -1)
+def _unroll(net: Network, variables: dict, carry: LSTMState, xs: jax.Array,
+            count0: jax.Array, *, train: bool):
+    """The encoder on every element of ``xs`` ``(N, B, ...)``, then the core step by step
+    from ``carry``. Returns ``(hs (N, B, n), counts (N,), final carry, encoder state)``;
+    ``counts`` numbers the core steps from ``count0 + 1``."""
+    n, b = xs.shape[0], xs.shape[1]
+    z, enc_state = net.encoder.apply(variables["encoder"], xs.reshape(n * b, *xs.shape[2:]),
+                                     train=train)
 
     def body(c, x):
         c, count = c
         c = net.core.apply(variables["core"], c, x)
         return (c, count + 1), (c.h, count + 1)
 
-    (carry, _), (hs, counts) = jax.lax.scan(body, (carry, step0), z)
+    (carry, _), (hs, counts) = jax.lax.scan(body, (carry, count0), z.reshape(n, b, -1))
+    return hs, counts, carry, enc_state
+
+
+def run_a(net: Network, T: int, params: dict, state: dict, carry: LSTMState,
+          inputs: jax.Array, step0: jax.Array, *, train: bool) -> AOut:
+    """Run network A over ``inputs`` ``(K·T, B, *input_shape)`` from ``carry``: the
+    encoder on every step, the core step by step, the head and the message layer on the
+    core output at the last step of each tick. ``step0``: A's steps before these."""
+    b = inputs.shape[1]
+    variables = _join_vars(params, state)
+    hs, counts, carry, enc_state = _unroll(net, variables, carry, inputs, step0, train=train)
     h_ticks = hs[T - 1::T]  # (K, B, n): the output at each tick's last step
     k = h_ticks.shape[0]
     flat = h_ticks.reshape(k * b, -1)
@@ -194,16 +203,8 @@ def run_b(net: Network, params: dict, state: dict, carry: LSTMState, messages: j
     ``ticks`` counts the core steps run (``1..K``)."""
     k, b = messages.shape[0], messages.shape[1]
     variables = _join_vars(params, state)
-    z, enc_state = net.encoder.apply(variables["encoder"],
-                                     messages.reshape(k * b, *messages.shape[2:]), train=train)
-    z = z.reshape(k, b, -1)
-
-    def body(c, x):
-        c, count = c
-        c = net.core.apply(variables["core"], c, x)
-        return (c, count + 1), (c.h, count + 1)
-
-    (carry, _), (hs, ticks) = jax.lax.scan(body, (carry, jnp.zeros((), jnp.int32)), z)
+    hs, ticks, carry, enc_state = _unroll(net, variables, carry, messages,
+                                          jnp.zeros((), jnp.int32), train=train)
     logits, _ = net.head.apply(variables["head"], hs.reshape(k * b, -1), train=train)
     return logits.reshape(k, b, -1), carry, {**state, "encoder": L.state_of(enc_state)}, ticks
 
