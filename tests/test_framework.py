@@ -460,7 +460,9 @@ def test_report_command_publishes_quick_runs_and_list_and_eta_use_them(
     index = (reports / "README.md").read_text()
     assert "| [toy](toy/table.md) | 4 |" in index
     assert sorted(p.name for p in dest.iterdir()) == [
-        "curves-loss.png", "provenance.json", "results.csv", "table.md"]
+        "cells", "curves-loss.png", "provenance.json", "results.csv", "table.md"]
+    assert sorted(p.name for p in (dest / "cells").iterdir()) == [
+        "a-x.json", "a-y.json", "b-x.json", "b-y.json"]
     assert (dest / "table.md").read_text() == (
         results / "toy" / "quick" / "table.md").read_text()
     prov = json.loads((dest / "provenance.json").read_text())
@@ -474,3 +476,46 @@ def test_report_command_publishes_quick_runs_and_list_and_eta_use_them(
     err = capsys.readouterr().err
     assert "[toy/quick] 4 cells, about " in err and "as measured on " in err
     assert "a-x: running (took " in err
+
+
+def test_report_keeps_committed_cells_that_a_partial_run_did_not_redo(
+        tmp_path, monkeypatch, capsys):
+    """A fresh checkout has no results/: rerunning some cells and publishing must not drop
+    the others from the committed report; a config change does drop them (stale)."""
+    reports = tmp_path / "reports"
+    monkeypatch.setattr(framework.reports, "REPORTS_DIR", reports)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["run", "toy", "--preset", "quick", "--out", str(first)]) == 0
+    assert main(["report", "--results", str(first)]) == 0
+    before = {r["cell"]: r for r in csv.DictReader(
+        (reports / "toy" / "results.csv").open())}
+    assert main(["run", "toy", "--preset", "quick", "--out", str(second),
+                 "--only", "a-x"]) == 0
+    assert main(["report", "--results", str(second)]) == 0
+    capsys.readouterr()
+    after = {r["cell"]: r for r in csv.DictReader((reports / "toy" / "results.csv").open())}
+    assert all(after[c]["status"] == "done" for c in after)
+    assert {c: after[c]["ours"] for c in after} == {c: before[c]["ours"] for c in before}
+    assert after["b-y"]["wall_time_s"] == before["b-y"]["wall_time_s"]  # kept, not rerun
+    assert after["a-x"]["wall_time_s"] != before["a-x"]["wall_time_s"]  # the new run's
+    prov = json.loads((reports / "toy" / "provenance.json").read_text())
+    assert prov["cells_done"] == 4
+    # the committed records let a run skip the cells they hold
+    resumed = tmp_path / "resumed" / "toy" / "quick"
+    resumed.mkdir(parents=True)
+    import shutil
+    shutil.copytree(reports / "toy" / "cells", resumed / "cells")
+    toy.CALLS.clear()
+    assert main(["run", "toy", "--preset", "quick", "--out", str(tmp_path / "resumed")]) == 0
+    assert toy.CALLS == []
+    # a changed config makes the committed records stale: only the rerun cell is published
+    changed = dataclasses.replace(toy.EXPERIMENT, presets={
+        **toy.EXPERIMENT.presets,
+        "quick": dataclasses.replace(toy.EXPERIMENT.presets["quick"], steps=7)})
+    monkeypatch.setattr(toy, "EXPERIMENT", changed)
+    third = tmp_path / "third"
+    assert main(["run", "toy", "--preset", "quick", "--out", str(third), "--only", "a-x"]) == 0
+    assert main(["report", "--results", str(third)]) == 0
+    prov = json.loads((reports / "toy" / "provenance.json").read_text())
+    assert prov["cells_done"] == 1
+    assert sorted(p.name for p in (reports / "toy" / "cells").iterdir()) == ["a-x.json"]

@@ -243,17 +243,30 @@ def publish_report(
 ) -> Path | None:
     """Copy the finished ``preset`` run of ``exp`` from ``results_root/<name>/<preset>/`` into
     ``reports_root/<name>/``: table.md, results.csv, figures at :data:`REPORT_DPI` and
-    ``provenance.json``; nothing is rerun. Returns the report folder, or ``None`` if
-    ``results_root`` holds no finished cell of ``exp`` at ``preset`` (an existing report is
-    then left as it is)."""
+    ``provenance.json``, and each finished cell's record under ``cells/``; nothing is rerun.
+
+    A report accumulates: a cell that ``results_root`` does not hold (say, a run of only some
+    cells in a fresh checkout, whose ``results/`` is not committed) keeps the record the
+    report already has, if that record still matches the cell's params and config; a cell
+    that ``results_root`` holds replaces it. Copying ``reports/<name>/cells/`` to
+    ``results/<name>/quick/cells/`` lets a run skip the committed cells.
+
+    Returns the report folder, or ``None`` if ``results_root`` holds no finished cell of
+    ``exp`` at ``preset`` (an existing report is then left as it is)."""
     src = Path(results_root) / exp.name / preset
     found = load_results(exp, preset, src)
-    results = tuple(r for r in found.values() if isinstance(r, CellResult))
-    if not results:
+    if not any(isinstance(r, CellResult) for r in found.values()):
         return None
     dest = Path(REPORTS_DIR if reports_root is None else reports_root) / exp.name
+    committed = load_results(exp, preset, dest)
+    found = {cid: r if isinstance(r, CellResult) or not isinstance(committed[cid], CellResult)
+             else committed[cid] for cid, r in found.items()}
+    results = tuple(r for r in found.values() if isinstance(r, CellResult))
     shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
+    (dest / "cells").mkdir(parents=True)
+    for r in results:
+        atomic_write(dest / "cells" / f"{r.cell.id}.json",
+                     lambda f, rec=r.record: json.dump(rec, f, indent=None))
     table = render_table(exp, preset, found)
     atomic_write(dest / "table.md", lambda f: f.write(table))
     write_csv(dest / "results.csv", exp, preset, found)
