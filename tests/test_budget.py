@@ -15,7 +15,8 @@ def test_registered_with_every_preset():
     assert registry.load_module("experiments.dni.budget") is B.EXPERIMENT
     ids = [c.id for c in B.cells("quick")]
     assert ids == ["mnist-fcn3-dni-5000-lr3e-04", "mnist-fcn3-dni-20000-lr3e-04",
-                   "mnist-fcn6-dni-5000-lr3e-04", "mnist-fcn6-dni-10000-lr3e-04"]
+                   "mnist-fcn6-dni-5000-lr3e-04", "mnist-fcn6-dni-10000-lr3e-04",
+                   "mnist-fcn3-dni-5000-lr1e-04", "mnist-fcn3-dni-5000-lr1e-03"]
     assert {c.paper for c in B.cells("quick")} == {1.9, 4.3}  # Table 1's DNI, 3 and 6
     assert len(B.cells("paper")) == 2 * 3 * 2
 
@@ -40,6 +41,14 @@ def dataclasses_equal(a, b, ignore):
 def test_bad_grid_is_a_clear_error():
     with pytest.raises(ValueError, match=r"bad \(depth, steps\) \(7, 5000\)"):
         B.Config(base=table1.QUICK, grid=((7, 5_000),))
+    with pytest.raises(ValueError, match=r"bad \(depth, steps\) \(3, 5\)"):
+        B.Config(base=table1.QUICK, grid=((3, 5_000),), lr_sweep=((3, 5, 1e-4),))
+
+
+def test_lr_sweep_adds_single_cells_without_duplicating_the_grid():
+    cfg = B.Config(base=table1.QUICK, grid=((3, 5_000),), lrs=(3e-4, 1e-4),
+                   lr_sweep=((3, 5_000, 1e-4), (6, 5_000, 1e-3)))
+    assert cfg.cells() == ((3, 5_000, 3e-4), (3, 5_000, 1e-4), (6, 5_000, 1e-3))
 
 
 def _result(depth, steps, metric, lr=3e-4):
@@ -57,3 +66,9 @@ def test_verdicts_say_whether_the_gap_closes():
     opening = B.verdicts([_result(6, 5_000, 10.0), _result(6, 20_000, 12.0)])
     assert next(iter(opening.values())).startswith("differs")
     assert B.verdicts([_result(6, 5_000, 10.0)]) == {}  # one budget: nothing to say
+
+
+def test_verdicts_name_the_best_learning_rate_at_one_budget():
+    v = B.verdicts([_result(3, 5_000, 3.0), _result(3, 5_000, 2.5, lr=1e-4)])
+    assert v == {"3 layers, 5k steps: learning rate":
+                 "best Adam 0.0001 (0.0001: 2.50 %, 0.0003: 3.00 %; paper 1.9 after 500k)"}

@@ -36,16 +36,19 @@ from experiments.framework import Cell, CellResult, Experiment
 class Config:
     """``base`` (:class:`experiments.dni.table1.Config`) gives widths, batch size and data
     limits; ``grid`` lists the ``(depth, steps)`` pairs to train, each at every learning
-    rate of ``lrs``. A cell's schedule divides its learning rate by 10 at 60 % and 80 % of
-    its steps and measures the test error ``evals`` times."""
+    rate of ``lrs``; ``lr_sweep`` adds single ``(depth, steps, lr)`` cells (a learning-rate
+    comparison at one budget without paying for the whole grid at every rate). A cell's
+    schedule divides its learning rate by 10 at 60 % and 80 % of its steps and measures the
+    test error ``evals`` times."""
 
     base: table1.Config
     grid: tuple[tuple[int, int], ...]
     lrs: tuple[float, ...] = (3e-4,)
+    lr_sweep: tuple[tuple[int, int, float], ...] = ()
     evals: int = 20
 
     def __post_init__(self):
-        for depth, steps in self.grid:
+        for depth, steps in (*self.grid, *((d, s) for d, s, _ in self.lr_sweep)):
             if depth not in table1.DEPTHS["fcn"] or steps < self.evals:
                 raise ValueError(f"bad (depth, steps) {(depth, steps)} in grid: depth in "
                                  f"{table1.DEPTHS['fcn']}, steps >= evals ({self.evals})")
@@ -58,11 +61,17 @@ class Config:
             lr_boundaries=(steps * 6 // 10, steps * 8 // 10),
             eval_every=every, chunk=every, blocks={})
 
+    def cells(self) -> tuple[tuple[int, int, float], ...]:
+        """Every ``(depth, steps, lr)`` to train: ``grid`` × ``lrs``, then ``lr_sweep``."""
+        grid = tuple((d, s, lr) for d, s in self.grid for lr in self.lrs)
+        return grid + tuple(c for c in self.lr_sweep if c not in grid)
+
 
 PRESETS = {
     "smoke": Config(base=table1.SMOKE, grid=((3, 4), (3, 8)), evals=2),
     "quick": Config(base=table1.QUICK,
-                    grid=((3, 5_000), (3, 20_000), (6, 5_000), (6, 10_000))),
+                    grid=((3, 5_000), (3, 20_000), (6, 5_000), (6, 10_000)),
+                    lr_sweep=((3, 5_000, 1e-4), (3, 5_000, 1e-3))),
     "paper": Config(base=table1.QUICK,
                     grid=tuple((d, s) for d in (3, 6) for s in (5_000, 20_000, 50_000)),
                     lrs=(3e-4, 1e-4)),
@@ -70,8 +79,9 @@ PRESETS = {
 PRESET_NOTES = {
     "smoke": "wiring only, numbers mean nothing: 4 and 8 steps at widths / 8",
     "quick": ("A.1's 3- and 6-layer MNIST FCNs and DNI model, batch 256, Adam 3e-4 ÷10 at "
-              "60 %/80 % of the budget; 3 layers at 5k and 20k steps, 6 layers at 5k and 10k "
-              "(CPU time: a 6-layer DNI step with A.1's model takes ~85 ms here)"),
+              "60 %/80 % of the budget; 3 layers at 5k and 20k steps, 6 layers at 5k and 10k; "
+              "the 3-layer 5k cell also at Adam 1e-4 and 1e-3 (CPU time: a 6-layer DNI step "
+              "with A.1's model takes ~85 ms here)"),
     "paper": ("the full grid: 3 and 6 layers × 5k, 20k, 50k steps × Adam 3e-4 and 1e-4 "
               "(still 10× fewer steps than A.1's 500k)"),
 }
@@ -87,7 +97,7 @@ def cells(preset: str) -> list[Cell]:
                  column=f"{s:,} steps, Adam {lr:.0e}",
                  params={"depth": d, "steps": s, "lr": lr},
                  paper=table1.PAPER[("mnist", "fcn", d)][2])
-            for d, s in cfg.grid for lr in cfg.lrs]
+            for d, s, lr in cfg.cells()]
 
 
 def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
@@ -105,8 +115,20 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
 def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
     """Per depth (and learning rate) with at least two budgets: whether the largest
     budget's error is below the smallest's, and the share of the distance to the paper's
-    number it removed."""
+    number it removed. Per depth and budget with at least two learning rates: which rate
+    gave the lowest error."""
     out = {}
+    by_rate: dict[tuple[int, int], dict[float, CellResult]] = {}
+    for r in results:
+        p = r.cell.params
+        by_rate.setdefault((p["depth"], p["steps"]), {})[p["lr"]] = r
+    for (depth, steps), by in sorted(by_rate.items()):
+        if len(by) < 2:
+            continue
+        best = min(by, key=lambda lr: by[lr].metric)
+        errors = ", ".join(f"{lr:g}: {by[lr].metric:.2f} %" for lr in sorted(by))
+        out[f"{depth} layers, {steps // 1000}k steps: learning rate"] = (
+            f"best Adam {best:g} ({errors}; paper {by[best].cell.paper} after 500k)")
     groups: dict[tuple[int, float], dict[int, CellResult]] = {}
     for r in results:
         p = r.cell.params
@@ -137,7 +159,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     colors = {3: "tab:blue", 6: "tab:purple"}
     for (depth, lr), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r.cell.params["steps"])
-        ls = "-" if lr == max(config.lrs) else "--"
+        ls = "-" if lr == config.lrs[0] else ("--" if lr < config.lrs[0] else "-.")
         color = colors.get(depth, "k")
         left.plot([r.cell.params["steps"] for r in rs], [r.metric for r in rs], "o" + ls,
                   color=color, label=f"{depth} layers, Adam {lr:g}")
