@@ -124,7 +124,7 @@ PRESETS = {
     "quick": Config(
         train=table1.Config(steps=1_500, lr=3e-4, lr_boundaries=(900, 1_200), eval_every=250,
                             chunk=250, sg_width_divisor=4),
-        depths=(4,), p_values=(0.5, 1.0)),
+        depths=(3, 4, 5, 6), p_values=(0.5, 1.0)),
     "paper": Config(train=table1.PAPER_CONFIG, depths=(3, 4, 5, 6),
                     p_values=tuple(sorted({*sparse._paper_p_values(), CLAIM_P, 1.0}))),
 }
@@ -132,7 +132,7 @@ PRESET_NOTES = {
     "smoke": ("wiring only, numbers mean nothing: depth 3, 4 steps of batch 32 on 512/256 "
               "examples, every width ÷ 8. Command: python -m experiments run unlock "
               "--preset smoke"),
-    "quick": ("the 4-layer FCN only (Fig. 5's depth; paper: 3–6), A.1's 256-unit layers, "
+    "quick": ("the 3- to 6-layer FCNs (Fig. 5 shows 4), A.1's 256-unit layers, "
               "SG and input models one hidden layer of 256 (A.1: 1024), batch 256, Adam "
               "3e-4 (paper 3e-5) for 1.5k steps (paper 500k), ÷10 at 60 %/80 %; p_update "
               "0.5 and 1 (paper: 100 values in (0, 1)); 1 seed. Measured 8 min of cells "
