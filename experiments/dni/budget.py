@@ -112,28 +112,30 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
             "sg_model": predictor.description}
 
 
+def _grouped(results: Sequence[CellResult], keys: tuple[str, ...], within: str
+             ) -> dict[tuple, dict[Any, CellResult]]:
+    """``{(params[k] for k in keys): {params[within]: result}}``."""
+    groups: dict[tuple, dict[Any, CellResult]] = {}
+    for r in results:
+        p = r.cell.params
+        groups.setdefault(tuple(p[k] for k in keys), {})[p[within]] = r
+    return groups
+
+
 def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
     """Per depth (and learning rate) with at least two budgets: whether the largest
     budget's error is below the smallest's, and the share of the distance to the paper's
     number it removed. Per depth and budget with at least two learning rates: which rate
     gave the lowest error."""
     out = {}
-    by_rate: dict[tuple[int, int], dict[float, CellResult]] = {}
-    for r in results:
-        p = r.cell.params
-        by_rate.setdefault((p["depth"], p["steps"]), {})[p["lr"]] = r
-    for (depth, steps), by in sorted(by_rate.items()):
+    for (depth, steps), by in sorted(_grouped(results, ("depth", "steps"), "lr").items()):
         if len(by) < 2:
             continue
         best = min(by, key=lambda lr: by[lr].metric)
         errors = ", ".join(f"{lr:g}: {by[lr].metric:.2f} %" for lr in sorted(by))
         out[f"{depth} layers, {steps // 1000}k steps: learning rate"] = (
             f"best Adam {best:g} ({errors}; paper {by[best].cell.paper} after 500k)")
-    groups: dict[tuple[int, float], dict[int, CellResult]] = {}
-    for r in results:
-        p = r.cell.params
-        groups.setdefault((p["depth"], p["lr"]), {})[p["steps"]] = r
-    for (depth, lr), by in sorted(groups.items()):
+    for (depth, lr), by in sorted(_grouped(results, ("depth", "lr"), "steps").items()):
         if len(by) < 2:
             continue
         lo, hi = by[min(by)], by[max(by)]

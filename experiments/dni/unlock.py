@@ -135,7 +135,7 @@ PRESET_NOTES = {
     "quick": ("the 3- to 6-layer FCNs (Fig. 5 shows 4), A.1's 256-unit layers, "
               "SG and input models one hidden layer of 256 (A.1: 1024), batch 256, Adam "
               "3e-4 (paper 3e-5) for 1.5k steps (paper 500k), ÷10 at 60 %/80 %; p_update "
-              "0.5 and 1 (paper: 100 values in (0, 1)); 1 seed. Measured 8 min of cells "
+              "0.5 and 1 (paper: 100 values in (0, 1)); 1 seed. Measured 41 min of cells "
               "on 2 loaded CPU cores. Command: python -m experiments run unlock --preset "
               "quick (make reproduce-unlock PRESET=quick)"),
     "paper": ("A.1's protocol (Adam 3e-5 ÷10 at 300k/400k, 500k steps, batch 256, SG and "
