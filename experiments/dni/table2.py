@@ -61,20 +61,30 @@ targets). An earlier calibration with the same number of *characters* for every 
 (12k per stream: 2400 iterations at ``T = 5``, 600 at ``T = 20``) gave BPTT 1.996, DNI
 2.045, DNI + Aux 1.972 at ``T = 5`` and BPTT 2.396 at ``T = 20``; there DNI + Aux ``T = 5``
 reached BPTT ``T = 20``'s best validation BPC (2.471) with 40 % of the data in 0.85× the
-training time. At the fixed 1k iterations of ``quick`` it does not reach BPTT ``T = 20``'s
-best (2.236); to the lowest BPC both reach (2.429) it used 36 % of the data and 0.94× the
-training time (119 s vs 126 s): DNI + Aux costs about 1.7× BPTT per step at the same
-``T`` here, because its auxiliary loss re-runs the previous chunk (see
-:mod:`sgjax.recurrent`).
+training time. At the fixed 1k iterations of ``quick`` (2026-12-02 run) it does not reach
+BPTT ``T = 20``'s best (2.236); to the lowest BPC both reach (2.429) it used 36 % of the
+data in the same training time (65.6 s vs 65.8 s): DNI + Aux costs about 2× BPTT per
+step at the same ``T`` here (65.6 s vs 28.6 s for 1k iterations at ``T = 5``; cells of
+one run can share the 2 cores, so per-cell seconds are indicative), because its
+auxiliary loss re-runs the previous chunk (see :mod:`sgjax.recurrent`).
 
-Copy and Repeat Copy at ``T = 3`` (``--only copy-*-T3 repeatcopy-*-T3``; 2k iterations,
-largest ``T_task`` solved, paper in brackets): Copy BPTT 7 [8], DNI 6 [14], DNI + Aux 7
-[17]; Repeat Copy BPTT 9 [5], DNI 9 [33], DNI + Aux 7 [59]. At 2k of the paper's 2.5M
-iterations every method is still on the first levels of the curriculum (``N ≤ 4``), where
-the truncation is not yet what limits learning, and the paper's ordering does not show:
-DNI solved each Copy level a little sooner than BPTT (Fig. 15 panel) but none went
-further. Showing the ordering needs far longer runs (accelerator work); the other
-``T`` were not run on this CPU.
+Copy and Repeat Copy, all ``T`` (2026-12-02, 2k iterations each, largest ``T_task``
+solved for ``T = 2, 3, 4, 5``, paper in brackets):
+
+============  ==========================  ==========================  ==========================
+task          BPTT                        DNI                         DNI + Aux
+============  ==========================  ==========================  ==========================
+Copy          6, 7, 6, 6 [7, 8, 10, 8]    6, 6, 6, 7 [16, 14, 18, 18]  6, 7, 7, 7 [16, 17, 19, 18]
+Repeat Copy   7, 9, 9, 9 [7, 5, 19, 23]   7, 9, 9, 12 [39, 33, 39, 59] 7, 7, 9, 9 [39, 59, 67, 59]
+============  ==========================  ==========================  ==========================
+
+At 2k of the paper's 2.5M iterations every method is still on the first levels of the
+curriculum (Copy ``N ≤ 4``), where the truncation is not yet what limits learning, and
+the paper's ordering (DNI ≫ BPTT) does not show: the only cell where DNI is clearly
+ahead is Repeat Copy ``T = 5`` (12 vs 9). A calibration at 10× the budget (Copy
+``T = 3``, 20k iterations; a one-off script, not a preset) gave BPTT 8, DNI 7, DNI +
+Aux 8: still no ordering. Showing it needs runs of the paper's length (``paper``
+preset, accelerator work).
 """
 
 from __future__ import annotations

@@ -41,29 +41,33 @@ if the completely unlocked network's final test error at ``p_update = 0.5`` is a
 numbers (``p_update = 1``, A.1's SG models) are recorded with each cell (``table1_paper``)
 for reference.
 
-Measured at ``quick`` (``python -m experiments run unlock --preset quick``: the 4-layer
-FCN, SG and input models 1 × 256, Adam 3e-4, 1.5k steps, one seed; 8 min here), final
-test error (%) at ``p_update = 0.5`` / ``1``:
+Measured at ``quick`` (``python -m experiments run unlock --preset quick``: FCNs of 3 to 6
+layers, SG and input models 1 × 256, Adam 3e-4, 1.5k steps, one seed; 41 min here,
+2026-12-02), final test error (%) at ``p_update = 0.5`` / ``1`` (Table 1, ``p = 1`` and
+500k steps: DNI 2.2 / cDNI 1.9 at 4 layers):
 
-=======  =========================  ========================  =============================
-method   with synthetic inputs      without (every-layer)      Table 1 (p = 1, 500k steps)
-=======  =========================  ========================  =============================
-DNI      55.88 / 30.13              13.00 / 7.97              2.2
-cDNI     13.55 / 9.97               3.90 / 2.84               1.9
-=======  =========================  ========================  =============================
+=====  ========================  ====================  =========================  ====================
+depth  DNI + synthetic inputs    DNI (fwd-locked)      cDNI + synthetic inputs    cDNI (fwd-locked)
+=====  ========================  ====================  =========================  ====================
+3      24.47 / 18.71             7.63 / 6.23           9.44 / 7.57                3.65 / 3.04
+4      54.61 / 36.35             12.82 / 7.69          16.60 / 11.01              3.90 / 2.88
+5      72.10 / 65.84             16.41 / 10.81         26.81 / 12.05              4.67 / 3.34
+6      88.97 / 74.17             20.45 / 12.90         25.92 / 22.64              6.00 / 3.97
+=====  ========================  ====================  =========================  ====================
 
 Verdicts at ``quick``. *The completely unlocked layers co-learn*: partly — the connected
 network does learn from layers that never saw each other's real outputs during training
-(cDNI at ``p_update = 0.5``: 81.8 % test error after 250 steps, 44.8 % at 500, 13.55 % at
-1.5k, still falling), but "to reach 2 %" **differs** at this length (13.55 % cDNI,
-55.88 % DNI). *Only slightly slower*: **differs** — unlocking costs 9.65 points for cDNI
-and 42.9 for DNI at ``p_update = 0.5`` (7.13 and 22.2 at ``p_update = 1``), far more than
-the 1-point "slightly" we allow, and unconditioned DNI suffers most, as without synthetic
-inputs (Table 1). Why (``input_r2``, ``unlock-input-fit.png``): after 1.5k steps the
-synthetic inputs explain only 65–91 % of the variance of the connected network's
-activations on test images (cDNI, ``p_update = 0.5``: 0.81, 0.75, 0.69 for ``I_0``,
-``I_1``, ``I_2``), and the fit stops improving once the learning rate drops at 60 % of the
-steps (cDNI, ``p_update = 1``: 0.815 at 1k steps, 0.817 at 1.5k); each layer is trained on
+(4-layer cDNI at ``p_update = 0.5``: 67.9 % test error after 250 steps, 39.7 % at 500,
+16.6 % at 1.5k), but "to reach 2 %" **differs** at every depth (best: 9.44 %, 3-layer
+cDNI), and it gets worse with depth. *Only slightly slower*: **differs** — unlocking costs
+5.8 (3 layers) to 22.1 (5 layers) points for cDNI and 16.8 to 68.5 points for DNI at
+``p_update = 0.5``, far more than the 1-point "slightly" we allow; unconditioned DNI
+suffers most, as without synthetic inputs (Table 1), and 6-layer DNI does not learn
+(88.97 %). Why (``input_r2``, ``unlock-input-fit.png``): after 1.5k steps the synthetic
+inputs explain less of the variance of the connected network's activations on test images
+the deeper the cut (4-layer cDNI, ``p_update = 0.5``: R² 0.80, 0.74, 0.64 for ``I_0``,
+``I_1``, ``I_2``; 6-layer cDNI ``p_update = 1``: 0.86 down to 0.50), and the fit barely
+improves once the learning rate drops at 60 % of the steps; each layer is trained on
 inputs that differ from the ones it sees at test time, and deeper cuts fit worse because
 their targets are themselves computed from synthetic inputs. The paper's 500k steps at a
 10× smaller learning rate are 330× longer; whether the gap closes there is what
