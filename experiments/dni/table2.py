@@ -69,14 +69,18 @@ one run can share the 2 cores, so per-cell seconds are indicative), because its
 auxiliary loss re-runs the previous chunk (see :mod:`sgjax.recurrent`).
 
 Copy and Repeat Copy, all ``T`` (2026-12-02, 2k iterations each, largest ``T_task``
-solved for ``T = 2, 3, 4, 5``, paper in brackets):
+solved for ``T = 2, 3, 4, 5``):
 
-============  ==========================  ==========================  ==========================
-task          BPTT                        DNI                         DNI + Aux
-============  ==========================  ==========================  ==========================
-Copy          6, 7, 6, 6 [7, 8, 10, 8]    6, 6, 6, 7 [16, 14, 18, 18]  6, 7, 7, 7 [16, 17, 19, 18]
-Repeat Copy   7, 9, 9, 9 [7, 5, 19, 23]   7, 9, 9, 12 [39, 33, 39, 59] 7, 7, 9, 9 [39, 59, 67, 59]
-============  ==========================  ==========================  ==========================
+===========  =========  ===========  ==============
+task         method     ours         paper
+===========  =========  ===========  ==============
+Copy         BPTT       6, 7, 6, 6   7, 8, 10, 8
+Copy         DNI        6, 6, 6, 7   16, 14, 18, 18
+Copy         DNI + Aux  6, 7, 7, 7   16, 17, 19, 18
+Repeat Copy  BPTT       7, 9, 9, 9   7, 5, 19, 23
+Repeat Copy  DNI        7, 9, 9, 12  39, 33, 39, 59
+Repeat Copy  DNI + Aux  7, 7, 9, 9   39, 59, 67, 59
+===========  =========  ===========  ==============
 
 At 2k of the paper's 2.5M iterations every method is still on the first levels of the
 curriculum (Copy ``N ≤ 4``), where the truncation is not yet what limits learning, and
