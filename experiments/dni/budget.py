@@ -71,7 +71,8 @@ PRESETS = {
     "smoke": Config(base=table1.SMOKE, grid=((3, 4), (3, 8)), evals=2),
     "quick": Config(base=table1.QUICK,
                     grid=((3, 5_000), (3, 20_000), (6, 5_000), (6, 10_000)),
-                    lr_sweep=((3, 5_000, 1e-4), (3, 5_000, 1e-3))),
+                    lr_sweep=((3, 5_000, 1e-4), (3, 5_000, 1e-3),
+                              (6, 5_000, 1e-4), (6, 10_000, 1e-4))),
     "paper": Config(base=table1.QUICK,
                     grid=tuple((d, s) for d in (3, 6) for s in (5_000, 20_000, 50_000)),
                     lrs=(3e-4, 1e-4)),
@@ -80,8 +81,8 @@ PRESET_NOTES = {
     "smoke": "wiring only, numbers mean nothing: 4 and 8 steps at widths / 8",
     "quick": ("A.1's 3- and 6-layer MNIST FCNs and DNI model, batch 256, Adam 3e-4 ÷10 at "
               "60 %/80 % of the budget; 3 layers at 5k and 20k steps, 6 layers at 5k and 10k; "
-              "the 3-layer 5k cell also at Adam 1e-4 and 1e-3 (CPU time: a 6-layer DNI step "
-              "with A.1's model takes ~85 ms here)"),
+              "the 3-layer 5k cell also at Adam 1e-4 and 1e-3, both 6-layer cells also at "
+              "1e-4 (CPU time: a 6-layer DNI step with A.1's model takes ~85 ms here)"),
     "paper": ("the full grid: 3 and 6 layers × 5k, 20k, 50k steps × Adam 3e-4 and 1e-4 "
               "(still 10× fewer steps than A.1's 500k)"),
 }
