@@ -98,17 +98,20 @@ The CNN and CIFAR-10 blocks run at CPU-sized budgets (:data:`QUICK`'s ``blocks``
 are far from converged: they show which methods train at all, not the paper's numbers.
 
 Does DNI's gap close with budget? (:mod:`experiments.dni.budget`, the same DNI cells
-with the paper's schedule shape at longer budgets; ``reports/table1-budget/``, ``python -m
-experiments run table1-budget --preset quick``, 1.7 h, 2026-12-02.) For 3 layers, yes:
-3.02 % after 5k steps, 2.00 % after 20k (paper 1.9 % after 500k), 91 % of the gap closed
-by 4× the steps at the same learning rate; at 5k steps Adam 1e-4 gives 2.91 % and 1e-3
-4.17 %, so 3e-4 is not the limit there. So the 3-layer DNI gap at ``quick`` is budget,
-not a defect of sgjax's DNI. For 6 layers, **no**: 12.61 % after 5k steps, 16.17 % after
-10k. Its training error is as high as its test error (15.6 % at 10k) and the training
-loss stops falling after ~1k steps and wanders between 0.43 and 0.72: the deep DNI chain
-underfits, the synthetic gradients steering the lower layers no better with more steps
-at Adam 3e-4. Whether a smaller learning rate (the paper's 3e-5) and 50× more steps
-close it is what the ``paper`` grid (to 50k steps, 3e-4 and 1e-4) checks; not run here.
+with the paper's schedule shape at longer budgets; ``reports/table1-budget/``, ``python
+-m experiments run table1-budget --preset quick``, 8 cells, 86 min on an idle 2-core
+machine, 2026-12-03.) For 3 layers, yes: 3.02 % after 5k steps, 2.00 % after 20k (paper 1.9 % after
+500k), 91 % of the gap closed by 4× the steps at the same learning rate; at 5k steps
+Adam 1e-4 gives 2.91 % and 1e-3 4.17 %, so 3e-4 is not the limit there. So the 3-layer
+DNI gap at ``quick`` is budget, not a defect of sgjax's DNI. For 6 layers at Adam 3e-4,
+**no**: 12.61 % after 5k steps, 16.17 % after 10k; its training error is as high as its
+test error (15.6 % at 10k) and the training loss stops falling after ~1k steps and
+wanders between 0.43 and 0.72: the deep DNI chain underfits at that learning rate. At
+Adam 1e-4 (2026-12-03) the same cells reach 8.65 % after 5k and 7.83 % after 10k steps
+(train error 7.9 %): half of the 6-layer gap at 5k steps (12.61 → 8.65 %, paper 4.3) is
+the learning rate (the paper's is 3e-5), and at the lower rate more steps help again (19
+% of the remaining gap closed by 2× the steps). Whether 50× more steps close the rest is
+what the ``paper`` grid (to 50k steps, 3e-4 and 1e-4) checks; not run here.
 
 The data. MNIST is the original IDX files. CIFAR-10 is whatever
 :func:`experiments.data.load` finds: offline that is a JPEG re-encoding of CIFAR-10 (a
