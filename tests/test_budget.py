@@ -16,7 +16,8 @@ def test_registered_with_every_preset():
     ids = [c.id for c in B.cells("quick")]
     assert ids == ["mnist-fcn3-dni-5000-lr3e-04", "mnist-fcn3-dni-20000-lr3e-04",
                    "mnist-fcn6-dni-5000-lr3e-04", "mnist-fcn6-dni-10000-lr3e-04",
-                   "mnist-fcn3-dni-5000-lr1e-04", "mnist-fcn3-dni-5000-lr1e-03"]
+                   "mnist-fcn3-dni-5000-lr1e-04", "mnist-fcn3-dni-5000-lr1e-03",
+                   "mnist-fcn6-dni-5000-lr1e-04", "mnist-fcn6-dni-10000-lr1e-04"]
     assert {c.paper for c in B.cells("quick")} == {1.9, 4.3}  # Table 1's DNI, 3 and 6
     assert len(B.cells("paper")) == 2 * 3 * 2
 
