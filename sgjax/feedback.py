@@ -162,6 +162,9 @@ class Feedback:
     direct_error: bool
     needs: frozenset = frozenset()
     table: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    scale: float = 1.0
+    """The factor :func:`scaled` applies to the substitute when it is consumed (the
+    product over nested wrappers; 1 for an unwrapped method)."""
 
     def __post_init__(self):
         unknown = set(self.needs) - TARGET_FIELDS
@@ -538,7 +541,8 @@ def scaled(feedback: Feedback, alpha: float) -> Feedback:
             sg_loss = lambda *args: alpha * inner.sg_loss(*args)
         return inner._replace(grad=grad, sg_loss=sg_loss)
 
-    return dataclasses.replace(feedback, name=f"{feedback.name} ×{alpha:g}", make=make)
+    return dataclasses.replace(feedback, name=f"{feedback.name} ×{alpha:g}", make=make,
+                               scale=feedback.scale * alpha)
 
 
 def refit_every(feedback: Feedback, n: int) -> Feedback:

@@ -335,6 +335,7 @@ def truncated_bptt(
     aux_weight: float = 1.0,
     sg_into_core: bool = False,
     sg_optimizer: optax.GradientTransformation | None = None,
+    bootstrap: str = "consumed",
 ) -> Trainer:
     """Truncated BPTT over chunks of ``T`` steps with ``feedback`` at every boundary.
 
@@ -351,8 +352,25 @@ def truncated_bptt(
     through the last core step of the previous chunk, recomputed with the current
     parameters (Fig. 4 keeps that core in memory). Needs a feedback whose ``fit``
     reports ``sg_loss`` (``synthetic``, optionally ``scaled``).
+
+    ``bootstrap`` says which synthetic gradient at ``s_k`` enters the bootstrapped
+    target ``δ_{k-1}`` (Fig. 4):
+
+    * ``"consumed"`` (default): the one the parameter update consumed, ``α M(s_k)``
+      for ``scaled(synthetic(...), α)``. Then ``M`` regresses
+      ``∂L_k/∂s_{k-1} + α J_k^T M(s_k)``: its fixed point discounts the gradient from
+      ``j`` chunks ahead by ``α^j``, a horizon of about one chunk for A.3's ``α = 0.1``.
+    * ``"unscaled"``: the model's own prediction ``M(s_k)`` (``feedback.scale``
+      divided out), so that ``M`` regresses ``∂L_k/∂s_{k-1} + J_k^T M(s_k)``, whose
+      fixed point is eq. (3)'s undiscounted ``δ_T = Σ_{τ>T} ∂L_τ/∂h_T``; only the
+      parameter update uses ``α M``. One extra backward pass of the carry's cotangent
+      through the chunk (the parameter cotangents of that pass are unused).
     """
     _check_T(T)
+    if bootstrap not in ("consumed", "unscaled"):
+        raise ValueError(f"bootstrap={bootstrap!r}: use 'consumed' or 'unscaled'")
+    if bootstrap == "unscaled" and feedback.scale == 0:
+        raise ValueError(f"bootstrap='unscaled' divides by {feedback!r}'s scale, which is 0")
     if not isinstance(feedback, Feedback):
         raise TypeError(f"feedback must be an sgjax.feedback.Feedback, got {feedback!r}")
     if feedback.update_locked:
@@ -421,6 +439,8 @@ def truncated_bptt(
                                                             has_aux=True)
         sg = consumed_sg(state.fstate, sT)
         grads, sg_target = vjp_fn((jnp.ones((), sT.dtype), sg))
+        if bootstrap == "unscaled" and feedback.scale != 1:
+            _, sg_target = vjp_fn((jnp.ones((), sT.dtype), sg / feedback.scale))
         aux_loss = jnp.zeros((), jnp.float32)
         if use_aux:
             future = jax.vmap(lambda s: consumed_sg(state.fstate, s))(carries) * batch_size

@@ -130,11 +130,16 @@ def test_oracle_synthetic_gradient_gives_full_bptt():
 # 3 ------------------------------------------------------------------------------------------
 
 
-def test_bootstrapped_target_is_vjp_through_next_chunk_plus_scaled_sg(alpha=0.1):
+@pytest.mark.parametrize("bootstrap", ["consumed", "unscaled"])
+def test_bootstrapped_target_is_vjp_through_next_chunk_plus_scaled_sg(bootstrap, alpha=0.1):
+    """``consumed``: the target includes the synthetic gradient as consumed (×α);
+    ``unscaled``: the model's own prediction (eq. 3's undiscounted δ_T), while the
+    parameter gradient consumes ×α in both."""
     K = 4
     xs, ys, resets = stream(K)
     net = R.net(R.lstm(N), D_IN, C)
-    tr = R.truncated_bptt(net, xent, dni(alpha=alpha), optax.adam(3e-2), T=T, batch_size=B)
+    tr = R.truncated_bptt(net, xent, dni(alpha=alpha), optax.adam(3e-2), T=T, batch_size=B,
+                          bootstrap=bootstrap)
     state = tr.init(jax.random.key(0))
     chunks = R.chunked(xs, ys, T, resets)
     step = jax.jit(tr.step)
@@ -150,14 +155,19 @@ def test_bootstrapped_target_is_vjp_through_next_chunk_plus_scaled_sg(alpha=0.1)
     sg = alpha * m / B  # scaled when consumed; per-example model, batch-mean loss
     assert float(jnp.abs(sg).max()) > 1e-4  # a non-trivial synthetic gradient
 
-    def f(s0):
-        loss, sT = reference_losses(net, state.params, R.unflatten_carry(s0), xs[sl], ys[sl],
-                                    resets[sl])
-        return loss + jnp.vdot(sg, R.flatten_carry(sT))
+    target_sg = sg if bootstrap == "consumed" else sg / alpha
 
-    expected = jax.jit(jax.grad(f))(s0)
+    def f(params, s0, into_target):
+        loss, sT = reference_losses(net, params, R.unflatten_carry(s0), xs[sl], ys[sl],
+                                    resets[sl])
+        return loss + jnp.vdot(into_target, R.flatten_carry(sT))
+
+    expected = jax.jit(jax.grad(f, argnums=1))(state.params, s0, target_sg)
     np.testing.assert_allclose(bw.sg, sg, atol=1e-6)
     np.testing.assert_allclose(bw.sg_target, expected, atol=1e-6)
+    # the parameters consume the scaled synthetic gradient either way
+    chex.assert_trees_all_close(
+        bw.grads, jax.jit(jax.grad(f))(state.params, s0, sg), atol=1e-6)
     # and that target is what the predictor is fitted to (per-example units)
     new, info = jax.jit(tr.apply)(state, jax.tree.map(lambda a: a[K - 1], chunks), bw)
     m0, _ = R.sg_model(N).apply(state.fstate.variables, s0)
@@ -341,3 +351,9 @@ def test_errors():
                                jnp.zeros((T, B), bool)))
     with pytest.raises(ValueError, match="update locked"):
         R.truncated_bptt(net, xent, F.backprop(), optax.sgd(0.1), T=T, batch_size=B)
+    with pytest.raises(ValueError, match="bootstrap='future'"):
+        R.truncated_bptt(net, xent, dni(), optax.sgd(0.1), T=T, batch_size=B,
+                         bootstrap="future")
+    with pytest.raises(ValueError, match="scale, which is 0"):
+        R.truncated_bptt(net, xent, dni(alpha=0.0), optax.sgd(0.1), T=T, batch_size=B,
+                         bootstrap="unscaled")

@@ -175,6 +175,8 @@ def test_scaled_multiplies_the_substitute_not_the_fit():
     np.testing.assert_allclose(s_scaled, 0.1 * s_base, rtol=1e-6)
     chex.assert_trees_all_close(scaled.fit(fs, message(2))[0], base.fit(fs, message(2))[0])
     assert F.scaled(F.backprop(), 10.0).update_locked
+    assert F.synthetic(P.linear()).scale == 1.0
+    assert F.scaled(F.warmup(F.scaled(F.none(), 0.5), 2), 0.1).scale == pytest.approx(0.05)
     with pytest.raises(ValueError, match="alpha"):
         F.scaled(F.none(), float("nan"))
 

@@ -89,6 +89,17 @@ ahead is Repeat Copy ``T = 5`` (12 vs 9). A calibration at 10× the budget (Copy
 ``T = 3``, 20k iterations; a one-off script, not a preset) gave BPTT 8, DNI 7, DNI +
 Aux 8: still no ordering. Showing it needs runs of the paper's length (``paper``
 preset, accelerator work).
+
+Which synthetic gradient enters the bootstrapped target (``truncated_bptt(...,
+bootstrap=)``; the presets use ``"consumed"``, the ×0.1 one, as Fig. 4 is read by this
+suite's issue): with it, the model's fixed point discounts the gradient from ``j``
+chunks ahead by ``0.1^j``, so ``"unscaled"`` (eq. 3's undiscounted ``δ_T``, ×0.1 only
+in the parameter update) was tried as a cause of the missing ordering (2026-12-03,
+one-off runs, Copy ``T = 3``, 6k iterations, seed 0; largest ``T_task`` solved, bits
+error on the level reached in the last 50 iterations): Adam 1e-3, DNI unscaled 6 (0.34
+bits at ``N = 4``); Adam 3e-4, DNI unscaled 7 (0.46 at ``N = 5``), DNI consumed 7
+(0.18), BPTT 7 (0.29). Not the cause at this budget: the consumed target is the
+closest to solving the next level, the unscaled one the furthest.
 """
 
 from __future__ import annotations
