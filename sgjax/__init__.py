@@ -1,10 +1,12 @@
 """sgjax: decoupled training with synthetic gradients in JAX.
 
-Four small ideas (see the README): pure ``(init, apply)`` layers
-(:mod:`sgjax.layers`), synthetic-gradient predictors (:mod:`sgjax.predictors`),
-feedback methods (:mod:`sgjax.feedback`), and :func:`split_at`, which cuts a
-network into independently updated stages run by the schedules of
-:mod:`sgjax.train`.
+Pure ``(init, apply)`` layers (:mod:`sgjax.layers`), synthetic-gradient predictors
+(:mod:`sgjax.predictors`), feedback methods and their wrappers (:mod:`sgjax.feedback`),
+and :func:`split_at`, which cuts a network into independently updated stages that talk
+only through messages, run by the schedules of :mod:`sgjax.train`. On top of these:
+complete unlock with synthetic inputs (:mod:`sgjax.unlock`), recurrent DNI
+(:mod:`sgjax.recurrent`), networks at different rates (:mod:`sgjax.multirate`) and the
+stale-gradient optax transformation (:mod:`sgjax.optim`). See the README.
 """
 
 from sgjax import (
