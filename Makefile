@@ -30,8 +30,9 @@ test-slow:  ## only the slow tests
 lint:  ## ruff
 	$(PY) -m ruff check sgjax experiments tests benchmarks
 
-bench:  ## step-time benchmark on the DNI MNIST FCN shape (ratios from one run)
+bench:  ## step-time benchmarks: DNI MNIST FCN shape, then recurrent DNI on the PTB shape
 	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/recurrent_step_time.py
 
 notebooks:  ## execute every notebook at the smoke preset
 	$(PY) -m pytest tests/test_notebooks.py
