@@ -523,7 +523,8 @@ def _counted(inner: Interface, *, grad=None, fit=None) -> Interface:
 def scaled(feedback: Feedback, alpha: float) -> Feedback:
     """The substitute of ``feedback`` multiplied by ``alpha`` when consumed
     (DNI A.3: the recurrent synthetic gradient ×0.1; A.4: ×10 before entering
-    network A). What the gradient source is fitted to is unchanged."""
+    network A). What the gradient source is fitted to is unchanged. The factor is
+    recorded as ``Feedback.scale`` (multiplied through nested wrappers)."""
     _check_feedback(feedback, "scaled()")
     alpha = float(alpha)
     if not math.isfinite(alpha):

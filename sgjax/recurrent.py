@@ -369,10 +369,10 @@ def truncated_bptt(
     _check_T(T)
     if bootstrap not in ("consumed", "unscaled"):
         raise ValueError(f"bootstrap={bootstrap!r}: use 'consumed' or 'unscaled'")
-    if bootstrap == "unscaled" and feedback.scale == 0:
-        raise ValueError(f"bootstrap='unscaled' divides by {feedback!r}'s scale, which is 0")
     if not isinstance(feedback, Feedback):
         raise TypeError(f"feedback must be an sgjax.feedback.Feedback, got {feedback!r}")
+    if bootstrap == "unscaled" and feedback.scale == 0:
+        raise ValueError(f"bootstrap='unscaled' divides by {feedback!r}'s scale, which is 0")
     if feedback.update_locked:
         raise ValueError(
             f"{feedback!r} is update locked: it needs the gradient from the next chunk "
