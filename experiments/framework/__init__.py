@@ -49,6 +49,7 @@ from experiments.framework.declare import (
     PRESETS,
     Cell,
     CellResult,
+    Claim,
     Curve,
     Experiment,
     UsageError,
@@ -86,7 +87,8 @@ from experiments.framework.store import (
 
 __all__ = [
     "DEFAULT_CHECKPOINT_INTERVAL_S", "DEFAULT_OUT", "PRESETS", "REPORTS_DIR", "Cell",
-    "CellResult", "CheckpointError", "Checkpointer", "Curve", "Experiment", "NonFiniteError",
+    "CellResult", "CheckpointError", "Checkpointer", "Claim", "Curve", "Experiment",
+    "NonFiniteError",
     "RunContext", "RunSummary", "UsageError", "canonical", "cell_identity", "check_finite",
     "check_interval", "check_out_dir", "code_version", "default_figures", "describe_machine",
     "estimate", "format_duration", "is_prng_key", "load_results", "measured_time_s",

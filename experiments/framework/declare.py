@@ -54,6 +54,85 @@ class Cell:
             raise ValueError(f"cell id {self.id!r} must match {SAFE_ID.pattern}")
 
 
+CLAIM_KINDS = ("near", "at_most", "less")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One sentence of a paper, as something the cell results can confirm or not.
+
+    Build one with :meth:`near`, :meth:`at_most` or :meth:`less`; the verdict (holds /
+    differs / not run) is computed by :mod:`experiments.framework.verdicts`, never typed.
+
+    ``words`` is the paper's own sentence (quoted) the claim rests on. ``cells`` are the
+    cell ids it reads (one for ``near``/``at_most``; ``(lower, higher)`` for ``less``).
+    ``paper`` is the published number (``near``) or the bound (``at_most``); ``None`` for
+    ``less``. ``tolerance`` is ``near``'s allowed ``|ours - paper|`` or ``less``'s margin.
+    ``key=None`` reads each cell's main metric, otherwise ``record["metrics"][key]``.
+    ``cause`` is one sentence naming the cause found for a "differs" (budget / method /
+    defect) and its evidence (a report path).
+    """
+
+    id: str
+    words: str
+    kind: str
+    cells: tuple[str, ...]
+    paper: float | None = None
+    tolerance: float = 0.0
+    key: str | None = None
+    cause: str = ""
+
+    def __post_init__(self):
+        if not SAFE_ID.match(self.id):
+            raise ValueError(f"claim id {self.id!r} must match {SAFE_ID.pattern}")
+        if self.kind not in CLAIM_KINDS:
+            raise ValueError(f"claim {self.id!r}: kind {self.kind!r} is not one of "
+                             f"{CLAIM_KINDS}; build claims with Claim.near/at_most/less")
+        if not self.words.strip():
+            raise ValueError(f"claim {self.id!r}: words must quote the paper's sentence")
+        want = 2 if self.kind == "less" else 1
+        if len(self.cells) != want or not all(isinstance(c, str) for c in self.cells):
+            raise ValueError(f"claim {self.id!r} ({self.kind}) reads {want} cell id(s), "
+                             f"got {self.cells!r}")
+        if self.kind != "less" and self.paper is None:
+            raise ValueError(f"claim {self.id!r} ({self.kind}) needs the paper's number")
+        if not self.tolerance >= 0:
+            raise ValueError(f"claim {self.id!r}: tolerance/margin {self.tolerance!r} must "
+                             "be a number >= 0")
+
+    @classmethod
+    def near(cls, id: str, words: str, cell: str, paper: float, tol: float, *,
+             key: str | None = None, cause: str = "") -> Claim:
+        """Holds if ``|ours[cell] - paper| <= tol``."""
+        return cls(id, words, "near", (cell,), float(paper), float(tol), key, cause)
+
+    @classmethod
+    def at_most(cls, id: str, words: str, cell: str, bound: float, *,
+                key: str | None = None, cause: str = "") -> Claim:
+        """Holds if ``ours[cell] <= bound``."""
+        return cls(id, words, "at_most", (cell,), float(bound), 0.0, key, cause)
+
+    @classmethod
+    def less(cls, id: str, words: str, lower: str, higher: str, *, margin: float = 0.0,
+             key: str | None = None, cause: str = "") -> Claim:
+        """Holds if ``ours[lower] + margin <= ours[higher]`` (for lower-is-better metrics:
+        ``lower`` is the cell the paper says does better)."""
+        return cls(id, words, "less", (lower, higher), None, float(margin), key, cause)
+
+    @property
+    def paper_text(self) -> str:
+        """The paper's side, in words: ``1.6 ± 0.5``, ``≤ 5``, ``a < b``."""
+        num = (lambda x: format(x, ".4g"))
+        if self.kind == "near":
+            return f"{num(self.paper)} ± {num(self.tolerance)}"
+        if self.kind == "at_most":
+            return f"≤ {num(self.paper)}"
+        lower, higher = self.cells
+        if self.tolerance:
+            return f"{lower} ≤ {higher} − {num(self.tolerance)}"
+        return f"{lower} ≤ {higher}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """A paper table or figure, declared as data.
@@ -66,6 +145,9 @@ class Experiment:
     in ``table.md`` and ``show`` but never make a cell rerun.
     ``run_cell(cell, config, ctx)`` trains one cell and returns ``{"metric": float, ...}``
     (see :func:`experiments.framework.run_experiment`).
+    ``claims`` is a sequence of :class:`Claim` or a function ``preset -> claims``: what the
+    paper says, checked against the cells (ids unique; every cell a claim reads exists in
+    at least one preset).
     ``figures(results, config)`` returns ``{name: matplotlib Figure}``, saved as
     ``<name>.png``; ``None`` plots every logged curve
     (:func:`experiments.framework.default_figures`).
@@ -81,6 +163,7 @@ class Experiment:
     figures: Callable[[Sequence[CellResult], Any], Mapping[str, Any]] | None = None
     notes: str = ""
     preset_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    claims: Sequence[Claim] | Callable[[str], Sequence[Claim]] = ()
 
     def __post_init__(self):
         if not SAFE_ID.match(self.name) or self.name == "all":
@@ -96,6 +179,35 @@ class Experiment:
                              f"{unknown}")
         for preset in self.presets:
             self.cells_for(preset)  # validates cell ids at import time
+        self._check_claims()
+
+    def claims_for(self, preset: str) -> tuple[Claim, ...]:
+        """The claims checked at ``preset``."""
+        claims = tuple(self.claims(preset) if callable(self.claims) else self.claims)
+        bad = [c for c in claims if not isinstance(c, Claim)]
+        if bad:
+            raise ValueError(f"experiment {self.name!r}: claims must be Claim objects "
+                             f"(Claim.near/at_most/less), got {bad[0]!r}")
+        return claims
+
+    def _check_claims(self) -> None:
+        known = {c.id for p in self.presets for c in self.cells_for(p)}
+        problems = []
+        for preset in self.presets if callable(self.claims) else list(self.presets)[:1]:
+            claims = self.claims_for(preset)
+            ids = [c.id for c in claims]
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            if dupes:
+                where = f" at preset {preset!r}" if callable(self.claims) else ""
+                problems.append(f"duplicate claim ids {dupes}{where}")
+            for claim in claims:
+                unknown = [c for c in claim.cells if c not in known]
+                if unknown:
+                    problems.append(f"claim {claim.id!r} reads unknown cell(s) {unknown}")
+        if problems:
+            problems = list(dict.fromkeys(problems))
+            raise ValueError(f"experiment {self.name!r}: " + "; ".join(problems)
+                             + "; claims must read cells declared in some preset")
 
     def cells_for(self, preset: str) -> tuple[Cell, ...]:
         """The cells of ``preset``; ids are checked for uniqueness."""
