@@ -1,5 +1,8 @@
-"""Reports: ``table.md`` (paper | ours | diff per cell), ``results.csv``, figures, the
-provenance of the numbers, and the committed reference reports under ``reports/``."""
+"""Reports: ``table.md`` (paper | ours | diff | verdict per cell, then the claims),
+``results.csv``, figures, the provenance of the numbers, and the committed reference
+reports under ``reports/`` with their generated index ``reports/README.md`` (one row per
+claim). ``python -m experiments.framework.reports`` re-renders every committed report's
+``table.md`` and the index from what is committed, without rerunning anything."""
 
 from __future__ import annotations
 
@@ -12,13 +15,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.framework import verdicts as V
 from experiments.framework.checkpoints import atomic_write
-from experiments.framework.declare import CellResult, Experiment, reproduce_command
+from experiments.framework.declare import (
+    Cell,
+    CellResult,
+    Claim,
+    Experiment,
+    reproduce_command,
+)
 from experiments.framework.store import REPO_ROOT, load_results
 
 REPORTS_DIR = REPO_ROOT / "reports"
 """The committed reference reports: ``reports/<name>/`` holds the latest ``quick`` run's
-``table.md``, ``results.csv``, figures and ``provenance.json`` (``make reports``)."""
+``table.md``, ``results.csv``, figures, ``provenance.json`` and ``cells/``; another preset's
+run (``paper``) lives in ``reports/<name>/<preset>/`` (``make reports``)."""
 
 REPORT_PRESET = "quick"
 FIGURE_DPI = 120
@@ -90,12 +101,40 @@ def provenance(results: Sequence[CellResult]) -> dict[str, Any]:
     }
 
 
-def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | str]) -> str:
+def _label(cell: Cell) -> str:
+    return f"{cell.row} / {cell.column}"
+
+
+def _md(text: str) -> str:
+    """One Markdown table cell: pipes escaped, newlines folded."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def claim_paper_text(claim: Claim, cells: Mapping[str, Cell]) -> str:
+    """The paper's side of ``claim``, with cell labels for a comparison."""
+    if claim.kind != "less":
+        return claim.paper_text
+    lower, higher = (_label(cells[c]) if c in cells else c for c in claim.cells)
+    margin = f" − {V.format_number(claim.tolerance)}" if claim.tolerance else ""
+    return f"{lower} ≤ {higher}{margin}" if margin else f"{lower} < {higher}"
+
+
+def _ours(r: CellResult) -> str:
+    return V.describe_value(r, None) if V.is_partial(r) else fmt(r.metric)
+
+
+def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | str], *,
+                 prov: Mapping[str, Any] | None = None) -> str:
     """table.md: a header (with the provenance), then one line per cell:
-    row | column | paper | ours | diff. A smoke table starts with a bold line saying its
-    numbers are not results."""
+    row | column | paper | ours | diff, plus a verdict column (the claims that read the
+    cell) and a "Claims" section when ``exp`` declares claims at ``preset``. A smoke table
+    starts with a bold line saying its numbers are not results. ``prov`` replaces the
+    provenance computed from the records (a report rebuilt from ``results.csv``)."""
     results = [r for r in found.values() if isinstance(r, CellResult)]
-    prov = provenance(results)
+    prov = dict(provenance(results) if prov is None else prov)
+    cells = exp.cells_for(preset)
+    verdicts = V.check_all(exp, preset, found)
+    per_cell = V.cell_verdicts(verdicts)
     lines = [SMOKE_BANNER, ""] if preset == "smoke" else []
     lines += [
         f"# {exp.name}: {exp.title}",
@@ -105,26 +144,50 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
         f"or `{reproduce_command(exp.name, preset, make=True)}`",
         f"- Metric: {exp.metric}; diff = ours − paper",
         f"- Cells: {len(results)}/{len(found)} done; seeds: "
-        f"{', '.join(map(str, prov['seeds'])) or '—'}; wall time "
-        f"{format_duration(prov['wall_time_s'])}",
+        f"{', '.join(map(str, prov.get('seeds', []))) or '—'}; wall time "
+        f"{format_duration(prov.get('wall_time_s', 0.0))}",
     ]
-    if results:
-        dates = " to ".join(dict.fromkeys(d[:10] for d in prov["dates"]))
+    if results and prov.get("machines"):
+        dates = " to ".join(dict.fromkeys(d[:10] for d in prov.get("dates", [])))
         lines.append(f"- Measured on: {'; '.join(prov['machines'])}; {dates}; code: "
-                     f"{', '.join(prov['commits'])}")
+                     f"{', '.join(prov.get('commits', []))}")
     if exp.notes:
         lines.append(f"- Notes: {exp.notes}")
     if exp.preset_notes.get(preset):
         lines.append(f"- Preset `{preset}`: {exp.preset_notes[preset]}")
-    lines += ["", "| row | column | paper | ours | diff |", "| --- | --- | ---: | ---: | ---: |"]
-    for cell in exp.cells_for(preset):
+    if verdicts:
+        counts = {s: sum(v.status == s for v in verdicts) for s in V.STATUSES}
+        lines.append("- Verdicts: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+                     + " (see [Claims](#claims))")
+    head = "| row | column | paper | ours | diff |"
+    rule = "| --- | --- | ---: | ---: | ---: |"
+    if verdicts:
+        head, rule = head + " verdict |", rule + " --- |"
+    lines += ["", head, rule]
+    for cell in cells:
         r = found[cell.id]
         if isinstance(r, CellResult):
             diff = fmt(r.metric - cell.paper, signed=True) if cell.paper is not None else "—"
-            ours = fmt(r.metric)
+            ours = _ours(r)
         else:
             ours, diff = r, "—"
-        lines.append(f"| {cell.row} | {cell.column} | {fmt(cell.paper)} | {ours} | {diff} |")
+        line = f"| {cell.row} | {cell.column} | {fmt(cell.paper)} | {ours} | {diff} |"
+        if verdicts:
+            line += f" {per_cell.get(cell.id, '')} |"
+        lines.append(line)
+    if verdicts:
+        by_id = {c.id: c for c in cells}
+        lines += ["", "## Claims", "",
+                  "Each claim is the paper's sentence, the number or comparison it makes, "
+                  "and the verdict computed from the cells above (holds / differs / partial "
+                  "/ not run).", "",
+                  "| claim | paper's words | paper | ours | verdict | cause |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for v in verdicts:
+            c = v.claim
+            ours = v.ours + (f" ({c.key})" if c.key else "")
+            lines.append(f"| {c.id} | {_md(c.words)} | {_md(claim_paper_text(c, by_id))} | "
+                         f"{_md(ours)} | **{v.text}** | {_md(c.cause) or '—'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,8 +198,9 @@ def write_csv(path: Path, exp: Experiment, preset: str, found: Mapping) -> None:
         k for r in results for k, v in r.metrics.items()
         if isinstance(v, int | float | str | bool | None)
     })
+    flags = ["partial", "last_step"] if any(V.is_partial(r) for r in results) else []
     header = ["experiment", "preset", "cell", "row", "column", "status", "paper", "ours",
-              "diff", "seed", "wall_time_s", *extra]
+              "diff", "seed", "wall_time_s", *flags, *extra]
 
     def write(f):
         w = csv.writer(f)
@@ -147,6 +211,7 @@ def write_csv(path: Path, exp: Experiment, preset: str, found: Mapping) -> None:
             if isinstance(r, CellResult):
                 diff = "" if cell.paper is None else r.metric - cell.paper
                 w.writerow(base + ["done", cell.paper, r.metric, diff, r.seed, r.wall_time_s]
+                           + [r.record.get(k, "") for k in flags]
                            + [r.metrics.get(k, "") for k in extra])
             else:
                 w.writerow(base + [r, cell.paper] + [""] * (len(header) - 7))
@@ -198,15 +263,24 @@ def _shrink_png(path: Path) -> None:
 
 
 def _save_figures(exp: Experiment, preset: str, results, directory: Path, dpi: int,
-                  shrink: bool = False):
+                  shrink: bool = False, *, text_only: bool = False):
+    """Save what ``exp.figures`` returns: a matplotlib Figure as ``<name>.png``, a string
+    as Markdown ``<name>.md`` (a table the figure function renders, e.g. rows read from
+    the code). ``text_only`` writes only the Markdown (re-rendering a committed report)."""
     paths = []
     make = exp.figures or default_figures
     for name, fig in dict(make(results, exp.presets[preset])).items():
-        path = directory / f"{name}.png"
-        fig.savefig(path, dpi=dpi)
-        if shrink:
-            _shrink_png(path)
-        paths.append(path)
+        if isinstance(fig, str):
+            path = directory / f"{name}.md"
+            atomic_write(path, lambda f, text=fig: f.write(text))
+            paths.append(path)
+            continue
+        if not text_only:
+            path = directory / f"{name}.png"
+            fig.savefig(path, dpi=dpi)
+            if shrink:
+                _shrink_png(path)
+            paths.append(path)
         if getattr(fig.canvas, "manager", None) is not None:  # made with pyplot
             import matplotlib.pyplot as plt
 
@@ -234,6 +308,14 @@ def write_reports(
                       tuple(paths))
 
 
+def report_dir(name: str, preset: str = REPORT_PRESET,
+               reports_root: str | os.PathLike | None = None) -> Path:
+    """Where the committed report of ``name`` at ``preset`` lives: ``reports/<name>/`` for
+    ``quick``, ``reports/<name>/<preset>/`` for any other preset (``paper``)."""
+    root = Path(REPORTS_DIR if reports_root is None else reports_root) / name
+    return root if preset == REPORT_PRESET else root / preset
+
+
 def publish_report(
     exp: Experiment,
     results_root: str | os.PathLike,
@@ -242,8 +324,10 @@ def publish_report(
     reports_root: str | os.PathLike | None = None,
 ) -> Path | None:
     """Copy the finished ``preset`` run of ``exp`` from ``results_root/<name>/<preset>/`` into
-    ``reports_root/<name>/``: table.md, results.csv, figures at :data:`REPORT_DPI` and
-    ``provenance.json``, and each finished cell's record under ``cells/``; nothing is rerun.
+    :func:`report_dir` (``reports_root/<name>/``, or ``reports_root/<name>/<preset>/`` for a
+    preset other than ``quick``): table.md, results.csv, figures at :data:`REPORT_DPI`,
+    ``provenance.json``, and each finished (or partial) cell's record under ``cells/``;
+    nothing is rerun. Another preset's subfolder is left as it is.
 
     A report accumulates: a cell that ``results_root`` does not hold (say, a run of only some
     cells in a fresh checkout, whose ``results/`` is not committed) keeps the record the
@@ -253,16 +337,19 @@ def publish_report(
 
     Returns the report folder, or ``None`` if ``results_root`` holds no finished cell of
     ``exp`` at ``preset`` (an existing report is then left as it is)."""
+    if preset not in exp.presets:
+        raise ValueError(f"experiment {exp.name!r} has no preset {preset!r}; presets: "
+                         f"{', '.join(exp.presets)}")
     src = Path(results_root) / exp.name / preset
     found = load_results(exp, preset, src)
     if not any(isinstance(r, CellResult) for r in found.values()):
         return None
-    dest = Path(REPORTS_DIR if reports_root is None else reports_root) / exp.name
+    dest = report_dir(exp.name, preset, reports_root)
     committed = load_results(exp, preset, dest)
     found = {cid: r if isinstance(r, CellResult) or not isinstance(committed[cid], CellResult)
              else committed[cid] for cid, r in found.items()}
     results = tuple(r for r in found.values() if isinstance(r, CellResult))
-    shutil.rmtree(dest, ignore_errors=True)
+    _clear_report(dest, keep=set(exp.presets))
     (dest / "cells").mkdir(parents=True)
     for r in results:
         atomic_write(dest / "cells" / f"{r.cell.id}.json",
@@ -278,25 +365,231 @@ def publish_report(
     return dest
 
 
-def write_index(reports_root: str | os.PathLike | None = None) -> Path:
-    """``reports/README.md``: one line per published report (experiment, cells done, wall
-    time, date, commit), read from the reports' ``provenance.json``."""
-    root = Path(REPORTS_DIR if reports_root is None else reports_root)
-    lines = ["# Reference results", "",
-             "The latest `quick` run of each experiment, copied from `results/` by "
-             "`make reports` (nothing is rerun). Each folder holds `table.md`, "
-             "`results.csv`, the figures and `provenance.json`.", "",
-             "| experiment | cells | wall time | measured on | date | commit |",
-             "|---|---:|---:|---|---|---|"]
-    for prov_path in sorted(root.glob("*/provenance.json")):
-        try:
-            prov = json.loads(prov_path.read_text("utf-8"))
-        except (OSError, ValueError):
+def _clear_report(dest: Path, keep: set[str]) -> None:
+    """Empty a report folder, except the subfolders of other presets."""
+    if not dest.is_dir():
+        return
+    for path in dest.iterdir():
+        if path.is_dir() and path.name in keep:
             continue
-        name = prov_path.parent.name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _number(text: str) -> Any:
+    """A ``results.csv`` field back as data: ``""`` → ``None``, numbers, booleans."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+CSV_BASE = ("experiment", "preset", "cell", "row", "column", "status", "paper", "ours",
+            "diff", "seed", "wall_time_s", "partial", "last_step")
+
+
+def load_report(exp: Experiment, preset: str, directory: str | os.PathLike
+                ) -> dict[str, CellResult | str]:
+    """Each cell's result as committed in the report folder ``directory``: from its record
+    (``cells/<id>.json``, with the same identity check as a run) where the report has
+    ``cells/``, otherwise rebuilt from ``results.csv`` (the ``ours`` and scalar metric
+    columns; such a result has no curves). A cell with neither says why."""
+    directory = Path(directory)
+    if (directory / "cells").is_dir():
+        return load_results(exp, preset, directory)
+    try:
+        with (directory / "results.csv").open(newline="", encoding="utf-8") as f:
+            rows = {row.get("cell"): row for row in csv.DictReader(f)
+                    if row.get("preset") == preset}
+    except OSError:
+        rows = {}
+    found: dict[str, CellResult | str] = {}
+    for cell in exp.cells_for(preset):
+        row = rows.get(cell.id)
+        if row is None:
+            found[cell.id] = "missing (not run)"
+        elif row.get("status") != "done":
+            found[cell.id] = row.get("status") or "missing (not run)"
+        else:
+            metric = _number(row.get("ours", ""))
+            record = {"metric": metric, "seed": _number(row.get("seed", "")) or 0,
+                      "wall_time_s": _number(row.get("wall_time_s", "")) or 0.0,
+                      "metrics": {k: _number(v) for k, v in row.items()
+                                  if k not in CSV_BASE and k is not None},
+                      "source": "results.csv"}
+            for flag in ("partial", "last_step"):
+                if _number(row.get(flag) or "") is not None:
+                    record[flag] = _number(row[flag])
+            found[cell.id] = CellResult(cell, metric, record["metrics"], {}, record["seed"],
+                                        record["wall_time_s"], record)
+    return found
+
+
+def _read_provenance(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / "provenance.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def rerender_report(exp: Experiment, preset: str = REPORT_PRESET,
+                    reports_root: str | os.PathLike | None = None) -> Path | None:
+    """Rewrite the committed report's ``table.md`` (and the Markdown its figure function
+    renders, where the report has ``cells/``) from what is committed; nothing is rerun
+    and the figures are left as they are. ``None`` if there is no such report."""
+    dest = report_dir(exp.name, preset, reports_root)
+    if not (dest / "results.csv").is_file() and not (dest / "cells").is_dir():
+        return None
+    found = load_report(exp, preset, dest)
+    has_records = (dest / "cells").is_dir()
+    table = render_table(exp, preset, found,
+                         prov=None if has_records else _read_provenance(dest) or {})
+    atomic_write(dest / "table.md", lambda f: f.write(table))
+    results = tuple(r for r in found.values() if isinstance(r, CellResult))
+    if has_records and results:
+        _save_figures(exp, preset, results, dest, REPORT_DPI, text_only=True)
+    return dest
+
+
+def rerender_reports(reports_root: str | os.PathLike | None = None,
+                     experiments: Sequence[Experiment] | None = None) -> list[Path]:
+    """Re-render every committed report (each experiment's ``quick`` report and any other
+    preset's under it) and ``reports/README.md`` from what is committed, without rerunning;
+    ``experiments`` defaults to the registered ones. Returns the files written."""
+    if experiments is None:
+        experiments = _registered()
+    written = []
+    for exp in experiments:
+        for preset in exp.presets:
+            dest = rerender_report(exp, preset, reports_root)
+            if dest is not None:
+                written.append(dest / "table.md")
+    written.append(write_index(reports_root, experiments))
+    return written
+
+
+def _registered(strict: bool = True) -> list[Experiment]:
+    """The registered experiments; ``strict``: an :class:`ImportError` naming every module
+    that failed to import (a re-render must not silently drop an experiment's claims)."""
+    from experiments import registry
+
+    reg = registry.discover()
+    if reg.failures and strict:
+        raise ImportError("experiment modules failed to import: " + "; ".join(
+            f"{m}: {e}" for m, e in reg.failures.items()))
+    return list(reg.experiments.values())
+
+
+def _source(exp: Experiment) -> str:
+    """The short name of the paper an experiment reproduces."""
+    paper = exp.paper
+    for prefix, short in (("DNI", "DNI"), ("Understanding", "Understanding SG"),
+                          ("Greydanus", "blog")):
+        if paper.startswith(prefix):
+            return short
+    return paper.split(" (")[0]
+
+
+def _short(text: str, limit: int = 140) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+CLAIMS_PRESETS = (REPORT_PRESET, "paper")
+
+
+def claim_rows(exp: Experiment, reports_root: str | os.PathLike | None = None
+               ) -> list[str]:
+    """The index rows of ``exp``: one per claim, its verdict at ``quick`` and (where a
+    ``paper`` report is committed) at ``paper``; the verdict column is the most faithful
+    preset's that was run. An experiment without claims gets one row saying so."""
+    name = exp.name
+    checked: dict[str, dict[str, V.Verdict]] = {}
+    present: dict[str, bool] = {}
+    for preset in CLAIMS_PRESETS:
+        dest = report_dir(name, preset, reports_root)
+        present[preset] = (dest / "results.csv").is_file() or (dest / "cells").is_dir()
+        found = load_report(exp, preset, dest) if present[preset] else {
+            c.id: "missing (not run)" for c in exp.cells_for(preset)}
+        checked[preset] = {v.claim.id: v for v in V.check_all(exp, preset, found)}
+    claims = {c.id: c for p in CLAIMS_PRESETS for c in exp.claims_for(p)}
+    link = f"[{name}]({name}/table.md#claims)"
+    if present["paper"]:
+        link += f", [paper]({name}/paper/table.md#claims)"
+    if not claims:
+        return [f"| {_source(exp)} | {name} | no claims declared | — | — | — | — | — | "
+                f"[{name}]({name}/table.md) |"]
+    rows = []
+    for cid, claim in claims.items():
+        cells = {c.id: c for p in CLAIMS_PRESETS for c in exp.cells_for(p)}
+
+        def at(preset, cid=cid):
+            v = checked[preset].get(cid)
+            if v is None or not present[preset]:
+                return None, V.NOT_RUN
+            return v, (v.ours if v.status == V.NOT_RUN else f"{v.ours}: {v.text}")
+
+        (vq, quick), (vp, paper) = at(REPORT_PRESET), at("paper")
+        best = next(((v, p) for v, p in ((vp, "paper"), (vq, REPORT_PRESET))
+                     if v is not None and v.status != V.NOT_RUN), None)
+        verdict = f"**{best[0].text}** ({best[1]})" if best else V.NOT_RUN
+        rows.append(f"| {_source(exp)} | {name} | {cid}: {_md(_short(claim.words))} | "
+                    f"{_md(claim_paper_text(claim, cells))} | {_md(quick)} | {_md(paper)} | "
+                    f"{verdict} | {_md(claim.cause) or '—'} | {link} |")
+    return rows
+
+
+def write_index(reports_root: str | os.PathLike | None = None,
+                experiments: Sequence[Experiment] | None = None) -> Path:
+    """``reports/README.md``, generated: the verdict table (one row per claim of every
+    experiment, ``experiments`` defaulting to the registered ones) and below it one line per
+    published report (experiment, preset, cells done, wall time, machine, date, commit),
+    read from the reports' ``provenance.json``."""
+    root = Path(REPORTS_DIR if reports_root is None else reports_root)
+    if experiments is None:
+        experiments = _registered(strict=False)
+    lines = ["# Reference results", "",
+             "Generated by `python -m experiments.framework.reports` (and `make reports`) "
+             "from the committed reports; do not edit by hand.", "",
+             "## Verdicts", "",
+             "One row per claim of the papers and the blog post: the paper's words, its "
+             "number (± the tolerance the claim allows) or comparison, ours at the `quick` "
+             "preset and at the `paper` protocol (from `reports/NAME/paper/` where it was "
+             "run), and the verdict computed from the cell records (holds / differs / "
+             "partial / not run; the preset it comes from in brackets). A partial value is "
+             "a time-boxed run's last evaluation (with the step it reached) and never "
+             "makes a claim hold.", "",
+             "| source | experiment | claim (paper's words) | paper | `quick` | `paper` "
+             "protocol | verdict | cause | evidence |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = {"DNI": 0, "Understanding SG": 1, "blog": 2}
+    for exp in sorted(experiments, key=lambda e: order.get(_source(e), 3)):
+        lines += claim_rows(exp, root)
+    lines += ["", "## Provenance", "",
+              "The latest run of each experiment, copied from `results/` by `make reports` "
+              "(nothing is rerun). Each folder holds `table.md`, `results.csv`, the figures "
+              "and `provenance.json`; a `paper`-protocol run lives in `NAME/paper/`.", "",
+              "| experiment | cells | wall time | measured on | date | commit |",
+              "|---|---:|---:|---|---|---|"]
+    provs = sorted([*root.glob("*/provenance.json"), *root.glob("*/*/provenance.json")])
+    for prov_path in provs:
+        prov = _read_provenance(prov_path.parent)
+        if prov is None:
+            continue
+        where = prov_path.parent.relative_to(root).as_posix()
         dates = " to ".join(dict.fromkeys(d[:10] for d in prov.get("dates", [])))
         commits = ", ".join(c[:10] + c[40:] for c in prov.get("commits", []))
-        lines.append(f"| [{name}]({name}/table.md) | {prov.get('cells_done', '?')} | "
+        lines.append(f"| [{where}]({where}/table.md) | {prov.get('cells_done', '?')} | "
                      f"{format_duration(prov.get('wall_time_s', 0.0))} | "
                      f"{'; '.join(prov.get('machines', []))} | {dates} | {commits} |")
     path = root / "README.md"
@@ -332,3 +625,11 @@ def measured_machine(name: str, *, reports_root: str | os.PathLike | None = None
     except (OSError, ValueError):
         return ""
     return "; ".join(prov.get("machines", []))
+
+
+if __name__ == "__main__":
+    import sys
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    for written in rerender_reports():
+        print(f"wrote {written}", file=sys.stderr)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import optax
 
@@ -221,7 +220,6 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict:
     method, loss = cell.params["method"], cell.params["loss"]
     split = make_split(method, config, loss=loss, input_shape=ds.input_shape,
                        num_classes=ds.num_classes)
-    _write_rows(ctx.out_dir)
     _, final = training.train_classifier(
         ctx, split, ds, steps=config.steps, batch_size=config.batch_size, chunk=config.chunk,
         eval_every=config.eval_every, eval_train=True,
@@ -234,15 +232,16 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict:
     return out
 
 
-def _write_rows(out_dir: Path) -> None:
-    text = ("# Czarnecki et al. 2017, Table 1, read from sgjax.feedback\n\n" + render_rows()
+def rows_markdown(test_errors: dict[str, float] | None = None) -> str:
+    """``rows.md``: Table 1 read from the code (:func:`render_rows`), as a page."""
+    return ("# Czarnecki et al. 2017, Table 1, read from sgjax.feedback\n\n"
+            + render_rows(test_errors)
             + "\nSG + prop: the paper's 'yes*' (locked with a single SG module).\n")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "rows.md").write_text(text, encoding="utf-8")
 
 
 def figures(results: Sequence, config: Config) -> dict:
-    """Table 1 (from the code) with the MNIST test error of each method."""
+    """Table 1 (from the code) with the MNIST test error of each method, as a figure and as
+    Markdown (``rows.md``)."""
     from matplotlib.figure import Figure
 
     table = rows()
@@ -269,7 +268,8 @@ def figures(results: Sequence, config: Config) -> dict:
                  + (f"\nother rows (test error): {note}" if note else ""), fontsize=9)
     from experiments.framework import plot_curves
 
-    return {"table1": fig,
+    return {"rows": rows_markdown(errs),
+            "table1": fig,
             "table1-test-error": plot_curves(results, "test_error", ylabel="test error (%)",
                                              label=lambda r: r.cell.row,
                                              title="MNIST test error per method", logy=True)}
@@ -296,8 +296,8 @@ EXPERIMENT = Experiment(
     presets=PRESETS,
     run_cell=run_cell,
     figures=figures,
-    notes=("the paper gives no numbers; the table's rows are written to rows.md and "
-           "table1.png from sgjax.feedback. Kickback with softmax: Σ_c ∂L/∂p_c = 0, so its "
+    notes=("the paper gives no numbers; the table's rows are read from sgjax.feedback into "
+           "[rows.md](rows.md) and table1.png. Kickback with softmax: Σ_c ∂L/∂p_c = 0, so its "
            "substitute is float round-off (compare 'No Bprop (reference)': only the output "
            "layer learns); 'Kickback (sigmoid)' uses the per-class sigmoid log loss, where the "
            "shared error collapses each layer's units."),

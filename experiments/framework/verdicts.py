@@ -1,0 +1,139 @@
+"""Verdicts: each :class:`~experiments.framework.Claim` of an experiment checked against
+the cell results of one preset — holds, differs, partial or not run — with the numbers it
+compared. Nothing here is typed by hand: a verdict is a function of the records.
+
+A cell's result is a :class:`~experiments.framework.CellResult` (from ``cells/<id>.json``,
+or rebuilt from ``results.csv`` for reports committed without records, see
+:func:`experiments.framework.reports.load_report`). A record flagged ``"partial": true``
+(a time-boxed run, ``"last_step"`` the step it reached) is shown as partial and can never
+make a claim hold: its verdict is ``partial``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from experiments.framework.declare import CellResult, Claim, Experiment
+
+HOLDS, DIFFERS, PARTIAL, NOT_RUN = "holds", "differs", "partial", "not run"
+STATUSES = (HOLDS, DIFFERS, PARTIAL, NOT_RUN)
+
+
+def is_partial(result: CellResult) -> bool:
+    """Whether ``result`` is a time-boxed run's last record rather than a finished cell."""
+    return bool(result.record.get("partial"))
+
+
+def last_step(result: CellResult) -> int | None:
+    step = result.record.get("last_step")
+    return int(step) if isinstance(step, int | float) and not isinstance(step, bool) else None
+
+
+def format_step(step: int) -> str:
+    """``80000`` → ``80k``, ``1500`` → ``1.5k``, ``500`` → ``500``."""
+    return f"{step / 1000:g}k" if step >= 1000 else str(step)
+
+
+def format_number(x: float | None) -> str:
+    """A compared number: ``12345``, ``1.234``, ``nan``, ``—`` for ``None``."""
+    if x is None:
+        return "—"
+    spec = ".0f" if 1e4 <= abs(x) < 1e9 else ".4g"
+    return format(x, spec)
+
+
+def value_of(result: CellResult, key: str | None) -> float | None:
+    """The number a claim reads: the main metric (``key=None``) or ``metrics[key]``;
+    ``None`` when the record has no such number."""
+    raw: Any = result.metric if key is None else result.metrics.get(key)
+    if isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+    return None
+
+
+def describe_value(result: CellResult | None, key: str | None) -> str:
+    """``4.6``, ``4.6 (partial, 80k)``, or why there is no number."""
+    if result is None:
+        return NOT_RUN
+    value = value_of(result, key)
+    if value is None:
+        return f"no {key!r} in record" if key else NOT_RUN
+    text = format_number(value)
+    if is_partial(result):
+        step = last_step(result)
+        text += f" (partial, {format_step(step)})" if step is not None else " (partial)"
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """A claim checked at one preset: ``status`` is one of :data:`STATUSES`; ``values``
+    are the numbers read (one per ``claim.cells``, ``None`` where missing); ``ours`` says
+    them in words; ``would`` is what the comparison gives on partial values."""
+
+    claim: Claim
+    status: str
+    values: tuple[float | None, ...]
+    ours: str
+    would: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The verdict in words: ``holds``, ``partial (differs so far)``, …"""
+        if self.status == PARTIAL and self.would:
+            return f"{PARTIAL} ({self.would} so far)"
+        return self.status
+
+
+def _compare(claim: Claim, values: tuple[float, ...]) -> bool:
+    if claim.kind == "near":
+        return abs(values[0] - claim.paper) <= claim.tolerance
+    if claim.kind == "at_most":
+        return values[0] <= claim.paper
+    lower, higher = values
+    return lower + claim.tolerance <= higher
+
+
+def check(claim: Claim, found: Mapping[str, CellResult | str]) -> Verdict:
+    """The verdict of ``claim`` from ``found`` (cell id → result, or why there is none):
+    ``not run`` when a cell it reads has no result (or no such number), ``partial`` when
+    any of them is a partial record, otherwise ``holds``/``differs`` (NaN differs)."""
+    results = [found.get(c) for c in claim.cells]
+    results = [r if isinstance(r, CellResult) else None for r in results]
+    values = tuple(None if r is None else value_of(r, claim.key) for r in results)
+    words = [describe_value(r, claim.key) for r in results]
+    ours = words[0] if len(words) == 1 else " vs ".join(words)
+    if any(v is None for v in values):
+        return Verdict(claim, NOT_RUN, values, ours)
+    holds = not any(math.isnan(v) for v in values) and _compare(claim, values)
+    status = HOLDS if holds else DIFFERS
+    if any(is_partial(r) for r in results):
+        return Verdict(claim, PARTIAL, values, ours, would=status)
+    return Verdict(claim, status, values, ours)
+
+
+def check_all(exp: Experiment, preset: str,
+              found: Mapping[str, CellResult | str]) -> tuple[Verdict, ...]:
+    """Every claim of ``exp`` at ``preset``, in declaration order."""
+    return tuple(check(c, found) for c in exp.claims_for(preset))
+
+
+def cell_verdicts(verdicts: tuple[Verdict, ...],
+                  label: Callable[[Verdict], str] = lambda v: v.claim.id
+                  ) -> dict[str, str]:
+    """Cell id → the verdicts of the claims that read it, in words (``holds (id)``)."""
+    out: dict[str, list[str]] = {}
+    for v in verdicts:
+        for cell in v.claim.cells:
+            out.setdefault(cell, []).append(f"{v.text} ({label(v)})")
+    return {cell: "; ".join(texts) for cell, texts in out.items()}
