@@ -15,6 +15,12 @@ Every update call consumes one step. On the steps where the gradient is stale th
 gradient is ignored, so the caller may skip computing it:
 ``needs_fresh_gradient(opt_state)`` says whether the next update will read it (e.g. inside
 ``jax.lax.cond``; pass any tree, such as zeros, on the other steps).
+
+:func:`advance_schedules` moves the step counters that drive learning-rate schedules without
+updating anything else: the schedules of :func:`sgjax.stochastic` and
+:func:`sgjax.unlock.complete_unlock` call it for every module that skips a step, so that a
+schedule such as A.1's "divided by 10 at 300k and 400k steps" counts *global* steps, as the
+DNI paper does (§3.1, Fig. 5), not the module's own updates.
 """
 
 from __future__ import annotations
@@ -70,6 +76,39 @@ def stale_gradients(every: int) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+SCHEDULE_STATES = (optax.ScaleByScheduleState, optax.InjectHyperparamsState,
+                   optax.InjectStatefulHyperparamsState)
+"""The optax states whose ``count`` is the step a schedule is evaluated at."""
+
+
+def advance_schedules(opt_state: Any, by: Any = 1) -> Any:
+    """``opt_state`` with every schedule's step counter moved on by ``by``.
+
+    Only the ``count`` of :data:`SCHEDULE_STATES` (``optax.scale_by_schedule``, i.e.
+    ``optax.adam(schedule)``'s learning rate, and ``optax.inject_hyperparams``) changes;
+    moments and their bias-correction counts (``ScaleByAdamState.count``) do not, since the
+    module took no update. ``by`` may be a traced int (e.g. ``1 - active``).
+
+    Args:
+      opt_state: any optax state, or any tree holding such states (a stage's or a
+        predictor's state).
+      by: non-negative int scalar, the number of skipped steps.
+
+    Returns:
+      A tree of the same structure and dtypes.
+    """
+
+    def advance(node):
+        if not isinstance(node, SCHEDULE_STATES):
+            return node
+        count = node.count + jnp.asarray(by, node.count.dtype)
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=count)
+        return node._replace(count=count, inner_state=advance_schedules(node.inner_state, by))
+
+    return jax.tree.map(advance, opt_state, is_leaf=lambda n: isinstance(n, SCHEDULE_STATES))
+
+
 def needs_fresh_gradient(opt_state: Any) -> jax.Array:
     """Whether the next update of ``opt_state`` reads its incoming gradient.
 
@@ -85,4 +124,5 @@ def needs_fresh_gradient(opt_state: Any) -> jax.Array:
     return jnp.any(jnp.stack([s.until_fresh == 0 for s in found]))
 
 
-__all__ = ["StaleGradientsState", "needs_fresh_gradient", "stale_gradients"]
+__all__ = ["SCHEDULE_STATES", "StaleGradientsState", "advance_schedules", "needs_fresh_gradient",
+           "stale_gradients"]

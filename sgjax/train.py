@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from sgjax.feedback import Target
+from sgjax.optim import advance_schedules
 from sgjax.split import Split, StageState
 
 
@@ -165,6 +166,12 @@ def stochastic(split: Split, p_update: float | None) -> Schedule:
     the arrival of the message, DNI Fig. 2), so its predictor keeps learning
     from every backward pass the stage above makes.
 
+    Learning-rate schedules count global steps: a stage that skips (or a predictor whose
+    target did not arrive) still moves its optimiser's schedule on by one step
+    (:func:`sgjax.optim.advance_schedules`), so ``piecewise_adam(3e-5, (300_000,
+    400_000))`` drops at global steps 300k and 400k whatever ``p_update`` is; Adam's
+    moments and bias correction count the module's own updates.
+
     ``p_update=None`` makes it an argument, ``step(state, x, y, key, p_update)``,
     so a population of runs can be ``jax.vmap``-ed over ``p_update`` too.
     """
@@ -198,13 +205,35 @@ def stochastic(split: Split, p_update: float | None) -> Schedule:
                 return stage.update(state, h, y, None)
 
             new[k], h, sent[k], info = jax.lax.cond(active[k], run, skip, ts.stages[k], h)
+            new[k] = skipped_schedules(new[k], active[k])
             infos[k] = {**info, "active": active[k]}
         for k in range(K - 1):  # a skipped stage above sent an invalid target: no fit
             new[k], fit_info = split.stages[k].fit(new[k], sent[k + 1])
+            new[k] = unfitted_schedules(new[k], sent[k + 1])
             infos[k] = {**infos[k], **fit_info}
         return TrainState(tuple(new), ts.pending), _merge(infos)
 
     return Schedule(lambda key, x, y: _init(split, key, x, y), step)
+
+
+def skipped_schedules(state: StageState, updated) -> StageState:
+    """``state`` with its parameter optimiser's schedules moved on one step if the stage
+    skipped this step (``updated`` false): learning-rate schedules count global steps, as
+    in DNI §3.1 ("after every forward pass, each layer does its backward pass only with
+    probability p_update" — the decay points are global steps), while Adam's moments and
+    bias correction count the stage's own updates."""
+    return state._replace(opt_state=advance_schedules(
+        state.opt_state, 1 - jnp.asarray(updated, jnp.int32)))
+
+
+def unfitted_schedules(state: StageState, target: Target | None) -> StageState:
+    """``state`` with the schedules inside its feedback state (the predictor's optimiser)
+    moved on one step if ``target`` did not arrive (``valid`` false): the predictor's
+    learning-rate schedule counts global steps too."""
+    if target is None:
+        return state
+    return state._replace(feedback=advance_schedules(
+        state.feedback, 1 - jnp.asarray(target.valid, jnp.int32)))
 
 
 class NonFiniteError(FloatingPointError):

@@ -39,6 +39,9 @@ probability ``1 − p_update`` — "does not do a forward pass or backwards pass
 sends neither an activation up nor a target down, and the models waiting for those
 messages are not fitted this step. A message that does arrive is always consumed by its
 model, whether the model's owner is busy or not (as in :func:`sgjax.stochastic`).
+Learning-rate schedules count global steps: a busy stage, and a model whose message did not
+arrive, still move their optimisers' schedules on by one step
+(:func:`sgjax.optim.advance_schedules`), as the paper's decay points are global steps.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ import jax.numpy as jnp
 import optax
 
 from sgjax import layers as L
+from sgjax.optim import advance_schedules
 from sgjax.split import Split, StageState
-from sgjax.train import _check_concrete_batch, _merge
+from sgjax.train import _check_concrete_batch, _merge, skipped_schedules, unfitted_schedules
 
 
 class InputModel(NamedTuple):
@@ -344,16 +348,20 @@ def complete_unlock(split: Split, input_model: InputModel | Sequence[InputModel]
         for k in range(K):
             new[k], h[k], sent[k], infos[k] = run_stage(k, ts.stages[k], stage_inputs[k], y,
                                                         active[k])
+            new[k] = skipped_schedules(new[k], active[k])
             if not always:
                 infos[k] = {**infos[k], "active": active[k]}
         new_inputs = list(ts.inputs)
         for k in range(K - 1):
             # the target down (invalid if stage k + 1 was busy) fits M_k, owned by stage k
             new[k], fit_info = split.stages[k].fit(new[k], sent[k + 1])
+            new[k] = unfitted_schedules(new[k], sent[k + 1])
             infos[k] = {**infos[k], **fit_info}
             # the activation up (absent if stage k was busy) fits I_k, owned by stage k + 1
             new_inputs[k], in_info = _fit_input(models[k], optimizer, ts.inputs[k], x, h[k],
                                                 active[k])
+            new_inputs[k] = new_inputs[k]._replace(opt_state=advance_schedules(
+                new_inputs[k].opt_state, 1 - jnp.asarray(active[k], jnp.int32)))
             infos[k + 1] = {**infos[k + 1], **in_info}
         return UnlockState(tuple(new), tuple(new_inputs)), _merge(infos)
 

@@ -97,3 +97,39 @@ def test_state_shapes_and_scan():
 def test_bad_every_raises(bad):
     with pytest.raises(ValueError, match="every"):
         optim.stale_gradients(bad)
+
+
+# ------------------------------------------------------------- advance_schedules --
+
+
+def test_advance_schedules_moves_only_schedule_counts():
+    """A skipped step moves the step a schedule is evaluated at, not Adam's moments or its
+    bias-correction count (the module took no update)."""
+    params = {"w": jnp.ones((3,))}
+    opt = optax.chain(
+        optax.adam(optax.piecewise_constant_schedule(1.0, {2: 0.1})),
+        optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(1.0, 0.0, 4)),
+    )
+    state = opt.init(params)
+    _, state = opt.update({"w": jnp.full((3,), 0.5)}, state, params)
+    moved = jax.jit(optim.advance_schedules)(state, jnp.int32(3))
+    (adam, sched), injected = moved
+    (adam0, sched0), injected0 = state
+    chex.assert_trees_all_equal(adam, adam0)  # moments and Adam's count untouched
+    assert int(sched.count) == int(sched0.count) + 3 == 4
+    assert int(injected.count) == int(injected0.count) + 3 == 4
+    chex.assert_trees_all_equal_structs(moved, state)
+    chex.assert_trees_all_equal(optim.advance_schedules(state, 0), state)
+
+
+def test_advance_schedules_then_update_uses_the_global_step():
+    """After 2 skipped steps the next update is evaluated at schedule step 2, where
+    ``piecewise_constant_schedule(1, {2: 0})`` is 0: no change at all."""
+    params = {"w": jnp.ones((2,))}
+    opt = optax.sgd(optax.piecewise_constant_schedule(1.0, {2: 0.0}))
+    state = opt.init(params)
+    grads = {"w": jnp.ones((2,))}
+    fresh, _ = opt.update(grads, state, params)
+    late, _ = opt.update(grads, optim.advance_schedules(state, 2), params)
+    chex.assert_trees_all_equal(fresh["w"], -jnp.ones((2,)))
+    chex.assert_trees_all_equal(late["w"], jnp.zeros((2,)))

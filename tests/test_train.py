@@ -187,6 +187,38 @@ def test_stochastic_skipping_stages_keep_their_parameters_but_fit_on_arrived_tar
     assert 0 < min(steps) and max(steps) < 16
 
 
+def test_stochastic_learning_rate_schedules_count_global_steps():
+    """DNI §3.1 / A.1: the learning rate drops at *global* steps. Under p_update < 1 each
+    stage (and each predictor) still moves its schedule on when it skips, while Adam's
+    bias correction counts its own updates; past the drop (to 0 here) nothing moves."""
+    drop = 4
+    lr = optax.piecewise_constant_schedule(1e-2, {drop: 0.0})
+    split = sgjax.split_at(NET, "every", feedback=F.synthetic(P.linear(conditioned=True)),
+                           loss=losses.softmax_cross_entropy, optimizer=optax.adam(lr),
+                           input_shape=(D,), batch_size=B, num_classes=C)
+    sto = sgjax.stochastic(split, 0.5)
+    xs, ys = batches(drop + 3)
+    ts = sto.init(jax.random.key(0), xs[0], ys[0])
+    step = jax.jit(sto.step)
+    for t in range(drop):
+        ts, _ = step(ts, xs[t], ys[t], jax.random.key(200 + t))
+    for k, s in enumerate(ts.stages):
+        adam, sched = s.opt_state
+        assert int(sched.count) == drop, k  # global steps
+        assert int(adam.count) == int(s.step), k  # the stage's own updates
+        if k < len(ts.stages) - 1:
+            assert int(s.feedback.opt_state[1].count) == drop, k
+    assert min(int(s.step) for s in ts.stages) < drop  # some stage did skip
+    frozen = ts
+    for t in range(drop, drop + 3):  # learning rate 0 from global step `drop` on
+        ts, _ = step(ts, xs[t], ys[t], jax.random.key(200 + t))
+    for k in range(len(ts.stages)):
+        chex.assert_trees_all_equal(ts.stages[k].params, frozen.stages[k].params)
+        if k < len(ts.stages) - 1:
+            chex.assert_trees_all_equal(ts.stages[k].feedback.variables,
+                                        frozen.stages[k].feedback.variables)
+
+
 def test_stochastic_p_update_can_be_an_argument_for_vmap():
     split = make()
     xs, ys = batches(3)

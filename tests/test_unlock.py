@@ -214,6 +214,38 @@ def test_busy_stage_sends_nothing_but_its_models_consume_what_arrives():
     assert float(info["sg_loss/0"]) == 0.0 and float(info["sg_loss/1"]) > 0.0
 
 
+def test_learning_rate_schedules_count_global_steps():
+    """Busy stages, models whose message did not arrive and input models whose activation
+    did not arrive all move their learning-rate schedules on: the schedules count global
+    steps (the paper's protocol), Adam's bias correction the module's own updates."""
+    drop = 4
+    opt = optax.adam(optax.piecewise_constant_schedule(1e-2, {drop: 0.0}))
+    split = sgjax.split_at(_layers(3), "every",
+                           feedback=sgjax.feedback.synthetic(sgjax.predictors.mlp((7,))),
+                           loss=sgjax.losses.softmax_cross_entropy, optimizer=opt,
+                           input_shape=(D,), batch_size=B, num_classes=C)
+    sched = complete_unlock(split, sgjax.unlock.mlp((4,)), optimizer=opt, p_update=0.5)
+    xs, ys = _batches(drop + 2)
+    state = sched.init(jax.random.key(0), xs[0], ys[0])
+    step = jax.jit(sched.step, compiler_options=FAST)
+    for t in range(drop):
+        state, _ = step(state, xs[t], ys[t], jax.random.key(300 + t))
+    counts = [int(s.opt_state[1].count) for s in state.stages]
+    counts += [int(s.feedback.opt_state[1].count) for s in state.stages[:-1]]
+    counts += [int(s.opt_state[1].count) for s in state.inputs]
+    assert counts == [drop] * len(counts)
+    assert [int(s.opt_state[0].count) for s in state.stages] == [int(s.step)
+                                                                 for s in state.stages]
+    assert min(int(s.step) for s in state.stages) < drop
+    frozen = state
+    for t in range(drop, drop + 2):
+        state, _ = step(state, xs[t], ys[t], jax.random.key(300 + t))
+    chex.assert_trees_all_equal([s.params for s in state.stages],
+                                [s.params for s in frozen.stages])
+    chex.assert_trees_all_equal([L.params_of(s.variables) for s in state.inputs],
+                                [L.params_of(s.variables) for s in frozen.inputs])
+
+
 # ------------------------------------------------------------------- bad input
 
 
