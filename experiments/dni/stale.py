@@ -7,11 +7,11 @@ on MNIST classification were 9.1%, 11.8%, 15.4%, 19.0% for 3 to 6 layer FCNs res
 – marginally better than using zero gradients (no backpropagation) and far worse than the
 associated cDNI results of 2.2%, 1.9%, 1.7%, 1.6%."
 
-The claim, checked by the numbers in ``table.md`` (columns No Bprop | Stale | cDNI) and
-drawn in ``stale-sweep.png``: **at every depth the best stale-gradient network is at most
-marginally better than No Bprop (within a few points of it) and far worse than cDNI.**
-The verdict per depth (:func:`verdicts`, in each panel's title of ``stale-sweep.png``) is
-"holds" when ``cDNI + 3 < Stale ≤ No Bprop + 1`` (percentage points), "differs" otherwise.
+The claims (:func:`claims`; verdicts computed into ``table.md`` and ``reports/README.md``,
+and per depth by :func:`verdicts` in the panels' titles of ``stale-sweep.png``): the
+published best stale errors, and at every depth the best stale-gradient network is at most
+marginally better than No Bprop and far worse than cDNI (``cDNI + 3 < Stale ≤ No Bprop + 1``,
+percentage points).
 
 What is built. The networks, optimiser, loss and synthetic gradient models are those of
 :mod:`experiments.dni.table1` (A.1; its ``Config`` and builders). Every interface (a cut
@@ -40,7 +40,7 @@ import numpy as np
 import sgjax
 from experiments import training
 from experiments.dni import fcn, table1
-from experiments.framework import Cell, CellResult, Experiment
+from experiments.framework import Cell, CellResult, Claim, Experiment
 
 PAPER: Mapping[int, tuple[float, float, float]] = {
     # layers: (No Bprop, best Stale, cDNI) final test error (%), §3.1 and Table 1.
@@ -162,6 +162,36 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     return {"stale-sweep": fig}
 
 
+STALE_WORDS = ("We took an exponential average historical gradient, searching over the entire "
+               "spectrum of decay rates and the best results attained on MNIST classification "
+               "were 9.1%, 11.8%, 15.4%, 19.0% for 3 to 6 layer FCNs respectively – marginally "
+               "better than using zero gradients (no backpropagation) and far worse than the "
+               "associated cDNI results of 2.2%, 1.9%, 1.7%, 1.6%.")
+STALE_CAUSE = ("not investigated yet: at quick (2k steps, Adam 3e-4) every decay's stale "
+               "network ends worse than No Bprop (reports/stale/stale-sweep.png); the paper "
+               "protocol has not been run")
+
+
+def claims(preset: str) -> list[Claim]:
+    """§3.1 per depth. Tolerance of the published stale errors: ±10 % of the error (about
+    three times one run's spread over seeds at these 9–19 % errors); "marginally better"
+    allows Stale up to 1 point above No Bprop and "far worse" needs 3 points above cDNI
+    (:data:`MARGIN_ABOVE_NOBPROP`, :data:`MARGIN_ABOVE_CDNI`)."""
+    out = []
+    for d in PRESETS[preset].depths:
+        cell = {m: f"mnist-fcn{d}-{m}" for m in METHODS}
+        stale = PAPER[d][1]
+        out += [
+            Claim.near(f"stale-fcn{d}", STALE_WORDS, cell["stale"], stale, round(0.1 * stale, 2),
+                       cause=STALE_CAUSE),
+            Claim.less(f"stale-marginal-fcn{d}", STALE_WORDS, cell["stale"], cell["nobprop"],
+                       margin=-MARGIN_ABOVE_NOBPROP, cause=STALE_CAUSE),
+            Claim.less(f"stale-far-worse-than-cdni-fcn{d}", STALE_WORDS, cell["cdni"],
+                       cell["stale"], margin=MARGIN_ABOVE_CDNI),
+        ]
+    return out
+
+
 PRESET_NOTES = {
     "smoke": "wiring only, numbers mean nothing: table1's smoke training, one decay, depth 3",
     "quick": ("A.1's networks, batch 256, Adam 3e-4 (paper 3e-5) for 2k steps (paper 500k), "
@@ -178,8 +208,8 @@ EXPERIMENT = Experiment(
     presets=PRESETS,
     run_cell=run_cell,
     figures=figures,
-    notes=("claim: the best stale network is only marginally better than No Bprop and far "
-           f"worse than cDNI (holds if cDNI + {MARGIN_ABOVE_CDNI:g} < Stale ≤ No Bprop + "
-           f"{MARGIN_ABOVE_NOBPROP:g}); Stale = best final error over the decays"),
+    notes="Stale = the best final error over the decays (every decay's error: "
+          "stale-sweep.png and the cell's metrics)",
     preset_notes=PRESET_NOTES,
+    claims=claims,
 )

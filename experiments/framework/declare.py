@@ -96,9 +96,9 @@ class Claim:
                              f"got {self.cells!r}")
         if self.kind != "less" and self.paper is None:
             raise ValueError(f"claim {self.id!r} ({self.kind}) needs the paper's number")
-        if not self.tolerance >= 0:
-            raise ValueError(f"claim {self.id!r}: tolerance/margin {self.tolerance!r} must "
-                             "be a number >= 0")
+        if not (self.tolerance >= 0 or (self.kind == "less" and self.tolerance < 0)):
+            raise ValueError(f"claim {self.id!r}: tolerance {self.tolerance!r} must be a "
+                             "number >= 0 (a negative margin is allowed only for less)")
 
     @classmethod
     def near(cls, id: str, words: str, cell: str, paper: float, tol: float, *,
@@ -116,7 +116,8 @@ class Claim:
     def less(cls, id: str, words: str, lower: str, higher: str, *, margin: float = 0.0,
              key: str | None = None, cause: str = "") -> Claim:
         """Holds if ``ours[lower] + margin <= ours[higher]`` (for lower-is-better metrics:
-        ``lower`` is the cell the paper says does better)."""
+        ``lower`` is the cell the paper says does better; a negative margin reads "lower is
+        no worse than higher by more than ``-margin``")."""
         return cls(id, words, "less", (lower, higher), None, float(margin), key, cause)
 
     @property
@@ -128,9 +129,11 @@ class Claim:
         if self.kind == "at_most":
             return f"≤ {num(self.paper)}"
         lower, higher = self.cells
-        if self.tolerance:
+        if self.tolerance > 0:
             return f"{lower} ≤ {higher} − {num(self.tolerance)}"
-        return f"{lower} ≤ {higher}"
+        if self.tolerance < 0:
+            return f"{lower} ≤ {higher} + {num(-self.tolerance)}"
+        return f"{lower} < {higher}"
 
 
 @dataclasses.dataclass(frozen=True)
