@@ -41,7 +41,7 @@ import optax
 
 import sgjax
 from experiments import training
-from experiments.framework import Cell, Experiment
+from experiments.framework import Cell, Claim, Experiment
 from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
 X = jnp.array([-2.0, -1.0, 1.0, 2.0])
@@ -323,6 +323,17 @@ def figures(results: Sequence, config: Config) -> dict:
     return {"fig6": fig}
 
 
+FIG6_WORDS = ("However, SG can also introduce new critical points, leading to premature "
+              "convergence and spurious additional solutions.")
+
+
+def claims(preset: str) -> list[Claim]:
+    """Backprop reaches the unique minimum (L = 0) while SG training stops at a new critical
+    point: SG's final loss at least 1 above backprop's (a point with |b| < |a| and |a| of
+    order 1 has L of order 1; backprop's subgradient steps end near 0)."""
+    return [Claim.less("sg-new-critical-point", FIG6_WORDS, "backprop", "sg", margin=1.0)]
+
+
 EXPERIMENT = Experiment(
     name="understanding-fig6",
     paper=PAPER,
@@ -339,4 +350,5 @@ EXPERIMENT = Experiment(
     notes=("paper: backprop reaches the unique minimum a = b = 0 (L = 0); SG training can stop "
            "at any a ≠ 0 with b inside |b| < |a| and c = 0 (no number given). See "
            "frac_new_critical_point and sgjax_max_abs_diff in results.csv."),
+    claims=claims,
 )

@@ -48,7 +48,7 @@ import optax
 
 import sgjax
 from experiments import training
-from experiments.framework import Cell, Experiment
+from experiments.framework import Cell, Claim, Experiment
 from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
 # method key -> (paper column name, feedback constructor, loss)
@@ -287,6 +287,18 @@ def cells(preset: str) -> list[Cell]:
     return out
 
 
+TABLE1_WORDS = ("Our main observation in this section is that FA, DFA, and KB can be expressed "
+                "in the language of “conspiring” networks (see Table 1), of two-network "
+                "systems that use a SG module.")
+
+
+def claims(preset: str) -> list[Claim]:
+    """Each Table 1 column read from sgjax.feedback has the paper's flags (``matches_paper``
+    is 1 when every flag equals :data:`PAPER_TABLE1`'s; tolerance 0: a yes/no)."""
+    return [Claim.near(f"{key}-row", TABLE1_WORDS, key, 1.0, 0.0, key="matches_paper")
+            for key in METHODS]
+
+
 EXPERIMENT = Experiment(
     name="understanding-table1",
     paper=PAPER,
@@ -301,6 +313,7 @@ EXPERIMENT = Experiment(
            "substitute is float round-off (compare 'No Bprop (reference)': only the output "
            "layer learns); 'Kickback (sigmoid)' uses the per-class sigmoid log loss, where the "
            "shared error collapses each layer's units."),
+    claims=claims,
 )
 
 
