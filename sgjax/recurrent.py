@@ -23,13 +23,15 @@ One training step on chunk ``k`` (Fig. 4), all in one pure, jittable function:
    inputs=s_{k-1})`` (invalid on the first chunk, where no synthetic gradient was used).
 
 DNI + Aux (§2.2, Fig. 3 (b)): an extra linear head on the LSTM output predicts, at every
-step ``t``, the synthetic gradient ``δ̂_{t+T}`` that the predictor produces ``T`` steps
-later (what it actually produces there, per example, as consumed; zero when an episode
-reset lies in between, since no gradient crosses a reset). Its target for the steps of
+step ``t``, the synthetic gradient the predictor produces ``T`` steps later, per example
+(zero when an episode reset lies in between, since no gradient crosses a reset): by
+default the model's output ``M(s_{t+T})`` itself (§3.2: "predicts the output of the
+synthetic gradient model ``T`` steps in the future"), or with ``aux_target="consumed"``
+the synthetic gradient as consumed, ``α M(s_{t+T})``. Its target for the steps of
 chunk ``k − 1`` exists only once chunk ``k`` has run, so step ``k`` re-runs chunk
 ``k − 1`` from its stored start carry (again a constant) and backpropagates the
-auxiliary loss ``Σ_t mean_b ||â_t − δ̂_{t+T}||²`` (weight 1, A.3) through it. The cost is
-one extra forward/backward pass over one chunk per step (Fig. 4 keeps one extra core
+auxiliary loss ``Σ_t mean_b ||â_t − target_t||²`` (weight 1, A.3) through it. The cost
+is one extra forward/backward pass over one chunk per step (Fig. 4 keeps one extra core
 in memory; we keep the previous chunk's inputs and start carry instead).
 
 Optionally (``sg_into_core``; A.3 searched over it) the synthetic gradient model's
@@ -335,7 +337,8 @@ def truncated_bptt(
     aux_weight: float = 1.0,
     sg_into_core: bool = False,
     sg_optimizer: optax.GradientTransformation | None = None,
-    bootstrap: str = "consumed",
+    bootstrap: str = "unscaled",
+    aux_target: str = "model",
 ) -> Trainer:
     """Truncated BPTT over chunks of ``T`` steps with ``feedback`` at every boundary.
 
@@ -356,23 +359,41 @@ def truncated_bptt(
     ``bootstrap`` says which synthetic gradient at ``s_k`` enters the bootstrapped
     target ``δ_{k-1}`` (Fig. 4):
 
-    * ``"consumed"`` (default): the one the parameter update consumed, ``α M(s_k)``
-      for ``scaled(synthetic(...), α)``. Then ``M`` regresses
-      ``∂L_k/∂s_{k-1} + α J_k^T M(s_k)``: its fixed point discounts the gradient from
-      ``j`` chunks ahead by ``α^j``, a horizon of about one chunk for A.3's ``α = 0.1``.
-    * ``"unscaled"``: the model's own prediction ``M(s_k)`` (``feedback.scale``
+    * ``"unscaled"`` (default): the model's own prediction ``M(s_k)`` (``feedback.scale``
       divided out), so that ``M`` regresses ``∂L_k/∂s_{k-1} + J_k^T M(s_k)``, whose
       fixed point is eq. (3)'s undiscounted ``δ_T = Σ_{τ>T} ∂L_τ/∂h_T``; only the
-      parameter update uses ``α M``. One extra backward pass of the carry's cotangent
-      through the chunk (the parameter cotangents of that pass are unused).
+      parameter update uses ``α M`` (A.3: the synthetic gradient "is scaled by a factor
+      of 0.1 when consumed by the model"). One extra backward pass of the carry's
+      cotangent through the chunk (the parameter cotangents of that pass are unused).
+    * ``"consumed"``: the one the parameter update consumed, ``α M(s_k)`` for
+      ``scaled(synthetic(...), α)``. Then ``M`` regresses
+      ``∂L_k/∂s_{k-1} + α J_k^T M(s_k)``: its fixed point discounts the gradient from
+      ``j`` chunks ahead by ``α^j``, a horizon of about one chunk for A.3's ``α = 0.1``.
+
+    ``aux_target`` says what the DNI + Aux head regresses at step ``t`` (Fig. 3 (b)):
+
+    * ``"model"`` (default): the synthetic gradient model's output ``M(s_{t+T})``, as
+      §3.2 words it ("an auxiliary task which predicts the output of the synthetic
+      gradient model ``T`` steps in the future");
+    * ``"consumed"``: ``α M(s_{t+T})``, the synthetic gradient as consumed; at A.3's Aux
+      weight of 1 this auxiliary loss is ``α²`` (100×) smaller than ``"model"``'s.
+
+    Why these defaults: see the end of this docstring (TBD after the comparison).
     """
     _check_T(T)
     if bootstrap not in ("consumed", "unscaled"):
-        raise ValueError(f"bootstrap={bootstrap!r}: use 'consumed' or 'unscaled'")
+        raise ValueError(f"bootstrap={bootstrap!r}: use 'unscaled' or 'consumed'")
+    if aux_target not in ("model", "consumed"):
+        raise ValueError(f"aux_target={aux_target!r}: use 'model' or 'consumed'")
     if not isinstance(feedback, Feedback):
         raise TypeError(f"feedback must be an sgjax.feedback.Feedback, got {feedback!r}")
     if bootstrap == "unscaled" and feedback.scale == 0:
-        raise ValueError(f"bootstrap='unscaled' divides by {feedback!r}'s scale, which is 0")
+        raise ValueError(f"bootstrap='unscaled' divides by {feedback!r}'s scale, which is 0; "
+                         "pass bootstrap='consumed'")
+    use_aux = net_.aux is not None
+    if use_aux and aux_target == "model" and feedback.scale == 0:
+        raise ValueError(f"aux_target='model' divides by {feedback!r}'s scale, which is 0; "
+                         "pass aux_target='consumed'")
     if feedback.update_locked:
         raise ValueError(
             f"{feedback!r} is update locked: it needs the gradient from the next chunk "
@@ -382,7 +403,6 @@ def truncated_bptt(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     width = net_.core.width
-    use_aux = net_.aux is not None
     spec = InterfaceSpec(
         h_shape=(2 * width,), label_shape=(), out_shape=(net_.num_outputs,),
         next_shape=(2 * width,), batch_size=batch_size,
@@ -444,6 +464,8 @@ def truncated_bptt(
         aux_loss = jnp.zeros((), jnp.float32)
         if use_aux:
             future = jax.vmap(lambda s: consumed_sg(state.fstate, s))(carries) * batch_size
+            if aux_target == "model" and feedback.scale != 1:
+                future = future / feedback.scale
             targets, valid = aux_targets(future, state.prev_chunk.resets, chunk.resets)
             valid = valid & state.started
 

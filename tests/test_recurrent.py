@@ -196,11 +196,15 @@ def test_aux_targets_are_T_steps_ahead_by_hand():
     assert valid.ravel().tolist() == [False, False, False]
 
 
-def test_aux_loss_regresses_the_previous_chunk_onto_this_chunks_sg():
+@pytest.mark.parametrize("aux_target", ["model", "consumed"])
+def test_aux_loss_regresses_the_previous_chunk_onto_this_chunks_sg(aux_target, alpha=0.1):
+    """``model``: the Aux head predicts the synthetic gradient model's output ``M`` (§3.2);
+    ``consumed``: ``α M``, the synthetic gradient as the update consumes it."""
     K = 3
     xs, ys, resets = stream(K)
     net = R.net(R.lstm(N), D_IN, C, aux=True)
-    tr = R.truncated_bptt(net, xent, dni(), optax.adam(3e-2), T=T, batch_size=B)
+    tr = R.truncated_bptt(net, xent, dni(alpha=alpha), optax.adam(3e-2), T=T, batch_size=B,
+                          aux_target=aux_target)
     state = tr.init(jax.random.key(0))
     chunks = R.chunked(xs, ys, T, resets)
     step, backward = jax.jit(tr.step), jax.jit(tr.backward)
@@ -217,7 +221,8 @@ def test_aux_loss_regresses_the_previous_chunk_onto_this_chunks_sg():
         carry = net.core.apply(state.params["core"], carry, xs[t])
         preds.append(net.aux.apply(aux, carry.h)[0])
     m, _ = R.sg_model(N).apply(state.fstate.variables, bw.carries.reshape(T * B, -1))
-    future = (0.1 * m / B * B).reshape(T, B, -1)  # consumed SG at t + T, per example
+    # the model's output at t + T, per example units (the model regresses B·δ)
+    future = (m if aux_target == "model" else alpha * m).reshape(T, B, -1)
     expected = sum(jnp.sum((preds[i] - future[i]) ** 2) for i in range(T)) / B
     assert float(expected) > 1e-6
     np.testing.assert_allclose(bw.aux_loss, expected, rtol=1e-5)
@@ -357,3 +362,18 @@ def test_errors():
     with pytest.raises(ValueError, match="scale, which is 0"):
         R.truncated_bptt(net, xent, dni(alpha=0.0), optax.sgd(0.1), T=T, batch_size=B,
                          bootstrap="unscaled")
+    with pytest.raises(ValueError, match="aux_target='M'"):
+        R.truncated_bptt(net, xent, dni(), optax.sgd(0.1), T=T, batch_size=B, aux_target="M")
+    aux_net = R.net(R.lstm(N), D_IN, C, aux=True)
+    with pytest.raises(ValueError, match="aux_target='model' divides"):
+        R.truncated_bptt(aux_net, xent, dni(alpha=0.0), optax.sgd(0.1), T=T, batch_size=B,
+                         bootstrap="consumed")
+
+
+def test_defaults_are_the_papers_reading():
+    """eq. (3)'s undiscounted δ_T and §3.2's Aux target, the model's output."""
+    import inspect
+
+    params = inspect.signature(R.truncated_bptt).parameters
+    assert params["bootstrap"].default == "unscaled"
+    assert params["aux_target"].default == "model"

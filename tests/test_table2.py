@@ -29,6 +29,22 @@ def test_cells_and_paper_numbers():
         T2.make_feedback("sg", 8)
 
 
+def test_readings_are_cells_and_trainer_options():
+    assert T2.DEFAULT_READING == "paper"
+    assert T2.READINGS["paper"] == {"bootstrap": "unscaled", "aux_target": "model"}
+    quick = {c.id: c for c in T2.cells("quick")}
+    assert len(quick) == 41 + len(T2.READING_CELLS)
+    assert quick["copy-dni-T2"].params["reading"] == "paper"
+    assert "reading" not in quick["copy-bptt-T2"].params  # BPTT has no synthetic gradient
+    other = quick["ptb-dniaux-T5-consumed"]
+    assert other.params["reading"] == "consumed" and other.paper == 1.35
+    assert other.column == "DNI + Aux T=5 (consumed reading)"
+    assert len(T2.cells("smoke")) == 41
+    assert [c.id for c in T2.cells("long")] == ["copy-bptt-T2", "copy-dni-T2", "copy-dniaux-T2"]
+    with pytest.raises(ValueError, match="unknown reading"):
+        T2.make_cell("copy", "dni", 2, "scaled")
+
+
 def test_curriculum_gives_table2_values():
     level, seen = S.Level(1, 1), []
     for _ in range(16):

@@ -131,6 +131,24 @@ COPY_TS = (2, 3, 4, 5)
 PTB_TS: Mapping[str, tuple[int, ...]] = {"bptt": (2, 3, 4, 5, 8, 20, 40), "dni": (2, 3, 4, 5, 8),
                                          "dniaux": (2, 3, 4, 5, 8)}
 
+READINGS: Mapping[str, Mapping[str, str]] = {
+    "paper": {"bootstrap": "unscaled", "aux_target": "model"},
+    "consumed": {"bootstrap": "consumed", "aux_target": "consumed"},
+}
+"""Two readings of the paper for DNI and DNI + Aux (``truncated_bptt``'s options):
+``paper``, its words (eq. 3's undiscounted ``δ_T`` as the bootstrapped target, ×0.1 only
+"when consumed" by the update; the Aux head predicting "the output of the synthetic
+gradient model", §3.2), and ``consumed``, the synthetic gradient as consumed (×0.1) in both
+the bootstrapped target and the Aux target (this suite's reading until 2026-12-04)."""
+
+DEFAULT_READING = "paper"
+"""The reading of every Table 2 cell; the other one runs in :data:`READING_CELLS`."""
+
+READING_CELLS: tuple[tuple[str, str, int], ...] = tuple(
+    (task, method, T) for task, Ts in (("copy", (2, 3)), ("ptb", (3, 5)))
+    for method in ("dni", "dniaux") for T in Ts)
+"""``(task, method, T)`` run at ``quick`` with the reading that is not the default too."""
+
 PAPER: Mapping[tuple[str, str, int], float] = {
     **{("copy", "bptt", t): v for t, v in zip(COPY_TS, (7, 8, 10, 8))},
     **{("copy", "dni", t): v for t, v in zip(COPY_TS, (16, 14, 18, 18))},
@@ -212,31 +230,72 @@ PAPER_CONFIG = Config(
     notes="A.3 exactly (needs an accelerator)",
 )
 
-PRESETS: Mapping[str, Config] = {"smoke": SMOKE, "quick": QUICK, "paper": PAPER_CONFIG}
+LONG = dataclasses.replace(
+    QUICK, copy_iterations=60_000,
+    notes=("Copy at T = 2 only (BPTT, DNI, DNI + Aux): quick's Copy protocol for 60k "
+           "iterations (30x quick, 2.4 % of the paper's 2.5M), to see whether the curves "
+           "separate with budget; about two hours for the three cells on 2 CPU cores"),
+)
+
+PRESETS: Mapping[str, Config] = {"smoke": SMOKE, "quick": QUICK, "paper": PAPER_CONFIG,
+                                 "long": LONG}
 
 
 # --------------------------------------------------------------------------- cells
 
 
-def cell_id(task: str, method: str, T: int) -> str:
-    return f"{task}-{method}-T{T}"
+def cell_id(task: str, method: str, T: int, reading: str = DEFAULT_READING) -> str:
+    """``copy-dni-T2``; a reading other than the default is a suffix: ``copy-dni-T2-consumed``."""
+    suffix = "" if method == "bptt" or reading == DEFAULT_READING else f"-{reading}"
+    return f"{task}-{method}-T{T}{suffix}"
+
+
+def make_cell(task: str, method: str, T: int, reading: str = DEFAULT_READING) -> Cell:
+    """One Table 2 cell; DNI and DNI + Aux cells record their ``reading`` in ``params``."""
+    if reading not in READINGS:
+        raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(READINGS)}")
+    params = {"task": task, "method": method, "T": T}
+    column = f"{COLUMNS[method]} T={T}"
+    if method != "bptt":
+        params["reading"] = reading
+        if reading != DEFAULT_READING:
+            column += f" ({reading} reading)"
+    return Cell(cell_id(task, method, T, reading), row=ROWS[task], column=column,
+                params=params, paper=PAPER.get((task, method, T)))
 
 
 def all_cells() -> list[Cell]:
-    cells = []
-    for task in TASKS:
-        for method in METHODS:
-            for T in (COPY_TS if task != "ptb" else PTB_TS[method]):
-                cells.append(Cell(cell_id(task, method, T), row=ROWS[task],
-                                  column=f"{COLUMNS[method]} T={T}",
-                                  params={"task": task, "method": method, "T": T},
-                                  paper=PAPER.get((task, method, T))))
-    return cells
+    """The 41 cells of Table 2, at :data:`DEFAULT_READING`."""
+    return [make_cell(task, method, T) for task in TASKS for method in METHODS
+            for T in (COPY_TS if task != "ptb" else PTB_TS[method])]
+
+
+def reading_cells() -> list[Cell]:
+    """:data:`READING_CELLS` at the reading that is not the default."""
+    other = next(r for r in READINGS if r != DEFAULT_READING)
+    return [make_cell(task, method, T, other) for task, method, T in READING_CELLS]
+
+
+LONG_CELLS = ("copy-bptt-T2", "copy-dni-T2", "copy-dniaux-T2")
 
 
 def cells(preset: str) -> list[Cell]:
-    del preset
+    """``quick``: Table 2 and :func:`reading_cells`; ``long``: Copy at ``T = 2`` (BPTT,
+    DNI, DNI + Aux); otherwise Table 2."""
+    if preset == "quick":
+        return all_cells() + reading_cells()
+    if preset == "long":
+        return [c for c in all_cells() if c.id in LONG_CELLS]
     return all_cells()
+
+
+def make_trainer(net: R.Net, loss, params: Mapping[str, Any], width: int,
+                 optimizer: optax.GradientTransformation, T: int, batch_size: int
+                 ) -> R.Trainer:
+    """The cell's :func:`sgjax.recurrent.truncated_bptt` with its method and reading."""
+    reading = READINGS[params.get("reading", DEFAULT_READING)]
+    return R.truncated_bptt(net, loss, make_feedback(params["method"], width), optimizer,
+                            T=T, batch_size=batch_size, **reading)
 
 
 def make_feedback(method: str, width: int) -> F.Feedback:
@@ -293,8 +352,7 @@ def run_copy(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     T, B, width = p["T"], config.copy_batch, config.copy_width
     task = sequences.CopyTask(repeat=repeat, alphabet=config.alphabet, max_n=config.max_n)
     net = R.net(R.lstm(width), task.input_size, task.num_outputs, aux=p["method"] == "dniaux")
-    trainer = R.truncated_bptt(net, masked_xent, make_feedback(p["method"], width),
-                               optax.adam(config.copy_lr), T=T, batch_size=B)
+    trainer = make_trainer(net, masked_xent, p, width, optax.adam(config.copy_lr), T, B)
     k_init, k_data = jax.random.split(ctx.key())
     level = task.first_level
     ts = trainer.init(k_init)
@@ -374,8 +432,7 @@ def run_ptb(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     ptb = load_ptb(config.train_limit, config.valid_limit, config.test_limit)
     V = ptb.vocab_size
     net = R.net(R.lstm(width), V, V, aux=p["method"] == "dniaux")
-    trainer = R.truncated_bptt(net, xent, make_feedback(p["method"], width),
-                               optax.adam(config.ptb_lr), T=T, batch_size=B)
+    trainer = make_trainer(net, xent, p, width, optax.adam(config.ptb_lr), T, B)
     windows = jnp.asarray(sequences.ptb_streams(ptb.train, B, T))
     eval_len = 100 if config.valid_limit is None or config.valid_limit > 10_000 else 10
     valid = jnp.asarray(sequences.ptb_streams(ptb.valid, config.eval_streams, eval_len))
