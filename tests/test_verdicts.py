@@ -1,0 +1,205 @@
+"""Claims and verdicts: declared claims, verdicts computed from cell records, the verdict
+column of table.md and the generated reports/README.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework import reports as R
+from experiments.framework import verdicts as V
+
+CELLS = [Cell("a", "A", "x", paper=1.0), Cell("b", "B", "x", paper=2.0),
+         Cell("c", "C", "x")]
+WORDS = "\"the paper's sentence\""
+
+
+def experiment(claims=(), cells=CELLS, name="vtoy") -> Experiment:
+    return Experiment(name=name, paper="DNI (Jaderberg et al. 2016)", title="verdict toy",
+                      metric="error (%)", cells=cells,
+                      presets={"smoke": {}, "quick": {}, "paper": {}},
+                      run_cell=lambda cell, config, ctx: 0.0, claims=claims)
+
+
+def result(cell: Cell, metric: float, **record) -> CellResult:
+    metrics = record.pop("metrics", {})
+    rec = {"metric": metric, "metrics": metrics, "seed": 0, "wall_time_s": 1.0, **record}
+    return CellResult(cell, metric, metrics, {}, 0, 1.0, rec)
+
+
+def found(**values) -> dict:
+    by = {c.id: c for c in CELLS}
+    out = {c.id: "missing (not run)" for c in CELLS}
+    for cid, v in values.items():
+        out[cid] = v if isinstance(v, CellResult) else result(by[cid], v)
+    return out
+
+
+@pytest.mark.parametrize("claim, values, status", [
+    (Claim.near("n", WORDS, "a", 1.0, 0.5), {"a": 1.4}, "holds"),
+    (Claim.near("n", WORDS, "a", 1.0, 0.5), {"a": 1.6}, "differs"),
+    (Claim.near("n", WORDS, "a", 1.0, 0.5), {"a": 0.4}, "differs"),
+    (Claim.near("n", WORDS, "a", 1.0, 0.5), {"b": 1.0}, "not run"),
+    (Claim.near("n", WORDS, "a", 1.0, 0.5), {"a": float("nan")}, "differs"),
+    (Claim.at_most("m", WORDS, "a", 3.0), {"a": 3.0}, "holds"),
+    (Claim.at_most("m", WORDS, "a", 3.0), {"a": 3.1}, "differs"),
+    (Claim.less("l", WORDS, "a", "b"), {"a": 1.0, "b": 2.0}, "holds"),
+    (Claim.less("l", WORDS, "a", "b"), {"a": 2.0, "b": 1.0}, "differs"),
+    (Claim.less("l", WORDS, "a", "b", margin=1.5), {"a": 1.0, "b": 2.0}, "differs"),
+    (Claim.less("l", WORDS, "a", "b", margin=-0.5), {"a": 2.4, "b": 2.0}, "holds"),
+    (Claim.less("l", WORDS, "a", "b"), {"a": 1.0}, "not run"),
+])
+def test_verdict_from_records(claim, values, status):
+    v = V.check(claim, found(**values))
+    assert v.status == status
+    assert v.values == tuple(values.get(c) for c in claim.cells)
+
+
+def test_key_reads_a_metric_and_a_missing_key_is_not_run():
+    a = CELLS[0]
+    claim = Claim.at_most("k", WORDS, "a", 0.5, key="train_error")
+    assert V.check(claim, found(a=result(a, 99.0, metrics={"train_error": 0.4}))).status \
+        == "holds"
+    assert V.check(claim, found(a=result(a, 0.0, metrics={"train_error": 0.6}))).status \
+        == "differs"
+    missing = V.check(claim, found(a=result(a, 0.0)))
+    assert missing.status == "not run" and "train_error" in missing.ours
+
+
+def test_partial_never_holds():
+    a = CELLS[0]
+    partial = result(a, 4.6, partial=True, last_step=80_000)
+    v = V.check(Claim.near("p", WORDS, "a", 4.3, 0.5), found(a=partial))
+    assert v.status == "partial" and v.would == "holds"
+    assert v.ours == "4.6 (partial, 80k)" and v.text == "partial (holds so far)"
+    v = V.check(Claim.at_most("p", WORDS, "a", 1.0), found(a=partial))
+    assert v.status == "partial" and v.text == "partial (differs so far)"
+
+
+@pytest.mark.parametrize("claims, message", [
+    ([Claim.near("x", WORDS, "nope", 1, 0)], "unknown cell(s) ['nope']"),
+    ([Claim.near("x", WORDS, "a", 1, 0), Claim.at_most("x", WORDS, "b", 1)],
+     "duplicate claim ids ['x']"),
+    (lambda preset: [Claim.less("y", WORDS, "a", "zz")], "unknown cell(s) ['zz']"),
+])
+def test_claim_validation_is_one_clear_value_error(claims, message):
+    with pytest.raises(ValueError, match="vtoy") as info:
+        experiment(claims)
+    assert message in str(info.value)
+
+
+def test_claims_may_read_cells_of_another_preset():
+    def cells(preset):
+        return CELLS if preset == "paper" else CELLS[:2]
+
+    exp = experiment([Claim.near("c", WORDS, "c", 1, 0)], cells=cells)
+    assert V.check_all(exp, "quick", {c.id: "missing (not run)" for c in CELLS[:2]})[0].status \
+        == "not run"
+
+
+@pytest.mark.parametrize("bad", [
+    dict(kind="near", cells=("a",), paper=None),
+    dict(kind="less", cells=("a",)),
+    dict(kind="bigger", cells=("a",), paper=1.0),
+    dict(kind="near", cells=("a",), paper=1.0, tolerance=-1.0),
+])
+def test_bad_claims_are_refused(bad):
+    with pytest.raises(ValueError, match="claim 'z'"):
+        Claim("z", WORDS, **bad)
+
+
+def test_table_md_has_a_verdict_column_and_a_claims_section():
+    exp = experiment([Claim.near("a-near", WORDS, "a", 1.0, 0.5, cause="budget: x"),
+                      Claim.less("a-beats-b", WORDS, "a", "b")])
+    table = R.render_table(exp, "quick", found(a=2.0, b=2.5))
+    assert "| row | column | paper | ours | diff | verdict |" in table
+    assert "| A | x | 1 | 2 | +1 | differs (a-near); holds (a-beats-b) |" in table
+    assert "| C | x | — | missing (not run) | — |  |" in table
+    assert "## Claims" in table
+    assert f"| a-near | {WORDS} | 1 ± 0.5 | 2 | **differs** | budget: x |" in table
+    assert "| a-beats-b | " in table and "| a < b | 2 vs 2.5 | **holds** | — |" in table
+    plain = R.render_table(experiment(), "quick", found(a=2.0))
+    assert "| row | column | paper | ours | diff |\n" in plain and "Claims" not in plain
+
+
+def _write_report(directory, exp, preset, values, partial=None):
+    """A committed report as publish_report leaves one, without cells/ (results.csv)."""
+    directory.mkdir(parents=True)
+    with (directory / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["experiment", "preset", "cell", "row", "column", "status", "paper",
+                    "ours", "diff", "seed", "wall_time_s", "partial", "last_step",
+                    "train_error"])
+        for cell in exp.cells_for(preset):
+            if cell.id in values:
+                flags = ["True", 80000] if cell.id == partial else ["", ""]
+                w.writerow([exp.name, preset, cell.id, cell.row, cell.column, "done",
+                            cell.paper, values[cell.id], "", 0, 2.0, *flags, 0.1])
+            else:
+                w.writerow([exp.name, preset, cell.id, cell.row, cell.column,
+                            "missing (not run)", cell.paper, "", "", "", "", "", "", ""])
+    prov = {"experiment": exp.name, "preset": preset, "commits": ["abc"], "dates": [],
+            "machines": ["a CPU"], "seeds": [0], "cells_done": len(values),
+            "wall_time_s": 2.0 * len(values)}
+    (directory / "provenance.json").write_text(json.dumps(prov))
+
+
+def test_reports_readme_is_generated_from_reports(tmp_path):
+    exp = experiment([Claim.near("a-near", WORDS, "a", 1.0, 0.5, cause="budget: x"),
+                      Claim.less("a-beats-b", WORDS, "a", "b"),
+                      Claim.at_most("c-small", WORDS, "c", 1.0)])
+    other = experiment(name="noclaims")
+    _write_report(tmp_path / "vtoy", exp, "quick", {"a": 2.0, "b": 3.0})
+    _write_report(tmp_path / "vtoy" / "paper", exp, "paper", {"a": 1.2, "b": 3.0},
+                  partial="a")
+    path = R.write_index(tmp_path, [exp, other])
+    text = path.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| DNI |")]
+    assert len(rows) == 4
+    near, less, at_most, none = rows
+    assert near.startswith(f"| DNI | vtoy | a-near: {WORDS} | 1 ± 0.5 | 2: differs | "
+                           "1.2 (partial, 80k): partial (holds so far) | "
+                           "**partial (holds so far)** (paper) | budget: x |")
+    assert "[vtoy](vtoy/table.md#claims), [paper](vtoy/paper/table.md#claims)" in near
+    assert "| 2 vs 3: holds | 1.2 (partial, 80k) vs 3: partial (holds so far) |" in less
+    assert "| not run | not run | not run |" in at_most
+    assert "| noclaims | no claims declared |" in none
+    assert "| [vtoy](vtoy/table.md) | 2 |" in text and "| [vtoy/paper](vtoy/paper/table.md)" \
+        in text
+    # re-rendering table.md from what is committed (results.csv and provenance.json)
+    written = R.rerender_reports(tmp_path, [exp, other])
+    assert tmp_path / "vtoy" / "table.md" in written
+    assert tmp_path / "vtoy" / "paper" / "table.md" in written
+    table = (tmp_path / "vtoy" / "table.md").read_text()
+    assert "| A | x | 1 | 2 | +1 | differs (a-near); holds (a-beats-b) |" in table
+    assert "Measured on: a CPU" in table and "2/3 done" in table
+    paper = (tmp_path / "vtoy" / "paper" / "table.md").read_text()
+    assert "| A | x | 1 | 1.2 (partial, 80k) | +0.2 |" in paper
+
+
+def test_publish_report_for_the_paper_preset_keeps_the_quick_report(tmp_path, monkeypatch):
+    from experiments.framework import store
+
+    exp = experiment([Claim.near("a-near", WORDS, "a", 1.0, 0.5)])
+    results = tmp_path / "results"
+    for preset in ("quick", "paper"):
+        cells_dir = results / exp.name / preset / "cells"
+        cells_dir.mkdir(parents=True)
+        for cell in exp.cells_for(preset)[:1]:
+            identity = store.cell_identity(exp, preset, cell, 0)
+            rec = {**identity, "metric": 1.1 if preset == "paper" else 3.0, "metrics": {},
+                   "wall_time_s": 1.0, "curves": {}}
+            (cells_dir / f"{cell.id}.json").write_text(json.dumps(rec))
+    reports = tmp_path / "reports"
+    monkeypatch.setattr(R, "_save_figures", lambda *a, **k: [])
+    assert R.publish_report(exp, results, reports_root=reports) == reports / exp.name
+    assert R.publish_report(exp, results, preset="paper", reports_root=reports) \
+        == reports / exp.name / "paper"
+    assert R.publish_report(exp, results, reports_root=reports) == reports / exp.name
+    assert "**holds**" in (reports / exp.name / "paper" / "table.md").read_text()
+    assert "**differs**" in (reports / exp.name / "table.md").read_text()
+    with pytest.raises(ValueError, match="no preset 'long'"):
+        R.publish_report(exp, results, preset="long", reports_root=reports)
