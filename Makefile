@@ -10,8 +10,19 @@ OUT    ?= results
 ifneq ($(wildcard ../shared/data/mnist),)
 export SGJAX_DATA_DIR ?= $(abspath ../shared/data)
 endif
+# On the accelerator the datasets come with the checkout (make device-data, carried).
+ifneq ($(wildcard .device-data/mnist),)
+export SGJAX_DATA_DIR ?= $(abspath .device-data)
+endif
 
-.PHONY: install test test-slow lint bench notebooks reproduce-all reports list help
+# The device script: python of the venv here, the image's python3 on the accelerator.
+DEVICE_PY := $(if $(wildcard $(PY)),$(PY),python3)
+# Its preset: paper unless PRESET is given (PRESET=smoke: a dry run on this CPU).
+DEVICE_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),paper)
+DATA_SRC ?= $(or $(SGJAX_DATA_DIR),../shared/data)
+
+.PHONY: install test test-slow lint bench notebooks reproduce-all reports list help \
+	device-paper device-import device-data
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -48,3 +59,18 @@ reproduce-%:  ## one experiment, e.g. make reproduce-table1 (PRESET=quick by def
 
 reports:  ## copy the finished quick runs under OUT into reports/ (no rerun)
 	$(PY) -m experiments report --results $(OUT)
+
+device-paper:  ## accelerator lease: paper-protocol priority list in ~9 min, <= 8 files into OUT (PRESET=smoke: dry run here)
+	@test -n "$(OUT)" -a "$(OUT)" != results || { echo "error: give the device's output folder: make device-paper OUT=\$$OUT" >&2; exit 2; }
+	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m experiments device $(OUT) --preset $(DEVICE_PRESET)
+
+device-import:  ## unpack what device-paper wrote (FILES=<dir>) into results/, publish reports/NAME/paper/
+	@test -n "$(FILES)" || { echo "error: give the folder the device's files came back to: make device-import FILES=<dir>" >&2; exit 2; }
+	$(PY) -m experiments import-device $(FILES)
+
+device-data:  ## copy MNIST and character-level PTB into .device-data/ (git-ignored) to carry to the accelerator
+	mkdir -p .device-data/mnist .device-data/ptb
+	cp $(DATA_SRC)/mnist/*.gz .device-data/mnist/
+	cp $(DATA_SRC)/ptb/ptb.char.*.txt .device-data/ptb/
+	@x=$$(git rev-parse --git-common-dir)/info/exclude; grep -qx '/.device-data/' $$x 2>/dev/null || echo '/.device-data/' >> $$x
+	@du -sh .device-data

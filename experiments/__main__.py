@@ -1,5 +1,11 @@
 """The command line: ``python -m experiments list | names | show NAME | run NAME|all |
-report [NAME ...]``.
+report [NAME ...] | device OUT | import-device DIR``.
+
+``run NAME --preset paper --jobs N --time-limit MINUTES`` runs N cells at once (a process
+each, sharing the accelerator) and stops cleanly in MINUTES: running cells keep a partial
+record (curve so far, ``partial``, ``last_step``) and a checkpoint; rerunning resumes them.
+``device OUT`` runs the accelerator-lease priority list and packs what it made into OUT;
+``import-device DIR`` unpacks and publishes it (:mod:`experiments.device`).
 
 Every expected failure prints one ``error:`` line (no traceback; ``SGJAX_DEBUG=1`` shows
 it). Exit codes: 0 success; 1 a run failed (training diverged, a dataset is missing or
@@ -17,11 +23,12 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 
-from experiments import data, framework, registry
-from experiments.framework import CheckpointError, UsageError
+from experiments import data, device, framework, registry
+from experiments.framework import CheckpointError, UsageError, running
 
 RUN_FAILURES = (data.DatasetNotFoundError, data.CorruptDatasetError, CheckpointError,
                 FloatingPointError)
@@ -65,14 +72,57 @@ def _parser() -> argparse.ArgumentParser:
         default=framework.DEFAULT_CHECKPOINT_INTERVAL_S,
         help="least time between in-cell checkpoints (default %(default)s)",
     )
+    run.add_argument("--jobs", default="1", metavar="N",
+                     help="run N cells at once, one process each, sharing the accelerator "
+                          "(default 1: in this process)")
+    run.add_argument("--time-limit", default=None, metavar="MINUTES",
+                     help="stop cleanly within MINUTES: running cells checkpoint and keep a "
+                          "partial record, unstarted ones are listed; rerun to resume")
+    cell = sub.add_parser("cell")  # one cell in this process: a worker of run --jobs N
+    cell.add_argument("name")
+    cell.add_argument("cell")
+    cell.add_argument("--preset", required=True)
+    cell.add_argument("--out", default=framework.DEFAULT_OUT)
+    cell.add_argument("--seed", type=int, default=0)
+    cell.add_argument("--fresh", action="store_true")
+    cell.add_argument("--checkpoint-interval", type=float,
+                      default=framework.DEFAULT_CHECKPOINT_INTERVAL_S)
+    cell.add_argument("--deadline", type=float, default=None)
+    cell.add_argument("--hard-deadline", type=float, default=None)
     report = sub.add_parser(
-        "report", help="copy finished quick runs from --results into reports/ (no rerun)")
+        "report", help="copy finished runs from --results into reports/ (no rerun)")
     report.add_argument("names", nargs="*", metavar="NAME",
                         help="experiments (default: every one with results)")
     report.add_argument("--results", default=framework.DEFAULT_OUT,
                         help="results root the runs wrote (default: ./results)")
+    report.add_argument("--preset", default="quick",
+                        help="which preset's runs to publish (default quick; paper goes to "
+                             "reports/NAME/paper/)")
     report.add_argument("--to", default=None,
                         help="reports root (default: the repository's reports/)")
+    dev = sub.add_parser(
+        "device", help="run the accelerator-lease priority list, pack the results into OUT")
+    dev.add_argument("out", metavar="OUT", help="folder for the (at most 8) files to bring back")
+    dev.add_argument("--preset", default=None,
+                     help="paper (default), or smoke for a dry run on this machine")
+    dev.add_argument("--dry-run", action="store_true",
+                     help="the same list at the smoke preset, at most 2 processes at once")
+    dev.add_argument("--budget", default=None, metavar="MINUTES",
+                     help="total time for the list (default 9; 30 for a dry run)")
+    dev.add_argument("--max-jobs", default=None, metavar="N",
+                     help="at most N cells at once (default: each step's own; 2 in a dry run)")
+    dev.add_argument("--steps", nargs="+", default=None, metavar="STEP",
+                     help="run only these steps of the list (default: all, in order)")
+    dev.add_argument("--results", default=None,
+                     help="results root the runs write (default: ./results)")
+    imp = sub.add_parser(
+        "import-device", help="unpack what `device` packed into results/ and publish it")
+    imp.add_argument("dir", metavar="DIR", help="the folder the device's files came back to")
+    imp.add_argument("--results", default=framework.DEFAULT_OUT,
+                     help="results root to unpack into (default: ./results)")
+    imp.add_argument("--to", default=None,
+                     help="reports root (default: the repository's reports/; smoke runs are "
+                          "only published with --to)")
     return p
 
 
@@ -150,23 +200,35 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, timeout, schedulers) stops like Ctrl-C
 
 
-def _run(reg: registry.Registry, args: argparse.Namespace) -> int:
-    framework.check_interval(args.checkpoint_interval)
-    plan = _plan(reg, args.name, args.preset, args.only)
-    framework.check_out_dir(args.out)
+def _sigterm_as_interrupt(fn, *args):
+    """``fn(*args)`` with SIGTERM raising KeyboardInterrupt (in the main thread)."""
     if threading.current_thread() is not threading.main_thread():
-        return _run_plan(reg, args, plan)
+        return fn(*args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run_plan(reg, args, plan)
+        return fn(*args)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _run(reg: registry.Registry, args: argparse.Namespace) -> int:
+    framework.check_interval(args.checkpoint_interval)
+    args.jobs = running.check_jobs(args.jobs)
+    args.time_limit = running.check_time_limit(args.time_limit)
+    plan = _plan(reg, args.name, args.preset, args.only)
+    framework.check_out_dir(args.out)
+    return _sigterm_as_interrupt(_run_plan, reg, args, plan)
+
+
 def _run_plan(reg: registry.Registry, args: argparse.Namespace, plan) -> int:
     status = _report_failures(reg) if args.name == "all" else 0
+    end = None if args.time_limit is None else time.time() + 60 * args.time_limit
     for exp, only in plan:
-        summary = framework.run_experiment(
+        left = None if end is None else (end - time.time()) / 60
+        if left is not None and left <= 0:
+            print(f"{exp.name}: not run (time limit reached)", file=sys.stderr)
+            continue
+        outcome = running.run_cells(
             exp,
             args.preset,
             out=args.out,
@@ -174,28 +236,66 @@ def _run_plan(reg: registry.Registry, args: argparse.Namespace, plan) -> int:
             only=only,
             fresh=args.fresh,
             checkpoint_interval_s=args.checkpoint_interval,
+            jobs=args.jobs,
+            time_limit_min=left,
         )
+        summary = outcome.summary
         print(summary.table)
+        extra = "".join(
+            f", {what} {len(ids)}" for what, ids in
+            (("partial (time limit; rerun to resume)", outcome.partial),
+             ("not run (time limit)", outcome.not_run), ("failed", outcome.errors)) if ids)
         print(
             f"wrote {summary.out_dir}/ (cells/, table.md, results.csv, "
             f"{len(summary.figures)} figures); ran {len(summary.ran)}, "
-            f"skipped {len(summary.skipped)} finished earlier",
+            f"skipped {len(summary.skipped)} finished earlier{extra}",
             file=sys.stderr,
         )
+        for cell_id, message in outcome.errors:
+            print(f"error: {exp.name} ({args.preset}), cell {cell_id}: {message}",
+                  file=sys.stderr)
+        if outcome.errors:
+            status = 1
     return status
+
+
+def _cell(reg: registry.Registry, args: argparse.Namespace) -> int:
+    """A worker of ``run --jobs N``: one cell in this process, its record, no reports.
+    Exit status 0 (finished), :data:`running.TIME_LIMIT_EXIT` (partial) or as ``run``."""
+    running.die_with_parent()
+    exp = reg.get(args.name)
+    cell = next((c for c in framework.select_cells(exp, args.preset, [args.cell])
+                 if c.id == args.cell), None)
+    if cell is None:
+        raise UsageError(f"no cell {args.cell!r} in {exp.name!r} ({args.preset})")
+    limits = None
+    if args.deadline is not None:
+        hard = args.hard_deadline if args.hard_deadline is not None else args.deadline
+        limits = running.Deadlines(soft=args.deadline, hard=hard, end=hard)
+    status = _sigterm_as_interrupt(
+        lambda: running.run_one_cell(exp, args.preset, cell, out=args.out, seed=args.seed,
+                                     fresh=args.fresh,
+                                     checkpoint_interval_s=args.checkpoint_interval,
+                                     limits=limits))
+    return running.TIME_LIMIT_EXIT if status == "partial" else 0
 
 
 def _report(reg: registry.Registry, args: argparse.Namespace) -> int:
     names = args.names or reg.names()
     exps = [reg.get(n) for n in names]
+    if args.preset not in framework.PRESETS:
+        raise UsageError(f"--preset {args.preset!r}: valid presets: "
+                         + ", ".join(framework.PRESETS))
     if not os.path.isdir(args.results):
         raise UsageError(f"--results {args.results}: no such directory (run an experiment "
-                         "with --preset quick first)")
+                         f"with --preset {args.preset} first)")
     for exp in exps:
-        dest = framework.publish_report(exp, args.results, reports_root=args.to)
+        dest = framework.publish_report(exp, args.results, preset=args.preset,
+                                        reports_root=args.to)
         if dest is None:
-            print(f"{exp.name}: no finished quick cells under {args.results}/{exp.name}/quick/;"
-                  " report left as it was", file=sys.stderr)
+            print(f"{exp.name}: no finished {args.preset} cells under "
+                  f"{args.results}/{exp.name}/{args.preset}/; report left as it was",
+                  file=sys.stderr)
         else:
             print(f"{exp.name}: wrote {dest}/", file=sys.stderr)
     print(f"wrote {framework.write_index(args.to)}", file=sys.stderr)
@@ -227,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(reg.get(args.name))
         if args.command == "report":
             return _report(reg, args)
+        if args.command == "cell":
+            return _cell(reg, args)
+        if args.command == "device":
+            return device.main_run(args)
+        if args.command == "import-device":
+            return device.main_import(reg, args)
         return _run(reg, args)
     except UsageError as e:
         if os.environ.get("SGJAX_DEBUG"):

@@ -22,15 +22,21 @@ class CheckpointError(ValueError):
     ``--fresh``)."""
 
 
-def atomic_write(path: Path, write: Callable[[io.IOBase], None], binary: bool = False) -> None:
-    """Write ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+def atomic_write(path: Path, write: Callable[[io.IOBase], None], binary: bool = False, *,
+                 sync: bool = True) -> None:
+    """Write ``path`` through a temporary file and ``os.replace`` (never half-written).
+
+    ``sync=False`` skips the ``fsync``: the file still survives the writing process being
+    killed (the page cache outlives it), only not a machine crash; for files rewritten often
+    (a cell's progressive record)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

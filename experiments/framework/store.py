@@ -1,5 +1,12 @@
 """Finished cells on disk: ``<out>/<name>/<preset>/cells/<cell id>.json``, their identity
-(what must match for a stored result to count) and the provenance recorded with them."""
+(what must match for a stored result to count) and the provenance recorded with them.
+
+A record flagged ``"partial": true`` (with ``"last_step"``) belongs to a cell that is still
+running or was stopped (time limit, kill): it holds the curves so far and no final metric
+(``metric`` is ``None``). It never counts as finished: the skip logic reruns (resumes) the
+cell and :func:`load_results` reports it as ``"partial (stopped at step N)"`` unless asked
+for partial results.
+"""
 
 from __future__ import annotations
 
@@ -88,32 +95,52 @@ def load_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def is_partial(record: Mapping[str, Any] | CellResult) -> bool:
+    """Whether a record (or a result read from one) is a partial one: the cell has not
+    finished (still running, stopped at a time limit, or killed)."""
+    if isinstance(record, CellResult):
+        record = record.record
+    return bool(record.get("partial"))
+
+
+def partial_status(record: Mapping[str, Any]) -> str:
+    """How a table shows a partial record: ``"partial (stopped at step N)"``."""
+    return f"partial (stopped at step {record.get('last_step', '?')})"
+
+
 def load_matching(out_dir: Path, cell: Cell, identity: Mapping) -> CellResult | None:
-    """The stored result of ``cell`` if its params/config/seed equal ``identity``."""
+    """The stored *finished* result of ``cell`` if its params/config/seed equal ``identity``
+    (a partial record is not finished: ``None``)."""
     record = load_record(out_dir / "cells" / f"{cell.id}.json")
-    if record is None or any(record.get(k) != v for k, v in identity.items()):
+    if record is None or is_partial(record) or any(record.get(k) != v
+                                                   for k, v in identity.items()):
         return None
     return to_result(cell, record)
 
 
 def to_result(cell: Cell, record: Mapping[str, Any]) -> CellResult:
+    """A record as a :class:`CellResult` (``metric`` is ``None`` for a partial record)."""
     curves = {
         k: Curve(np.asarray(v["step"]), np.asarray(v["value"]))
         for k, v in record.get("curves", {}).items()
     }
     return CellResult(
         cell=cell,
-        metric=record["metric"],
+        metric=record.get("metric"),
         metrics=record.get("metrics", {}),
         curves=curves,
         seed=record["seed"],
-        wall_time_s=record["wall_time_s"],
+        wall_time_s=record.get("wall_time_s", 0.0),
         record=record,
     )
 
 
-def load_results(exp: Experiment, preset: str, out_dir: Path) -> dict[str, CellResult | str]:
-    """Each cell's result, or why it has none: ``"missing (not run)"`` or stale config."""
+def load_results(exp: Experiment, preset: str, out_dir: Path, *, partial: bool = False
+                 ) -> dict[str, CellResult | str]:
+    """Each cell's result, or why it has none: ``"missing (not run)"``, stale config, or
+    ``"partial (stopped at step N)"``. With ``partial=True`` a partial record matching the
+    config comes back as a :class:`CellResult` too (check :func:`is_partial`; its
+    ``metric`` is ``None``, its curves are those logged so far)."""
     config = canonical(exp.presets[preset])
     found: dict[str, CellResult | str] = {}
     for cell in exp.cells_for(preset):
@@ -122,6 +149,8 @@ def load_results(exp: Experiment, preset: str, out_dir: Path) -> dict[str, CellR
             found[cell.id] = "missing (not run)"
         elif record.get("config") != config or record.get("params") != canonical(cell.params):
             found[cell.id] = "missing (stale: config changed, rerun)"
+        elif is_partial(record) and not partial:
+            found[cell.id] = partial_status(record)
         else:
             found[cell.id] = to_result(cell, record)
     return found
