@@ -18,9 +18,7 @@ from typing import Any
 from experiments.framework import verdicts as V
 from experiments.framework.checkpoints import atomic_write
 from experiments.framework.declare import (
-    Cell,
     CellResult,
-    Claim,
     Experiment,
     reproduce_command,
 )
@@ -101,22 +99,14 @@ def provenance(results: Sequence[CellResult]) -> dict[str, Any]:
     }
 
 
-def _label(cell: Cell) -> str:
-    return f"{cell.row} / {cell.column}"
-
-
 def _md(text: str) -> str:
     """One Markdown table cell: pipes escaped, newlines folded."""
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def claim_paper_text(claim: Claim, cells: Mapping[str, Cell]) -> str:
-    """The paper's side of ``claim``, with cell labels for a comparison."""
-    if claim.kind != "less":
-        return claim.paper_text
-    lower, higher = (_label(cells[c]) if c in cells else c for c in claim.cells)
-    margin = f" − {V.format_number(claim.tolerance)}" if claim.tolerance else ""
-    return f"{lower} ≤ {higher}{margin}" if margin else f"{lower} < {higher}"
+def _cause(v: V.Verdict) -> str:
+    """The claim's cause, shown where the verdict is not "holds"."""
+    return "—" if v.status == V.HOLDS or not v.claim.cause else _md(v.claim.cause)
 
 
 def _ours(r: CellResult) -> str:
@@ -176,18 +166,19 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
             line += f" {per_cell.get(cell.id, '')} |"
         lines.append(line)
     if verdicts:
-        by_id = {c.id: c for c in cells}
         lines += ["", "## Claims", "",
                   "Each claim is the paper's sentence, the number or comparison it makes, "
                   "and the verdict computed from the cells above (holds / differs / partial "
                   "/ not run).", "",
+                  "A cause is shown where a claim does not hold: what was found to explain "
+                  "it, and the evidence.", "",
                   "| claim | paper's words | paper | ours | verdict | cause |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for v in verdicts:
             c = v.claim
             ours = v.ours + (f" ({c.key})" if c.key else "")
-            lines.append(f"| {c.id} | {_md(c.words)} | {_md(claim_paper_text(c, by_id))} | "
-                         f"{_md(ours)} | **{v.text}** | {_md(c.cause) or '—'} |")
+            lines.append(f"| {c.id} | {_md(c.words)} | {_md(c.paper_text)} | "
+                         f"{_md(ours)} | **{v.text}** | {_cause(v)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -531,8 +522,6 @@ def claim_rows(exp: Experiment, reports_root: str | os.PathLike | None = None
                 f"[{name}]({name}/table.md) |"]
     rows = []
     for cid, claim in claims.items():
-        cells = {c.id: c for p in CLAIMS_PRESETS for c in exp.cells_for(p)}
-
         def at(preset, cid=cid):
             v = checked[preset].get(cid)
             if v is None or not present[preset]:
@@ -543,9 +532,10 @@ def claim_rows(exp: Experiment, reports_root: str | os.PathLike | None = None
         best = next(((v, p) for v, p in ((vp, "paper"), (vq, REPORT_PRESET))
                      if v is not None and v.status != V.NOT_RUN), None)
         verdict = f"**{best[0].text}** ({best[1]})" if best else V.NOT_RUN
+        cause = _cause(best[0]) if best else (_md(claim.cause) or "—")
         rows.append(f"| {_source(exp)} | {name} | {cid}: {_md(_short(claim.words))} | "
-                    f"{_md(claim_paper_text(claim, cells))} | {_md(quick)} | {_md(paper)} | "
-                    f"{verdict} | {_md(claim.cause) or '—'} | {link} |")
+                    f"{_md(claim.paper_text)} | {_md(quick)} | {_md(paper)} | "
+                    f"{verdict} | {cause} | {link} |")
     return rows
 
 
