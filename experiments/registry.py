@@ -19,6 +19,7 @@ from experiments.framework import Experiment, UsageError
 MODULES: tuple[str, ...] = (
     "experiments.dni.table1",
     "experiments.dni.budget",
+    "experiments.dni.degradation",
     "experiments.dni.stale",
     "experiments.dni.sparse",
     "experiments.dni.unlock",

@@ -277,24 +277,59 @@ def _synthetic_model(predictor: Predictor, spec: InterfaceSpec) -> _SyntheticMod
         return predictor.apply(variables, h, y, train=True)
 
     def l2(params, variables, h, y, grad):
-        """``L_SG = Σ_batch ||SG(h, y) - example_scale · δ||²`` and the predictor's new state."""
+        """``L_SG = Σ_batch ||SG(h, y) - example_scale · δ||²``, with the predictor's new
+        state and ``(SG(h, y), example_scale · δ)`` (both per example) as aux."""
         s, new_state = predict(L.with_params(variables, params), h, y)
-        return jnp.sum((s - scale * jax.lax.stop_gradient(grad)) ** 2), new_state
+        t = scale * jax.lax.stop_gradient(grad)
+        return jnp.sum((s - t) ** 2), (new_state, s, t)
 
     def fit(fstate, target):
         def fit_valid(fstate):
             params = L.params_of(fstate.variables)
-            (loss, new_state), g = jax.value_and_grad(l2, has_aux=True)(
+            (loss, (new_state, s, t)), g = jax.value_and_grad(l2, has_aux=True)(
                 params, fstate.variables, target.inputs, target.labels, target.grad
             )
             updates, opt_state = spec.optimizer.update(g, fstate.opt_state, params)
             variables = L.with_params({**fstate.variables, **L.state_of(new_state)},
                                       optax.apply_updates(params, updates))
-            return SyntheticState(variables, opt_state), {"sg_loss": loss}
+            info = {"sg_loss": loss, **fit_diagnostics(s, t, L.state_of(new_state))}
+            return SyntheticState(variables, opt_state), info
 
         return _when_valid(target, fit_valid, fstate)
 
     return _SyntheticModel(init, predict, l2, fit)
+
+
+def fit_diagnostics(synthetic: jax.Array, target: jax.Array, model_state: Any = None
+                    ) -> dict[str, jax.Array]:
+    """Scalars that show how a synthetic-gradient model tracks its target (DNI Fig. 10),
+    from the ``(B, *h_shape)`` prediction ``SG(h)`` used for a batch and the target it is
+    then fitted to (both per example, as the model regresses them):
+
+    * ``sg_norm`` / ``target_norm``: mean over examples of ``‖SG(h_i)‖`` / ``‖t_i‖``;
+    * ``sg_cosine``: mean over examples of their cosine (0 where either is zero);
+    * ``sg_bn_mean`` / ``sg_bn_var`` (only if ``model_state`` holds batch-norm
+      statistics): the mean absolute running mean and the mean running variance over
+      every batch-norm unit of the model, after this fit.
+
+    A few reductions: cheap next to the model's own forward pass.
+    """
+    s = synthetic.reshape(synthetic.shape[0], -1)
+    t = target.reshape(target.shape[0], -1)
+    s_norm, t_norm = jnp.linalg.norm(s, axis=-1), jnp.linalg.norm(t, axis=-1)
+    den = s_norm * t_norm
+    cos = jnp.where(den > 1e-30, jnp.sum(s * t, axis=-1) / jnp.maximum(den, 1e-30), 0.0)
+    out = {"sg_norm": jnp.mean(s_norm), "target_norm": jnp.mean(t_norm),
+           "sg_cosine": jnp.mean(cos)}
+    stats: dict[str, list] = {"mean": [], "var": []}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model_state):
+        keys = [getattr(k, "key", None) for k in path]
+        if "batch_stats" in keys and keys[-1] in stats:
+            stats[keys[-1]].append(leaf.ravel())
+    if stats["mean"]:
+        out["sg_bn_mean"] = jnp.mean(jnp.abs(jnp.concatenate(stats["mean"])))
+        out["sg_bn_var"] = jnp.mean(jnp.concatenate(stats["var"]))
+    return out
 
 
 def _synthetic_needs(predictor: Predictor) -> frozenset:

@@ -23,10 +23,13 @@ from experiments.dni import table1
 
 def fcn_split(depth: int, cuts: Sequence[int] | str, feedback, config: table1.Config,
               input_shape: Sequence[int], *, layers: Sequence[sgjax.Layer] | None = None,
-              optimizer=None) -> sgjax.Split:
+              optimizer=None, predictor_optimizer=None,
+              example_scale: float | None = None) -> sgjax.Split:
     """A.1's ``depth``-layer MNIST FCN (or ``layers``) cut at ``cuts`` with ``feedback``
     (one for all cuts or one per cut; ``cuts=()`` is backprop), Adam with the preset's
-    piecewise-constant learning rate (or ``optimizer``)."""
+    piecewise-constant learning rate (or ``optimizer``); ``predictor_optimizer`` and
+    ``example_scale`` go to :func:`sgjax.split_at` (defaults: the layers' optimiser, and
+    per-example targets measured from the loss)."""
     cuts = cuts if isinstance(cuts, str) else tuple(cuts)
     return sgjax.split_at(
         list(layers) if layers is not None else table1.make_layers("mnist", "fcn", depth,
@@ -35,7 +38,8 @@ def fcn_split(depth: int, cuts: Sequence[int] | str, feedback, config: table1.Co
         optimizer=optimizer or training.piecewise_adam(config.lr, config.lr_boundaries,
                                                        config.lr_factor),
         input_shape=tuple(input_shape), batch_size=config.batch_size,
-        num_classes=table1.NUM_CLASSES)
+        num_classes=table1.NUM_CLASSES, predictor_optimizer=predictor_optimizer,
+        example_scale=example_scale)
 
 
 def gradient_pair(split: sgjax.Split, states: Sequence[sgjax.StageState], k: int,
