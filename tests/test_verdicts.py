@@ -203,3 +203,66 @@ def test_publish_report_for_the_paper_preset_keeps_the_quick_report(tmp_path, mo
     assert "**differs**" in (reports / exp.name / "table.md").read_text()
     with pytest.raises(ValueError, match="no preset 'long'"):
         R.publish_report(exp, results, preset="long", reports_root=reports)
+
+
+def test_a_partial_record_is_published_and_shown_as_partial(tmp_path, monkeypatch):
+    from experiments.framework import store
+
+    exp = experiment([Claim.near("a-near", WORDS, "a", 4.3, 0.5),
+                      Claim.at_most("b-small", WORDS, "b", 9.0)])
+    cells_dir = tmp_path / "results" / exp.name / "paper" / "cells"
+    cells_dir.mkdir(parents=True)
+    identity = store.cell_identity(exp, "paper", CELLS[0], 0)
+    partial = {**identity, "curves": {"test_error": {"step": [5000, 80000],
+                                                     "value": [8.0, 4.6]}},
+               "wall_time_s": 60.0, "partial": True, "last_step": 80000}
+    (cells_dir / "a.json").write_text(json.dumps(partial))
+    finished = {**store.cell_identity(exp, "paper", CELLS[1], 0), "metric": 10.0,
+                "metrics": {}, "curves": {}, "wall_time_s": 1.0}
+    (cells_dir / "b.json").write_text(json.dumps(finished))
+    monkeypatch.setattr(R, "_save_figures", lambda *a, **k: [])
+    dest = R.publish_report(exp, tmp_path / "results", preset="paper",
+                            reports_root=tmp_path / "reports")
+    assert sorted(p.name for p in (dest / "cells").iterdir()) == ["a.json", "b.json"]
+    table = (dest / "table.md").read_text()
+    assert "1/3 done, 1 partial" in table
+    assert "| A | x | 1 | 4.6 (partial, 80k) | +3.6 | partial (holds so far) (a-near) |" \
+        in table
+    assert "| B | x | 2 | 10 | +8 | differs (b-small) |" in table
+    rows = {row["cell"]: row for row in csv.DictReader((dest / "results.csv").open())}
+    assert rows["a"]["status"] == "partial" and rows["a"]["ours"] == "4.6"
+    assert rows["a"]["last_step"] == "80000"
+    # a later finished run replaces it; a later partial one does not replace a finished one
+    (cells_dir / "a.json").write_text(json.dumps(
+        {**identity, "metric": 4.4, "metrics": {}, "curves": {}, "wall_time_s": 9.0}))
+    R.publish_report(exp, tmp_path / "results", preset="paper",
+                     reports_root=tmp_path / "reports")
+    (cells_dir / "a.json").write_text(json.dumps(partial))
+    R.publish_report(exp, tmp_path / "results", preset="paper",
+                     reports_root=tmp_path / "reports")
+    assert "| A | x | 1 | 4.4 | +3.4 | holds (a-near) |" in (dest / "table.md").read_text()
+
+
+def test_keys_index_into_lists_and_less_compares_two_numbers_of_one_cell():
+    a = CELLS[0]
+    r = result(a, 0.0, metrics={"norms": [0.2, 0.5, 1.0],
+                                "snapshots": [{"fidelity": [0.1]}, {"fidelity": [0.9, 0.3]}]})
+    rising = Claim.less("r", WORDS, "a", "a", key=("norms[0]", "norms[-1]"))
+    assert rising.paper_text == "a norms[0] < a norms[-1]"
+    v = V.check(rising, found(a=r))
+    assert (v.status, v.values) == ("holds", (0.2, 1.0))
+    falling = Claim.less("f", WORDS, "a", "a", key=("norms[-1]", "norms[0]"))
+    assert V.check(falling, found(a=r)).status == "differs"
+    deep = Claim.at_most("d", WORDS, "a", 0.5, key="snapshots[-1].fidelity[1]")
+    assert V.check(deep, found(a=r)).values == (0.3,)
+    assert V.check(Claim.at_most("x", WORDS, "a", 1, key="norms[7]"), found(a=r)).status \
+        == "not run"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lower="a", higher="a"), "compares 'a' with itself"),
+    (dict(lower="a", higher="b", key=("x",)), "pair of them only for less"),
+])
+def test_bad_comparisons_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Claim.less("z", WORDS, **kwargs)

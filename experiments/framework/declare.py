@@ -68,7 +68,10 @@ class Claim:
     cell ids it reads (one for ``near``/``at_most``; ``(lower, higher)`` for ``less``).
     ``paper`` is the published number (``near``) or the bound (``at_most``); ``None`` for
     ``less``. ``tolerance`` is ``near``'s allowed ``|ours - paper|`` or ``less``'s margin.
-    ``key=None`` reads each cell's main metric, otherwise ``record["metrics"][key]``.
+    ``key=None`` reads each cell's main metric, otherwise ``record["metrics"][key]``; a key
+    may index into a metric that is a list or mapping (``"probe_accuracy[0]"``,
+    ``"snapshots[-1].fidelity[0]"``), and ``less`` takes a pair of keys (one per side,
+    so a claim may compare two numbers of one cell).
     ``cause`` is one sentence naming the cause found for a "differs" (budget / method /
     defect) and its evidence (a report path).
     """
@@ -79,7 +82,7 @@ class Claim:
     cells: tuple[str, ...]
     paper: float | None = None
     tolerance: float = 0.0
-    key: str | None = None
+    key: str | tuple[str | None, str | None] | None = None
     cause: str = ""
 
     def __post_init__(self):
@@ -96,9 +99,26 @@ class Claim:
                              f"got {self.cells!r}")
         if self.kind != "less" and self.paper is None:
             raise ValueError(f"claim {self.id!r} ({self.kind}) needs the paper's number")
+        if isinstance(self.key, list | tuple) and (
+                self.kind != "less" or len(self.key) != 2
+                or not all(k is None or isinstance(k, str) for k in self.key)):
+            raise ValueError(f"claim {self.id!r}: key {self.key!r} must be None or a metric "
+                             "name (a pair of them only for less: one per side)")
+        if isinstance(self.key, list):
+            object.__setattr__(self, "key", tuple(self.key))
+        if len(set(zip(self.cells, self.keys))) < len(self.cells):
+            raise ValueError(f"claim {self.id!r} compares {self.cells[0]!r} with itself; "
+                             "give a pair of keys to compare two of its numbers")
         if not (self.tolerance >= 0 or (self.kind == "less" and self.tolerance < 0)):
             raise ValueError(f"claim {self.id!r}: tolerance {self.tolerance!r} must be a "
                              "number >= 0 (a negative margin is allowed only for less)")
+
+    @property
+    def keys(self) -> tuple[str | None, ...]:
+        """The metric each of :attr:`cells` is read at (``None``: the main metric)."""
+        if isinstance(self.key, tuple):
+            return self.key
+        return (self.key,) * len(self.cells)
 
     @classmethod
     def near(cls, id: str, words: str, cell: str, paper: float, tol: float, *,
@@ -114,7 +134,8 @@ class Claim:
 
     @classmethod
     def less(cls, id: str, words: str, lower: str, higher: str, *, margin: float = 0.0,
-             key: str | None = None, cause: str = "") -> Claim:
+             key: str | tuple[str | None, str | None] | None = None,
+             cause: str = "") -> Claim:
         """Holds if ``ours[lower] + margin <= ours[higher]`` (for lower-is-better metrics:
         ``lower`` is the cell the paper says does better; a negative margin reads "lower is
         no worse than higher by more than ``-margin``")."""
@@ -128,7 +149,8 @@ class Claim:
             return f"{num(self.paper)} ± {num(self.tolerance)}"
         if self.kind == "at_most":
             return f"≤ {num(self.paper)}"
-        lower, higher = self.cells
+        lower, higher = (c if k is None or not isinstance(self.key, tuple) else f"{c} {k}"
+                         for c, k in zip(self.cells, self.keys))
         if self.tolerance > 0:
             return f"{lower} ≤ {higher} − {num(self.tolerance)}"
         if self.tolerance < 0:
@@ -150,7 +172,8 @@ class Experiment:
     (see :func:`experiments.framework.run_experiment`).
     ``claims`` is a sequence of :class:`Claim` or a function ``preset -> claims``: what the
     paper says, checked against the cells (ids unique; every cell a claim reads exists in
-    at least one preset).
+    at least one preset). ``metric_curve`` names the logged curve whose last point is a
+    partial record's value of the main metric (a time-boxed run has no final metric).
     ``figures(results, config)`` returns ``{name: matplotlib Figure}``, saved as
     ``<name>.png``; ``None`` plots every logged curve
     (:func:`experiments.framework.default_figures`).
@@ -167,6 +190,7 @@ class Experiment:
     notes: str = ""
     preset_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     claims: Sequence[Claim] | Callable[[str], Sequence[Claim]] = ()
+    metric_curve: str = "test_error"
 
     def __post_init__(self):
         if not SAFE_ID.match(self.name) or self.name == "all":

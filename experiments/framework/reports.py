@@ -18,6 +18,7 @@ from typing import Any
 from experiments.framework import verdicts as V
 from experiments.framework.checkpoints import atomic_write
 from experiments.framework.declare import (
+    Cell,
     CellResult,
     Experiment,
     reproduce_command,
@@ -109,8 +110,17 @@ def _cause(v: V.Verdict) -> str:
     return "—" if v.status == V.HOLDS or not v.claim.cause else _md(v.claim.cause)
 
 
-def _ours(r: CellResult) -> str:
-    return V.describe_value(r, None) if V.is_partial(r) else fmt(r.metric)
+def _ours(r: CellResult, exp: Experiment) -> str:
+    return V.describe_value(r, None, exp.metric_curve) if V.is_partial(r) else fmt(r.metric)
+
+
+def _diff(r: CellResult, cell: Cell, exp: Experiment) -> float | None:
+    value = V.value_of(r, None, exp.metric_curve)
+    return None if value is None or cell.paper is None else value - cell.paper
+
+
+def _finished(found: Mapping[str, CellResult | str]) -> tuple[CellResult, ...]:
+    return tuple(r for r in found.values() if isinstance(r, CellResult) and not V.is_partial(r))
 
 
 def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | str], *,
@@ -122,6 +132,7 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
     provenance computed from the records (a report rebuilt from ``results.csv``)."""
     results = [r for r in found.values() if isinstance(r, CellResult)]
     prov = dict(provenance(results) if prov is None else prov)
+    n_partial = sum(V.is_partial(r) for r in results)
     cells = exp.cells_for(preset)
     verdicts = V.check_all(exp, preset, found)
     per_cell = V.cell_verdicts(verdicts)
@@ -133,7 +144,8 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
         f"- Preset: `{preset}`; reproduce with `{reproduce_command(exp.name, preset)}` "
         f"or `{reproduce_command(exp.name, preset, make=True)}`",
         f"- Metric: {exp.metric}; diff = ours − paper",
-        f"- Cells: {len(results)}/{len(found)} done; seeds: "
+        f"- Cells: {len(_finished(found))}/{len(found)} done"
+        f"{f', {n_partial} partial' if n_partial else ''}; seeds: "
         f"{', '.join(map(str, prov.get('seeds', []))) or '—'}; wall time "
         f"{format_duration(prov.get('wall_time_s', 0.0))}",
     ]
@@ -157,8 +169,7 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
     for cell in cells:
         r = found[cell.id]
         if isinstance(r, CellResult):
-            diff = fmt(r.metric - cell.paper, signed=True) if cell.paper is not None else "—"
-            ours = _ours(r)
+            diff, ours = fmt(_diff(r, cell, exp), signed=True), _ours(r, exp)
         else:
             ours, diff = r, "—"
         line = f"| {cell.row} | {cell.column} | {fmt(cell.paper)} | {ours} | {diff} |"
@@ -176,7 +187,7 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
                   "| --- | --- | --- | --- | --- | --- |"]
         for v in verdicts:
             c = v.claim
-            ours = v.ours + (f" ({c.key})" if c.key else "")
+            ours = v.ours + (f" ({c.key})" if isinstance(c.key, str) else "")
             lines.append(f"| {c.id} | {_md(c.words)} | {_md(c.paper_text)} | "
                          f"{_md(ours)} | **{v.text}** | {_cause(v)} |")
     return "\n".join(lines) + "\n"
@@ -200,8 +211,10 @@ def write_csv(path: Path, exp: Experiment, preset: str, found: Mapping) -> None:
             r = found[cell.id]
             base = [exp.name, preset, cell.id, cell.row, cell.column]
             if isinstance(r, CellResult):
-                diff = "" if cell.paper is None else r.metric - cell.paper
-                w.writerow(base + ["done", cell.paper, r.metric, diff, r.seed, r.wall_time_s]
+                diff = _diff(r, cell, exp)
+                w.writerow(base + ["partial" if V.is_partial(r) else "done", cell.paper,
+                                   V.value_of(r, None, exp.metric_curve),
+                                   "" if diff is None else diff, r.seed, r.wall_time_s]
                            + [r.record.get(k, "") for k in flags]
                            + [r.metrics.get(k, "") for k in extra])
             else:
@@ -287,13 +300,15 @@ def write_reports(
     ran: Iterable[str] = (),
     skipped: Iterable[str] = (),
 ) -> RunSummary:
-    """(Re)write table.md, results.csv and the figures from the stored cell results."""
+    """(Re)write table.md, results.csv and the figures from the stored cell results (a
+    partial record is shown as partial in the table and the CSV; figures and the summary's
+    ``results`` hold the finished cells)."""
     out_dir = Path(out_dir)
-    found = load_results(exp, preset, out_dir)
+    found = load_results(exp, preset, out_dir, partial=True)
     table = render_table(exp, preset, found)
     atomic_write(out_dir / "table.md", lambda f: f.write(table))
     write_csv(out_dir / "results.csv", exp, preset, found)
-    results = tuple(r for r in found.values() if isinstance(r, CellResult))
+    results = _finished(found)
     paths = _save_figures(exp, preset, results, out_dir, FIGURE_DPI) if results else []
     return RunSummary(exp, preset, out_dir, tuple(ran), tuple(skipped), results, table,
                       tuple(paths))
@@ -317,8 +332,9 @@ def publish_report(
     """Copy the finished ``preset`` run of ``exp`` from ``results_root/<name>/<preset>/`` into
     :func:`report_dir` (``reports_root/<name>/``, or ``reports_root/<name>/<preset>/`` for a
     preset other than ``quick``): table.md, results.csv, figures at :data:`REPORT_DPI`,
-    ``provenance.json``, and each finished (or partial) cell's record under ``cells/``;
-    nothing is rerun. Another preset's subfolder is left as it is.
+    ``provenance.json``, and each finished or partial cell's record under ``cells/``
+    (a time-boxed run's partial records are shown as partial; the figures are drawn from
+    the finished cells); nothing is rerun. Another preset's subfolder is left as it is.
 
     A report accumulates: a cell that ``results_root`` does not hold (say, a run of only some
     cells in a fresh checkout, whose ``results/`` is not committed) keeps the record the
@@ -332,28 +348,37 @@ def publish_report(
         raise ValueError(f"experiment {exp.name!r} has no preset {preset!r}; presets: "
                          f"{', '.join(exp.presets)}")
     src = Path(results_root) / exp.name / preset
-    found = load_results(exp, preset, src)
+    found = load_results(exp, preset, src, partial=True)
     if not any(isinstance(r, CellResult) for r in found.values()):
         return None
     dest = report_dir(exp.name, preset, reports_root)
-    committed = load_results(exp, preset, dest)
-    found = {cid: r if isinstance(r, CellResult) or not isinstance(committed[cid], CellResult)
-             else committed[cid] for cid, r in found.items()}
-    results = tuple(r for r in found.values() if isinstance(r, CellResult))
+    committed = load_results(exp, preset, dest, partial=True)
+    found = {cid: _newer(r, committed[cid]) for cid, r in found.items()}
+    records = tuple(r for r in found.values() if isinstance(r, CellResult))
     _clear_report(dest, keep=set(exp.presets))
     (dest / "cells").mkdir(parents=True)
-    for r in results:
+    for r in records:
         atomic_write(dest / "cells" / f"{r.cell.id}.json",
                      lambda f, rec=r.record: json.dump(rec, f, indent=None))
     table = render_table(exp, preset, found)
     atomic_write(dest / "table.md", lambda f: f.write(table))
     write_csv(dest / "results.csv", exp, preset, found)
-    _save_figures(exp, preset, results, dest, REPORT_DPI, shrink=True)
-    prov = {"experiment": exp.name, "preset": preset, **provenance(results),
+    results = _finished(found)
+    if results:
+        _save_figures(exp, preset, results, dest, REPORT_DPI, shrink=True)
+    prov = {"experiment": exp.name, "preset": preset, **provenance(records),
             "reproduce": reproduce_command(exp.name, preset),
             "regenerate": "make reports"}
     atomic_write(dest / "provenance.json", lambda f: json.dump(prov, f, indent=1))
     return dest
+
+
+def _newer(new: CellResult | str, old: CellResult | str) -> CellResult | str:
+    """Which of a fresh and a committed result of one cell a report keeps: a finished one
+    over a partial one over none; between equals, the fresh one."""
+    def rank(r):
+        return 0 if not isinstance(r, CellResult) else 1 if V.is_partial(r) else 2
+    return old if rank(old) > rank(new) else new
 
 
 def _clear_report(dest: Path, keep: set[str]) -> None:
@@ -397,7 +422,11 @@ def load_report(exp: Experiment, preset: str, directory: str | os.PathLike
     columns; such a result has no curves). A cell with neither says why."""
     directory = Path(directory)
     if (directory / "cells").is_dir():
-        return load_results(exp, preset, directory)
+        found = load_results(exp, preset, directory, partial=True)
+        for cid, r in found.items():
+            if isinstance(r, str) and "stale" in r:
+                found[cid] = _stale(directory / "cells" / f"{cid}.json", r)
+        return found
     try:
         with (directory / "results.csv").open(newline="", encoding="utf-8") as f:
             rows = {row.get("cell"): row for row in csv.DictReader(f)
@@ -409,7 +438,7 @@ def load_report(exp: Experiment, preset: str, directory: str | os.PathLike
         row = rows.get(cell.id)
         if row is None:
             found[cell.id] = "missing (not run)"
-        elif row.get("status") != "done":
+        elif row.get("status") not in ("done", "partial"):
             found[cell.id] = row.get("status") or "missing (not run)"
         else:
             metric = _number(row.get("ours", ""))
@@ -421,9 +450,22 @@ def load_report(exp: Experiment, preset: str, directory: str | os.PathLike
             for flag in ("partial", "last_step"):
                 if _number(row.get(flag) or "") is not None:
                     record[flag] = _number(row[flag])
+            if row.get("status") == "partial":
+                record["partial"] = True
             found[cell.id] = CellResult(cell, metric, record["metrics"], {}, record["seed"],
                                         record["wall_time_s"], record)
     return found
+
+
+def _stale(path: Path, status: str) -> str:
+    """A committed record whose config is no longer the code's: its number, marked stale
+    (it is not a result of the current config, so no claim reads it)."""
+    try:
+        metric = json.loads(path.read_text("utf-8")).get("metric")
+    except (OSError, ValueError):
+        return status
+    return f"{fmt(metric)} (stale: config changed, rerun)" if isinstance(
+        metric, int | float) else status
 
 
 def _read_provenance(directory: Path) -> dict[str, Any] | None:
@@ -446,7 +488,7 @@ def rerender_report(exp: Experiment, preset: str = REPORT_PRESET,
     table = render_table(exp, preset, found,
                          prov=None if has_records else _read_provenance(dest) or {})
     atomic_write(dest / "table.md", lambda f: f.write(table))
-    results = tuple(r for r in found.values() if isinstance(r, CellResult))
+    results = _finished(found)
     if has_records and results:
         _save_figures(exp, preset, results, dest, REPORT_DPI, text_only=True)
     return dest

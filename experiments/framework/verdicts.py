@@ -5,14 +5,17 @@ compared. Nothing here is typed by hand: a verdict is a function of the records.
 A cell's result is a :class:`~experiments.framework.CellResult` (from ``cells/<id>.json``,
 or rebuilt from ``results.csv`` for reports committed without records, see
 :func:`experiments.framework.reports.load_report`). A record flagged ``"partial": true``
-(a time-boxed run, ``"last_step"`` the step it reached) is shown as partial and can never
-make a claim hold: its verdict is ``partial``.
+(a time-boxed run, ``"last_step"`` the step it reached) has no final metric: its value is
+the last point of the curve the claim reads (``key``, or the experiment's
+``metric_curve`` for the main metric); it is shown as partial and can never make a claim
+hold: its verdict is ``partial``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,10 +48,7 @@ def format_number(x: float | None) -> str:
     return format(x, spec)
 
 
-def value_of(result: CellResult, key: str | None) -> float | None:
-    """The number a claim reads: the main metric (``key=None``) or ``metrics[key]``;
-    ``None`` when the record has no such number."""
-    raw: Any = result.metric if key is None else result.metrics.get(key)
+def _number(raw: Any) -> float | None:
     if isinstance(raw, bool):
         return float(raw)
     if isinstance(raw, int | float):
@@ -61,12 +61,46 @@ def value_of(result: CellResult, key: str | None) -> float | None:
     return None
 
 
-def describe_value(result: CellResult | None, key: str | None) -> str:
+PATH_PART = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
+
+
+def lookup(metrics: Mapping[str, Any], key: str) -> Any:
+    """``metrics[key]``, or the item a path names: ``"probe_accuracy[0]"``,
+    ``"snapshots[-1].fidelity[0]"`` (``None`` where there is no such item)."""
+    if key in metrics:
+        return metrics[key]
+    item: Any = metrics
+    for name, index in PATH_PART.findall(key):
+        try:
+            item = item[int(index)] if index else item[name]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    return item
+
+
+def value_of(result: CellResult, key: str | None,
+             metric_curve: str = "test_error") -> float | None:
+    """The number a claim reads: the main metric (``key=None``) or ``metrics[key]`` (see
+    :func:`lookup`); for a partial record without it, the last point of curve ``key`` (or
+    ``metric_curve``); ``None`` when the record has no such number."""
+    value = _number(result.metric if key is None else lookup(result.metrics, key))
+    if value is None and is_partial(result):
+        curve = result.curves.get(key or metric_curve)
+        if curve is not None and len(curve.value):
+            value = _number(curve.value[-1].item() if hasattr(curve.value[-1], "item")
+                            else curve.value[-1])
+    return value
+
+
+def describe_value(result: CellResult | None, key: str | None,
+                   metric_curve: str = "test_error") -> str:
     """``4.6``, ``4.6 (partial, 80k)``, or why there is no number."""
     if result is None:
         return NOT_RUN
-    value = value_of(result, key)
+    value = value_of(result, key, metric_curve)
     if value is None:
+        if is_partial(result):
+            return f"partial, {format_step(last_step(result) or 0)}, no {key or metric_curve}"
         return f"no {key!r} in record" if key else NOT_RUN
     text = format_number(value)
     if is_partial(result):
@@ -104,14 +138,17 @@ def _compare(claim: Claim, values: tuple[float, ...]) -> bool:
     return lower + claim.tolerance <= higher
 
 
-def check(claim: Claim, found: Mapping[str, CellResult | str]) -> Verdict:
+def check(claim: Claim, found: Mapping[str, CellResult | str],
+          metric_curve: str = "test_error") -> Verdict:
     """The verdict of ``claim`` from ``found`` (cell id → result, or why there is none):
     ``not run`` when a cell it reads has no result (or no such number), ``partial`` when
-    any of them is a partial record, otherwise ``holds``/``differs`` (NaN differs)."""
+    any of them is a partial record, otherwise ``holds``/``differs`` (NaN differs).
+    ``metric_curve``: see :func:`value_of`."""
     results = [found.get(c) for c in claim.cells]
     results = [r if isinstance(r, CellResult) else None for r in results]
-    values = tuple(None if r is None else value_of(r, claim.key) for r in results)
-    words = [describe_value(r, claim.key) for r in results]
+    values = tuple(None if r is None else value_of(r, key, metric_curve)
+                   for r, key in zip(results, claim.keys))
+    words = [describe_value(r, key, metric_curve) for r, key in zip(results, claim.keys)]
     ours = words[0] if len(words) == 1 else " vs ".join(words)
     if any(v is None for v in values):
         return Verdict(claim, NOT_RUN, values, ours)
@@ -125,7 +162,7 @@ def check(claim: Claim, found: Mapping[str, CellResult | str]) -> Verdict:
 def check_all(exp: Experiment, preset: str,
               found: Mapping[str, CellResult | str]) -> tuple[Verdict, ...]:
     """Every claim of ``exp`` at ``preset``, in declaration order."""
-    return tuple(check(c, found) for c in exp.claims_for(preset))
+    return tuple(check(c, found, exp.metric_curve) for c in exp.claims_for(preset))
 
 
 def cell_verdicts(verdicts: tuple[Verdict, ...],

@@ -48,7 +48,7 @@ import optax
 
 import sgjax
 from experiments import training
-from experiments.framework import Cell, Experiment
+from experiments.framework import Cell, Claim, Experiment
 from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
 CONDITIONINGS = ("cond", "nolabel", "labelonly")
@@ -415,6 +415,43 @@ def figures(results, config) -> dict:
     return out
 
 
+TOP_BETTER = ("First, it is better in layers closer to the true loss (*i.e.* the top-most "
+              "layers), which matches observations from Jaderberg et al. (2016)")
+DEGRADES = ("Second, the loss is better approximated at the very beginning of the training and "
+            "the quality of the approximation degrades slowly towards the end.")
+MSE_FINE = ("with log loss and data that can be separated, linear SGs will have problems "
+            "modeling this relation close to the end of training (Figure 2 (b) left), while "
+            "there is no such problem for MSE loss (Figure 2 (a) left).")
+MSE_CAUSE = ("not investigated yet: the single SG's implied MSE loss tracks the true loss "
+             "until late in training and then its correlation drops too "
+             "(reports/understanding-fig2/fig2-fidelity.png)")
+FINAL, FIRST = "snapshots[-1].fidelity", "snapshots[0].fidelity"
+
+
+def claims(preset: str) -> list[Claim]:
+    """Fig. 2 (label-conditioned SG) on ``fidelity``, the Pearson correlation over the grid
+    of the true and the SG-implied loss per SG (bottom to top), at the first and the last
+    snapshot. "Better" and "degrades" are strict orderings; "no such problem" is read as a
+    final correlation of at least 0.9 (the figure's MSE surfaces match by eye)."""
+    ids = {c.id for c in cells(preset)}
+    out = []
+    for loss in ("mse", "log"):
+        for ds in ("noisy", "random"):
+            every, single = f"cond-{loss}-{ds}-every", f"cond-{loss}-{ds}-single"
+            if every in ids:
+                out.append(Claim.less(f"top-sg-better-{loss}-{ds}", TOP_BETTER, every, every,
+                                      key=(f"{FINAL}[0]", f"{FINAL}[-1]")))
+            if single in ids:
+                out.append(Claim.less(f"degrades-{loss}-{ds}", DEGRADES, single, single,
+                                      key=(f"{FINAL}[0]", f"{FIRST}[0]")))
+    if {"cond-mse-noisy-single", "cond-log-noisy-single"} <= ids:
+        out += [Claim.less("log-loss-worse-than-mse", MSE_FINE, "cond-log-noisy-single",
+                           "cond-mse-noisy-single", key=f"{FINAL}[0]"),
+                Claim.near("mse-no-problem", MSE_FINE, "cond-mse-noisy-single", 1.0, 0.1,
+                           key=f"{FINAL}[0]", cause=MSE_CAUSE)]
+    return out
+
+
 EXPERIMENT = Experiment(
     name="understanding-fig2",
     paper=PAPER,
@@ -426,4 +463,5 @@ EXPERIMENT = Experiment(
     figures=figures,
     notes="the paper reports no numbers for this figure; compare the PNGs "
           "(fig2a-mse, fig2b-logloss, fig9-*) and fig2-fidelity",
+    claims=claims,
 )

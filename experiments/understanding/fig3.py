@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.framework import Cell, Experiment
+from experiments.framework import Cell, Claim, Experiment
 from experiments.understanding import PAPER, nets
 
 
@@ -167,6 +167,25 @@ def figures(results, config) -> dict:
     return out
 
 
+SCATTERED = ("With 20 SG modules (one between every pair of layers), the representation is "
+             "scattered even more broadly: we see rather different learning dynamics, with "
+             "each layer contributing a small amount to the final solution, and there is no "
+             "longer a point in the progression of layers where the representation is more or "
+             "less static in terms of correlation structure")
+
+
+def claims(preset: str) -> list[Claim]:
+    """On ``block_distance`` (per hidden layer, the L2 distance of its RDM's within-class
+    blocks from the last hidden layer's): after 9 layers the SG-everywhere net is farther
+    from its final representation than the backprop net (a strict ordering: the paper
+    shows the matrices only)."""
+    ids = {c.id for c in cells(preset)}
+    if not {"backprop", "sg_every"} <= ids:
+        return []
+    return [Claim.less("sg-every-not-static-after-9", SCATTERED, "backprop", "sg_every",
+                       key="block_distance[8]")]
+
+
 EXPERIMENT = Experiment(
     name="understanding-fig3",
     paper=PAPER,
@@ -177,4 +196,5 @@ EXPERIMENT = Experiment(
     run_cell=run_cell,
     figures=figures,
     notes="the paper reports no numbers for this figure; compare fig3.png/fig7.png",
+    claims=claims,
 )

@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from experiments.framework import Cell, Experiment
+from experiments.framework import Cell, Claim, Experiment
 from experiments.understanding import PAPER, nets
 
 METHODS = ("backprop", "sg_single", "sg_every")
@@ -110,6 +110,25 @@ def figures(results, config) -> dict:
     return {"fig5": fig}
 
 
+BPROP_RISING = ("models trained with backpropagation on MNIST tend to have norms slowly "
+                "increasing towards the output of the network")
+SG_FALLING = ("If we now put a SG in between every two hidden layers, we get norms that start "
+              "high, and then decrease towards the output of the network")
+
+
+def claims(preset: str) -> list[Claim]:
+    """Per model, on ``normalised`` (each hidden layer's squared weight norm over the
+    largest): the last hidden layer's against the first's, as strict orderings."""
+    out = []
+    for a, d in PRESETS[preset].models:
+        net = f"{a}-d{d}"
+        out += [Claim.less(f"backprop-rising-{net}", BPROP_RISING, f"{net}-backprop",
+                           f"{net}-backprop", key=("normalised[0]", "normalised[-1]")),
+                Claim.less(f"sg-every-falling-{net}", SG_FALLING, f"{net}-sg_every",
+                           f"{net}-sg_every", key=("normalised[-1]", "normalised[0]"))]
+    return out
+
+
 EXPERIMENT = Experiment(
     name="understanding-fig5",
     paper=PAPER,
@@ -120,4 +139,5 @@ EXPERIMENT = Experiment(
     run_cell=run_cell,
     figures=figures,
     notes="the paper shows bar plots only; compare fig5.png",
+    claims=claims,
 )
