@@ -251,6 +251,7 @@ def test_keys_index_into_lists_and_less_compares_two_numbers_of_one_cell():
     assert rising.paper_text == "a norms[0] < a norms[-1]"
     v = V.check(rising, found(a=r))
     assert (v.status, v.values) == ("holds", (0.2, 1.0))
+    assert V.cell_verdicts((v,)) == {"a": "holds (r)"}
     falling = Claim.less("f", WORDS, "a", "a", key=("norms[-1]", "norms[0]"))
     assert V.check(falling, found(a=r)).status == "differs"
     deep = Claim.at_most("d", WORDS, "a", 0.5, key="snapshots[-1].fidelity[1]")

@@ -171,6 +171,6 @@ def cell_verdicts(verdicts: tuple[Verdict, ...],
     """Cell id → the verdicts of the claims that read it, in words (``holds (id)``)."""
     out: dict[str, list[str]] = {}
     for v in verdicts:
-        for cell in v.claim.cells:
+        for cell in dict.fromkeys(v.claim.cells):
             out.setdefault(cell, []).append(f"{v.text} ({label(v)})")
     return {cell: "; ".join(texts) for cell, texts in out.items()}
