@@ -345,15 +345,24 @@ def run_plan(out: str | os.PathLike, *, preset: str = "paper", budget_min: float
 # --------------------------------------------------------------------------- the CLI
 
 
+def _option(check: Callable[[Any], Any], value: Any, checked: str, name: str) -> Any:
+    """``check(value)``, its error naming the option ``name`` instead of ``checked``."""
+    try:
+        return check(value)
+    except UsageError as e:
+        raise UsageError(str(e).replace(checked, name, 1)) from None
+
+
 def main_run(args) -> int:
     """``python -m experiments device OUT``: :func:`run_plan` with the CLI's options."""
     preset = args.preset or ("smoke" if args.dry_run else "paper")
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset!r}: valid presets: {', '.join(PRESETS)}")
     dry = args.dry_run or preset == "smoke"
-    budget = check_time_limit(args.budget) or (DRY_RUN_BUDGET_MIN if dry else BUDGET_MIN)
-    max_jobs = check_jobs(args.max_jobs) if args.max_jobs is not None else (
-        DRY_RUN_JOBS if dry else None)
+    budget = _option(check_time_limit, args.budget, "--time-limit", "--budget") or (
+        DRY_RUN_BUDGET_MIN if dry else BUDGET_MIN)
+    max_jobs = _option(check_jobs, args.max_jobs, "--jobs", "--max-jobs") \
+        if args.max_jobs is not None else (DRY_RUN_JOBS if dry else None)
     steps = select_steps(PLAN, args.steps)
     summary = run_plan(args.out, preset=preset, budget_min=budget, max_jobs=max_jobs,
                        plan=steps, results=args.results or "results",

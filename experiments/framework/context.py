@@ -10,8 +10,8 @@ load_results` and the skip logic never count a partial record as finished.
 
 Time limit (``--time-limit``): once ``deadline`` passes, the next :meth:`RunContext.save`
 checkpoints the state, writes the partial record and raises :class:`TimeLimitReached`;
-a cell that never checkpoints stops at its next :meth:`RunContext.log`. A later run resumes
-the cell from that checkpoint.
+a cell that never checkpoints stops at its second :meth:`RunContext.log` past the deadline.
+A later run resumes the cell from that checkpoint.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ class RunContext:
     _started: float = dataclasses.field(default_factory=time.monotonic, init=False, repr=False)
     _last_save: float = dataclasses.field(default_factory=time.monotonic, init=False, repr=False)
     _checkpoints: bool = dataclasses.field(default=False, init=False, repr=False)
+    _past_deadline_logs: int = dataclasses.field(default=0, init=False, repr=False)
     _record_at: float = dataclasses.field(default=-math.inf, init=False, repr=False)
     _record_cost: float = dataclasses.field(default=0.0, init=False, repr=False)
 
@@ -159,8 +160,9 @@ class RunContext:
 
     def log(self, step: int, **values: Any) -> None:
         """Record scalar curve points at ``step`` (checked finite), show them on the bar and
-        rewrite the partial record. Past the deadline, a cell that has not checkpointed
-        stops here (:class:`TimeLimitReached`); one that has stops at its next :meth:`save`.
+        rewrite the partial record. Past the deadline a cell stops at its next
+        :meth:`save`, or here (:class:`TimeLimitReached`) if it logs twice past the deadline
+        without a save in between and has never saved (a cell that does not checkpoint).
         """
         shown = {}
         for name, value in values.items():
@@ -171,8 +173,10 @@ class RunContext:
         if self._bar is not None:
             self._bar.set_postfix(shown, refresh=False)
         if self.time_is_up() and not self._checkpoints:
-            self.write_partial(force=True)
-            raise TimeLimitReached(self.where, self.last_step)
+            if self._past_deadline_logs:  # no save came after the last log: none will
+                self.write_partial(force=True)
+                raise TimeLimitReached(self.where, self.last_step)
+            self._past_deadline_logs += 1
         self.write_partial()
 
     def partial_record(self, **extra: Any) -> dict[str, Any]:
