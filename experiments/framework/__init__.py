@@ -27,15 +27,24 @@ exposes one :class:`Experiment` named ``EXPERIMENT``::
 (:func:`experiments.training.train_and_evaluate` is that loop, scan-fused.)
 :func:`run_experiment` runs the cells, skips the ones already finished with the same
 params, config and seed, and writes ``<out>/<name>/<preset>/``: ``cells/<cell>.json``,
-``results.csv``, ``table.md`` (paper | ours | diff per cell) and the figures as PNG;
-:func:`publish_report` copies a finished ``quick`` run into the committed ``reports/``.
+``results.csv``, ``table.md`` (paper | ours | diff | verdict per cell, then the claims) and
+the figures as PNG; :func:`publish_report` copies a finished run into the committed
+``reports/`` (``reports/<name>/`` for ``quick``, ``reports/<name>/paper/`` for ``paper``).
+
+An experiment also declares what the paper says, as :class:`Claim` s in the paper's own
+words (``claims=[Claim.near(...), Claim.at_most(...), Claim.less(...)]`` or a function of
+the preset); :mod:`~experiments.framework.verdicts` computes each verdict (holds / differs
+/ partial / not run) from the cell records, and :func:`write_index` generates
+``reports/README.md``, one row per claim. ``python -m experiments.framework`` re-renders
+every committed report from what is committed (:func:`rerender_reports`).
 
 The modules, by concern: :mod:`~experiments.framework.declare` (cells, experiments,
 configs as data), :mod:`~experiments.framework.checkpoints` (atomic ``.npz`` checkpoints),
 :mod:`~experiments.framework.context` (what a running cell gets: :class:`RunContext`),
 :mod:`~experiments.framework.store` (finished cells on disk, identity, provenance),
-:mod:`~experiments.framework.running` (:func:`run_experiment`) and
-:mod:`~experiments.framework.reports` (tables, CSV, figures, ``reports/``).
+:mod:`~experiments.framework.running` (:func:`run_experiment`),
+:mod:`~experiments.framework.verdicts` (claims checked against results) and
+:mod:`~experiments.framework.reports` (tables, CSV, figures, ``reports/`` and its index).
 """
 
 from experiments.framework.checkpoints import Checkpointer, CheckpointError, is_prng_key
@@ -62,11 +71,14 @@ from experiments.framework.reports import (
     RunSummary,
     default_figures,
     format_duration,
+    load_report,
     measured_time_s,
     plot_curves,
     provenance,
     publish_report,
     render_table,
+    report_dir,
+    rerender_reports,
     write_index,
     write_reports,
 )
@@ -91,7 +103,9 @@ __all__ = [
     "NonFiniteError",
     "RunContext", "RunSummary", "UsageError", "canonical", "cell_identity", "check_finite",
     "check_interval", "check_out_dir", "code_version", "default_figures", "describe_machine",
-    "estimate", "format_duration", "is_prng_key", "load_results", "measured_time_s",
-    "plot_curves", "provenance", "publish_report", "render_table", "reproduce_command",
+    "estimate", "format_duration", "is_prng_key", "load_report", "load_results",
+    "measured_time_s",
+    "plot_curves", "provenance", "publish_report", "render_table", "report_dir",
+    "rerender_reports", "reproduce_command",
     "run_experiment", "select_cells", "to_jsonable", "write_index", "write_reports",
 ]

@@ -143,19 +143,27 @@ class Claim:
 
     @property
     def paper_text(self) -> str:
-        """The paper's side, in words: ``1.6 ± 0.5``, ``≤ 5``, ``a < b``."""
+        """The paper's side, in words: ``1.6 ± 0.5``, ``= 1`` (tolerance 0), ``≤ 5``,
+        ``a < b``; a single ``key`` is named first (``train_error: a < b``)."""
         num = (lambda x: format(x, ".4g"))
         if self.kind == "near":
-            return f"{num(self.paper)} ± {num(self.tolerance)}"
-        if self.kind == "at_most":
-            return f"≤ {num(self.paper)}"
-        lower, higher = (c if k is None or not isinstance(self.key, tuple) else f"{c} {k}"
-                         for c, k in zip(self.cells, self.keys))
-        if self.tolerance > 0:
-            return f"{lower} ≤ {higher} − {num(self.tolerance)}"
-        if self.tolerance < 0:
-            return f"{lower} ≤ {higher} + {num(-self.tolerance)}"
-        return f"{lower} < {higher}"
+            text = (f"= {num(self.paper)}" if self.tolerance == 0
+                    else f"{num(self.paper)} ± {num(self.tolerance)}")
+        elif self.kind == "at_most":
+            text = f"≤ {num(self.paper)}"
+        else:
+            lower, higher = (c if k is None or not isinstance(self.key, tuple) else f"{c} {k}"
+                             for c, k in zip(self.cells, self.keys))
+            if self.tolerance > 0:
+                text = f"{lower} ≤ {higher} − {num(self.tolerance)}"
+            elif self.tolerance < 0:
+                text = f"{lower} ≤ {higher} + {num(-self.tolerance)}"
+            else:
+                text = f"{lower} < {higher}"
+        if isinstance(self.key, str):
+            sep = " " if self.kind in ("near", "at_most") else ": "
+            text = f"{self.key}{sep}{text}"
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
