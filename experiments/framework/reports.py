@@ -576,7 +576,7 @@ def claim_rows(exp: Experiment, reports_root: str | os.PathLike | None = None
         best = next(((v, p) for v, p in ((vp, "paper"), (vq, REPORT_PRESET))
                      if v is not None and v.status != V.NOT_RUN), None)
         verdict = f"**{best[0].text}** ({best[1]})" if best else V.NOT_RUN
-        cause = _cause(best[0]) if best else (_md(claim.cause) or "—")
+        cause = _cause(best[0]) if best else "—"
         rows.append(f"| {_source(exp)} | {name} | {cid}: {_md(_short(claim.words))} | "
                     f"{_md(claim.paper_text)} | {_md(quick)} | {_md(paper)} | "
                     f"{verdict} | {cause} | {link} |")
