@@ -1,4 +1,4 @@
-"""DNI feed-forward figure experiments and the blog post: smoke runs end to end, the
+"""DNI feed-forward figure experiments: smoke runs end to end, the
 claim verdicts, the gradient comparison of Fig. 10 (exact against jax.grad) and the
 Fig. 5 population (vmapped members equal members run one by one)."""
 
@@ -17,7 +17,6 @@ import pytest
 import sgjax
 from experiments import training
 from experiments.__main__ import main
-from experiments.blog import birdseye
 from experiments.dni import fcn, linear, single, sparse, stale, table1, underfit
 from experiments.framework import Cell, CellResult
 
@@ -37,8 +36,6 @@ SMOKE = [
                  id="linear"),
     pytest.param("underfit", ["cifar10-cnn3-bprop"], ["fig13"], {"train_error", "gap"},
                  marks=SLOW, id="underfit"),
-    pytest.param("blog", ["synthetic"], ["blog-accuracy", "blog-heatmaps"],
-                 {"heatmap_cosine", "heatmap_synthetic", "parameters"}, id="blog"),
 ]
 
 
@@ -95,20 +92,6 @@ def test_linear_and_underfit_verdicts():
     assert set(underfit.verdicts(rs).values()) == {"holds"}
     rs[2] = _result("cdni", {**net, "method": "cdni"}, 20.0, train_error=16.0)
     assert underfit.verdicts(rs)["cDNI train error < DNI's"] == "differs"
-
-
-def test_blog_verdicts_and_parameter_counts():
-    counts = birdseye.parameter_counts(birdseye.PRESETS["quick"])
-    assert counts == {"network": 89_610, "sg_ours_activation_grads": 20_200,
-                      "sg_post_parameter_grads": 1_111_000}
-    rs = [_result("backprop", {"method": "backprop"}, 97.0, us_per_step=100.0),
-          _result("stale", {"method": "stale"}, 92.0),
-          _result("synthetic", {"method": "synthetic"}, 91.0, us_per_step=300.0,
-                  heatmap_cosine=0.3, heatmap_sign_agreement=0.6)]
-    v = birdseye.verdicts(rs)
-    assert v["stale ≈ synthetic (|Δacc| ≤ 2)"] == "holds"
-    assert v["heatmaps correspond (cos > 0)"] == "holds"
-    assert v["retracted: SG ≥ 100× slower (ours 3.0×)"] == "differs"
 
 
 # ----------------------------------------------------------------- Fig. 10 gradients
@@ -218,26 +201,3 @@ def test_sparse_claims(dni, cdni, cdni_p02, lead, expected):
 def test_paper_population_has_the_claims_p_values():
     p = sparse.PRESETS["paper"].p_values
     assert {0.05, 0.2} <= set(p) and all(0 < v <= 1 for v in p) and len(p) >= 99
-
-
-@pytest.mark.slow
-def test_blog_stale_split_reuses_gradients():
-    """The blog's stale method: parameters move by the same step for `every` updates."""
-    cfg = birdseye.Config(steps=4, lr=0.1, sg_lr=1e-5, eval_every=4, chunk=4,
-                          hidden=(8, 8), every=3, batch_size=4)
-    split = birdseye.make_split("stale", cfg, (28, 28, 1))
-    sched = sgjax.sync(split)
-    step = jax.jit(sched.step)
-    x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
-    ts = sched.init(jax.random.key(1), x, jnp.arange(4))
-    w = [ts.stages[0].params]
-    for t in range(4):
-        xb = jax.random.uniform(jax.random.key(10 + t), (4, 28, 28, 1))
-        ts, _ = step(ts, xb, jnp.arange(4) + t)
-        w.append(ts.stages[0].params)
-    d = [jax.tree.map(lambda a, b: b - a, w[i], w[i + 1]) for i in range(4)]
-    chex.assert_trees_all_close(d[0], d[1], atol=1e-6)
-    chex.assert_trees_all_close(d[0], d[2], atol=1e-6)
-    with pytest.raises(AssertionError):
-        chex.assert_trees_all_close(d[0], d[3], atol=1e-6)
-    assert isinstance(optax.sgd(0.1), optax.GradientTransformation)
