@@ -256,3 +256,53 @@ def test_baselines_outside_table1_are_not_locked():
 def test_synthetic_needs_a_predictor():
     with pytest.raises(TypeError, match="got 'linear'"):
         F.synthetic("linear")
+
+
+def test_fit_diagnostics_exact():
+    s = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+    t = jnp.array([[6.0, 8.0], [1.0, 0.0]])
+    d = F.fit_diagnostics(s, t)
+    assert set(d) == {"sg_norm", "target_norm", "sg_cosine"}  # no batch norm in the state
+    np.testing.assert_allclose(d["sg_norm"], 2.5)  # (5 + 0) / 2
+    np.testing.assert_allclose(d["target_norm"], 5.5)  # (10 + 1) / 2
+    np.testing.assert_allclose(d["sg_cosine"], 0.5)  # (1 + 0, where SG is zero) / 2
+    d = F.fit_diagnostics(-s, t)
+    np.testing.assert_allclose(d["sg_cosine"], -0.5)
+
+
+def test_fit_diagnostics_read_the_models_batch_norm_statistics():
+    state = {"state": ({}, {"batch_stats": {"mean": jnp.array([-1.0, 3.0]),
+                                            "var": jnp.array([2.0, 4.0])}},
+                       {"batch_stats": {"mean": jnp.array([0.0, 0.0]),
+                                        "var": jnp.array([1.0, 1.0])}})}
+    d = F.fit_diagnostics(jnp.ones((2, 3)), jnp.ones((2, 3)), state)
+    np.testing.assert_allclose(d["sg_bn_mean"], 1.0)  # |−1|, 3, 0, 0
+    np.testing.assert_allclose(d["sg_bn_var"], 2.0)  # 2, 4, 1, 1
+    np.testing.assert_allclose(d["sg_cosine"], 1.0)
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_synthetic_fit_reports_the_used_prediction_against_its_target(batch_norm):
+    """sg_norm/target_norm/sg_cosine compare the prediction used for the batch (before the
+    fit) with the per-example target (example_scale · δ) it is fitted to."""
+    pred = P.mlp((8,), batch_norm=batch_norm)
+    spec = InterfaceSpec(h_shape=(5,), label_shape=(3,), out_shape=(3,), next_shape=(4,),
+                         batch_size=6, optimizer=optax.sgd(0.1), example_scale=6.0)
+    iface = F.synthetic(pred).build(spec)
+    fstate = iface.init(jax.random.key(0))
+    h = jax.random.normal(jax.random.key(1), (6, 5))
+    grad = jax.random.normal(jax.random.key(2), (6, 5))
+    target = F.Target(grad=grad, inputs=h)
+    fstate, info = iface.fit(fstate, target)  # zero-initialised output: SG = 0 first
+    assert float(info["sg_norm"]) == 0.0 and float(info["sg_cosine"]) == 0.0
+    np.testing.assert_allclose(info["target_norm"],
+                               jnp.mean(jnp.linalg.norm(6.0 * grad, axis=-1)), rtol=1e-6)
+    used, _ = pred.apply(fstate.variables, h, None, train=True)
+    _, info = iface.fit(fstate, target)
+    expected = F.fit_diagnostics(used, 6.0 * grad)
+    for name in ("sg_norm", "target_norm", "sg_cosine"):
+        np.testing.assert_allclose(info[name], expected[name], rtol=1e-5)
+    assert float(info["sg_norm"]) > 0
+    assert ("sg_bn_var" in info) == batch_norm
+    _, skipped = iface.fit(fstate, target._replace(valid=jnp.asarray(False)))
+    assert set(skipped) == set(info) and float(skipped["sg_norm"]) == 0.0

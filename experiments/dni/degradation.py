@@ -27,10 +27,11 @@ per-example norms of the synthetic gradient used and of the target it is then fi
 ``sg_cosine_k`` and the SG model's batch-norm running statistics ``sg_bn_var_k``
 (:func:`sgjax.feedback.fit_diagnostics`); at every evaluation a fixed batch of training
 examples gives ``true_cosine_k`` and ``true_norm_k`` (the synthetic gradient against the
-gradient backprop would give there). A cell's metric is its final test error; its
-``metrics`` add ``err_rise`` (the test error averaged over the last ``window``
-evaluations minus the lowest such average: how much it degraded) and ``loss_rise`` (the
-same for the training loss).
+gradient backprop would give there) and ``param_cosine_k`` (the cosine between the
+parameter gradients of the stage below that the two give). A cell's metric is its final
+test error; its ``metrics`` add ``err_rise`` (the test error averaged over the last
+``window`` evaluations minus the lowest such average: how much it degraded) and
+``loss_rise`` (the same for the training loss).
 
 Reproduce with ``python -m experiments run degradation --preset quick``
 (``make reproduce-degradation PRESET=quick``); ``--preset paper`` runs A.1's SG model at
@@ -186,9 +187,17 @@ def true_target_sync(split: sgjax.Split, loss=sgjax.losses.softmax_cross_entropy
 
 def gradient_probe(split: sgjax.Split, predictor: sgjax.Predictor, x: jax.Array,
                    y: jax.Array):
-    """A jitted ``probe(train_state, step) -> {true_cosine_k, true_norm_k}``: on the fixed
-    batch ``(x, y)``, each interface's synthetic gradient against the true gradient (both
-    per example: the true one ×B), with :func:`sgjax.metrics.cosine_similarity`."""
+    """A jitted ``probe(train_state, step) -> {true_cosine_k, true_norm_k, param_cosine_k}``:
+    on the fixed batch ``(x, y)``, each interface's synthetic gradient against the true
+    gradient (both per example: the true one ×B), with
+    :func:`sgjax.metrics.cosine_similarity`; and the cosine between the parameter
+    gradients of the stage below the interface that the two give (what its update
+    follows: batch norm's backward pass discards the parts of an activation gradient that
+    are constant over the batch, so two activation gradients can disagree per example and
+    still move the parameters alike)."""
+
+    def flat(tree):
+        return jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(tree)])
 
     @jax.jit
     def measure(stages):
@@ -202,6 +211,11 @@ def gradient_probe(split: sgjax.Split, predictor: sgjax.Predictor, x: jax.Array,
             t = x.shape[0] * true[k + 1]
             out[f"true_cosine_{k}"] = sgjax.metrics.cosine_similarity(s, t)
             out[f"true_norm_{k}"] = jnp.mean(jnp.linalg.norm(t.reshape(t.shape[0], -1), axis=-1))
+            _, vjp = jax.vjp(lambda p, k=k: split.stages[k].forward(
+                stages[k]._replace(params=p), hs[k]), stages[k].params)
+            g_s, g_t = flat(vjp(s)), flat(vjp(t))
+            out[f"param_cosine_{k}"] = jnp.vdot(g_s, g_t) / jnp.maximum(
+                jnp.linalg.norm(g_s) * jnp.linalg.norm(g_t), 1e-30)
         return out
 
     return lambda ts, step: measure(ts.stages)
@@ -338,20 +352,31 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
             if s is not None and t is not None:
                 axes[1, 0].plot(s.step, s.value / np.maximum(t.value, 1e-30), color=cmap[k],
                                 label=f"interface {k}")
-            for ax, name in ((axes[1, 1], "sg_cosine"), (axes[1, 2], "true_cosine")):
+            true = base.curves.get(f"true_norm_{k}")
+            if t is not None and true is not None:
+                n = min(len(t.step), len(true.step))
+                axes[1, 0].plot(true.step[:n], t.value[:n] / np.maximum(true.value[:n], 1e-30),
+                                color=cmap[k], ls="--", lw=0.9)
+            for ax, name, ls in ((axes[1, 1], "sg_cosine", "-"), (axes[1, 1], "true_cosine", "--"),
+                                 (axes[1, 2], "param_cosine", "-")):
                 c = base.curves.get(f"{name}_{k}")
                 if c is not None:
-                    ax.plot(*c, color=cmap[k], label=f"interface {k}")
-        oracle = by.get("dni-true-target")
-        if oracle is not None:
-            for k in range(k_max):
-                c = oracle.curves.get(f"true_cosine_{k}")
+                    ax.plot(*c, color=cmap[k], ls=ls, label=f"interface {k}" if ls == "-" else None)
+        for other, ls in (("dni-true-target", ":"), ("cdni", "-.")):
+            r = by.get(other)
+            for k in range(k_max if r is not None else 0):
+                c = r.curves.get(f"param_cosine_{k}")
                 if c is not None:
-                    axes[1, 2].plot(*c, color=cmap[k], ls=":", lw=0.9)
-        axes[1, 0].set_ylabel("‖SG‖ / ‖target‖ (baseline DNI)")
+                    axes[1, 2].plot(*c, color=cmap[k], ls=ls, lw=0.9)
+        axes[1, 0].set_ylabel("‖SG‖ / ‖target‖ (solid),\n‖target‖ / ‖true gradient‖ (dashed)")
         axes[1, 0].axhline(1.0, color="k", lw=0.6)
-        axes[1, 1].set_ylabel("cos(SG, bootstrapped target)")
-        axes[1, 2].set_ylabel("cos(SG, true gradient)\n(dotted: dni-true-target)")
+        axes[1, 0].set_yscale("log")
+        axes[1, 1].set_ylabel("cos(SG, bootstrapped target) (solid),\n"
+                              "cos(SG, true gradient) (dashed)")
+        axes[1, 1].axhline(0.0, color="k", lw=0.6)
+        axes[1, 2].set_ylabel("cos of the stage's parameter gradients, SG vs true\n"
+                              "(solid: dni, dotted: dni-true-target, dash-dot: cdni)")
+        axes[1, 2].axhline(0.0, color="k", lw=0.6)
         for ax in axes[1]:
             ax.legend(fontsize="xx-small")
     for ax in axes.ravel():
