@@ -73,3 +73,15 @@ def test_verdicts_name_the_best_learning_rate_at_one_budget():
     v = B.verdicts([_result(3, 5_000, 3.0), _result(3, 5_000, 2.5, lr=1e-4)])
     assert v == {"3 layers, 5k steps: learning rate":
                  "best Adam 0.0001 (0.0001: 2.50 %, 0.0003: 3.00 %; paper 1.9 after 500k)"}
+
+
+def test_claims_read_every_cell_and_each_budget_pair():
+    claims = {c.id: c for c in B.claims("quick")}
+    for cell in B.cells("quick"):
+        assert claims[cell.id].kind == "near" and claims[cell.id].paper == cell.paper
+    closes = claims["fcn6-lr3e-04-closes-with-budget"]
+    assert closes.kind == "less"
+    assert closes.cells == ("mnist-fcn6-dni-10000-lr3e-04", "mnist-fcn6-dni-5000-lr3e-04")
+    assert "reports/degradation" in closes.cause
+    assert "fcn3-lr1e-03-closes-with-budget" not in claims  # one budget: nothing to compare
+    assert len([c for c in B.claims("paper") if c.kind == "less"]) == 4

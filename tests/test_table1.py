@@ -264,3 +264,28 @@ def test_paper_preset_cell_resumes_after_a_kill_with_identical_numbers(tmp_path,
     assert resumed["metric"] == whole["metric"]
     assert resumed["curves"] == whole["curves"]
     assert resumed["metrics"]["train_error"] == whole["metrics"]["train_error"]
+
+
+@pytest.mark.parametrize("paper, tol", [(1.6, 0.5), (4.3, 0.5), (9.3, 0.93), (43.5, 4.35)])
+def test_claim_tolerance(paper, tol):
+    assert T1.tolerance(paper) == tol
+
+
+def test_every_cell_is_claimed_at_the_papers_number():
+    claims = {c.id: c for c in T1.claims("quick")}
+    assert set(claims) == {c.id for c in T1.all_cells()}
+    for cell in T1.all_cells():
+        claim = claims[cell.id]
+        assert claim.kind == "near" and claim.cells == (cell.id,)
+        assert claim.paper == cell.paper and claim.tolerance == T1.tolerance(cell.paper)
+    assert claims["mnist-fcn6-dni"].cause and "reports/degradation" in claims[
+        "mnist-fcn6-dni"].cause
+    assert claims["mnist-fcn6-stale"].words == T1.STALE_WORDS
+    assert not claims["mnist-fcn6-cdni"].cause  # holds at quick: no cause to give
+
+
+def test_docstring_carries_no_result_numbers():
+    import re
+    # the paper's own numbers (No Bprop's 9.3 → 21.4 %) may be quoted; ours may not
+    found = set(re.findall(r"\d+\.\d+ %", T1.__doc__)) - {"21.4 %"}
+    assert not found, found
