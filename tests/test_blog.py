@@ -18,6 +18,7 @@ import sgjax
 from experiments.__main__ import main
 from experiments.blog import birdseye
 from experiments.blog import weight_gradients as wg
+from experiments.framework import CellResult, verdicts
 
 SIZES = (12, 6, 4)  # D, H, K: small enough for float64 references
 B = 5
@@ -255,6 +256,26 @@ def test_cells_and_claims():
     quick = birdseye.PRESETS["quick"].post
     assert (quick.steps, quick.lr, quick.sg_lr, quick.batch_size, quick.hidden,
             quick.every) == (7_500, 2e-2, 1e-4, 10, 100, 10)
+
+
+def _result(cell_id, metric, **metrics):
+    cell = next(c for c in birdseye.cells("quick") if c.id == cell_id)
+    return CellResult(cell, metric, metrics, {}, 0, 0.0, {})
+
+
+@pytest.mark.parametrize("synthetic,stale,even", [
+    (89.9, 90.0, ("holds", "holds")), (91.5, 90.0, ("holds", "holds")),
+    (92.5, 90.0, ("differs", "holds")), (87.5, 90.0, ("holds", "differs"))])
+def test_evenly_matched_reads_both_directions(synthetic, stale, even):
+    """"Evenly matched" holds when the accuracies are within EVEN points either way."""
+    found = {"post-synthetic": _result("post-synthetic", synthetic,
+                                       cosine_distance_target_W2=0.7,
+                                       cosine_distance_same_batch=1.1),
+             "post-stale": _result("post-stale", stale)}
+    v = {x.claim.id: x.status for x in verdicts.check_all(birdseye.EXPERIMENT, "quick", found)}
+    assert (v["post-even-synthetic"], v["post-even-stale"]) == even
+    assert v["post-heatmap-target"] == "holds" and v["post-heatmap-same-batch"] == "differs"
+    assert v["post-stale-caption"] == "holds" and v["post-runtime-retracted"] == "not run"
 
 
 def test_edit_parameter_counts():
