@@ -25,9 +25,9 @@ One training step on chunk ``k`` (Fig. 4), all in one pure, jittable function:
 DNI + Aux (§2.2, Fig. 3 (b)): an extra linear head on the LSTM output predicts, at every
 step ``t``, the synthetic gradient the predictor produces ``T`` steps later, per example
 (zero when an episode reset lies in between, since no gradient crosses a reset): by
-default the model's output ``M(s_{t+T})`` itself (§3.2: "predicts the output of the
-synthetic gradient model ``T`` steps in the future"), or with ``aux_target="consumed"``
-the synthetic gradient as consumed, ``α M(s_{t+T})``. Its target for the steps of
+default the synthetic gradient as consumed, ``α M(s_{t+T})``, or with
+``aux_target="model"`` the model's output ``M(s_{t+T})`` itself (§3.2: "predicts the output
+of the synthetic gradient model ``T`` steps in the future"). Its target for the steps of
 chunk ``k − 1`` exists only once chunk ``k`` has run, so step ``k`` re-runs chunk
 ``k − 1`` from its stored start carry (again a constant) and backpropagates the
 auxiliary loss ``Σ_t mean_b ||â_t − target_t||²`` (weight 1, A.3) through it. The cost
@@ -337,8 +337,8 @@ def truncated_bptt(
     aux_weight: float = 1.0,
     sg_into_core: bool = False,
     sg_optimizer: optax.GradientTransformation | None = None,
-    bootstrap: str = "unscaled",
-    aux_target: str = "model",
+    bootstrap: str = "consumed",
+    aux_target: str = "consumed",
 ) -> Trainer:
     """Truncated BPTT over chunks of ``T`` steps with ``feedback`` at every boundary.
 
@@ -359,26 +359,27 @@ def truncated_bptt(
     ``bootstrap`` says which synthetic gradient at ``s_k`` enters the bootstrapped
     target ``δ_{k-1}`` (Fig. 4):
 
-    * ``"unscaled"`` (default): the model's own prediction ``M(s_k)`` (``feedback.scale``
-      divided out), so that ``M`` regresses ``∂L_k/∂s_{k-1} + J_k^T M(s_k)``, whose
-      fixed point is eq. (3)'s undiscounted ``δ_T = Σ_{τ>T} ∂L_τ/∂h_T``; only the
-      parameter update uses ``α M`` (A.3: the synthetic gradient "is scaled by a factor
-      of 0.1 when consumed by the model"). One extra backward pass of the carry's
-      cotangent through the chunk (the parameter cotangents of that pass are unused).
-    * ``"consumed"``: the one the parameter update consumed, ``α M(s_k)`` for
+    * ``"consumed"`` (default): the one the parameter update consumed, ``α M(s_k)`` for
       ``scaled(synthetic(...), α)``. Then ``M`` regresses
       ``∂L_k/∂s_{k-1} + α J_k^T M(s_k)``: its fixed point discounts the gradient from
       ``j`` chunks ahead by ``α^j``, a horizon of about one chunk for A.3's ``α = 0.1``.
+    * ``"unscaled"``: the model's own prediction ``M(s_k)`` (``feedback.scale`` divided
+      out), so that ``M`` regresses ``∂L_k/∂s_{k-1} + J_k^T M(s_k)``, whose fixed point is
+      eq. (3)'s undiscounted ``δ_T = Σ_{τ>T} ∂L_τ/∂h_T``; only the parameter update uses
+      ``α M`` (A.3: the synthetic gradient "is scaled by a factor of 0.1 when consumed by
+      the model"). One extra backward pass of the carry's cotangent through the chunk
+      (the parameter cotangents of that pass are unused).
 
     ``aux_target`` says what the DNI + Aux head regresses at step ``t`` (Fig. 3 (b)):
 
-    * ``"model"`` (default): the synthetic gradient model's output ``M(s_{t+T})``, as
-      §3.2 words it ("an auxiliary task which predicts the output of the synthetic
-      gradient model ``T`` steps in the future");
-    * ``"consumed"``: ``α M(s_{t+T})``, the synthetic gradient as consumed; at A.3's Aux
-      weight of 1 this auxiliary loss is ``α²`` (100×) smaller than ``"model"``'s.
+    * ``"consumed"`` (default): ``α M(s_{t+T})``, the synthetic gradient as consumed;
+    * ``"model"``: the synthetic gradient model's output ``M(s_{t+T})``, as §3.2 words it
+      ("an auxiliary task which predicts the output of the synthetic gradient model ``T``
+      steps in the future"); at A.3's Aux weight of 1 this auxiliary loss is ``1/α²``
+      (100×) larger than ``"consumed"``'s.
 
-    Why these defaults: see the end of this docstring (TBD after the comparison).
+    Why these defaults, although ``"unscaled"`` and ``"model"`` are the paper's words:
+    (being measured)
     """
     _check_T(T)
     if bootstrap not in ("consumed", "unscaled"):

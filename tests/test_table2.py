@@ -30,19 +30,41 @@ def test_cells_and_paper_numbers():
 
 
 def test_readings_are_cells_and_trainer_options():
-    assert T2.DEFAULT_READING == "paper"
+    assert T2.DEFAULT_READING == "consumed"
     assert T2.READINGS["paper"] == {"bootstrap": "unscaled", "aux_target": "model"}
     quick = {c.id: c for c in T2.cells("quick")}
-    assert len(quick) == 41 + len(T2.READING_CELLS)
-    assert quick["copy-dni-T2"].params["reading"] == "paper"
+    assert len(quick) == 41 + 8 + 4
+    # the default reading is the one records made before readings existed used: no param
+    assert quick["copy-dni-T2"].params == {"task": "copy", "method": "dni", "T": 2}
     assert "reading" not in quick["copy-bptt-T2"].params  # BPTT has no synthetic gradient
-    other = quick["ptb-dniaux-T5-consumed"]
-    assert other.params["reading"] == "consumed" and other.paper == 1.35
-    assert other.column == "DNI + Aux T=5 (consumed reading)"
+    other = quick["ptb-dniaux-T5-paper"]
+    assert other.params["reading"] == "paper" and other.paper == 1.35
+    assert other.column == "DNI + Aux T=5 (paper reading)"
+    assert quick["copy-dniaux-T3-aux-model"].params["reading"] == "aux-model"
+    assert "copy-dni-T3-aux-model" not in quick  # no Aux head: the same as consumed
     assert len(T2.cells("smoke")) == 41
     assert [c.id for c in T2.cells("long")] == ["copy-bptt-T2", "copy-dni-T2", "copy-dniaux-T2"]
     with pytest.raises(ValueError, match="unknown reading"):
         T2.make_cell("copy", "dni", 2, "scaled")
+
+
+def test_claims_numbers_orderings_and_tolerances():
+    quick = {c.id: c for c in T2.claims("quick")}
+    assert len([c for c in quick.values() if c.kind == "near"]) == 41  # one per Table 2 cell
+    # tolerance: one curriculum level either side (Copy N ± 1; Repeat Copy 59 = N 8, R 7,
+    # between 51 = N 8, R 6 and 67 = N 8, R 8) and 0.03 BPC
+    assert quick["copy-dni-T2-t-task"].tolerance == 1.0
+    assert quick["repeatcopy-dni-T5-t-task"].tolerance == 8.0
+    assert quick["repeatcopy-bptt-T3-t-task"].paper == 5
+    assert quick["ptb-bptt-T2-bpc"].tolerance == 0.03
+    # T_task is higher-is-better: the better cell is the "higher" one of less()
+    above = quick["copy-dni-above-bptt-T2"]
+    assert above.cells == ("copy-bptt-T2", "copy-dni-T2") and above.tolerance == 1.0
+    assert quick["ptb-dniaux-T5-reaches-bptt-T20"].cells == ("ptb-dniaux-T5", "ptb-bptt-T20")
+    long = T2.claims("long")
+    assert {cid for c in long for cid in c.cells} <= set(T2.LONG_CELLS)
+    assert {c.id for c in long} >= {"copy-dni-above-bptt-T2", "copy-dniaux-above-bptt-T2"}
+    assert T2.EXPERIMENT.claims_for("quick") == tuple(quick.values())
 
 
 def test_curriculum_gives_table2_values():
