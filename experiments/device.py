@@ -57,26 +57,26 @@ from experiments.framework.store import REPO_ROOT, is_partial, load_record
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One entry of the priority list: ``python -m experiments run <experiment> --only
-    <only> --jobs <jobs>``, given ``weight`` shares of the time left when it starts."""
+    <only> --jobs <jobs>`` (``jobs=None``: all its cells at once), given ``weight`` shares
+    of the time left when it starts."""
 
     name: str
     experiment: str
     only: tuple[str, ...] = ()
-    jobs: int = 1
+    jobs: int | None = None
     weight: float = 1.0
     why: str = ""
 
 
 PLAN: tuple[Step, ...] = (
-    Step("table1-mnist-fcn", "table1", ("mnist-fcn*-dni", "mnist-fcn*"), jobs=20, weight=5.0,
-         why="Table 1's MNIST FCN block, 20 cells at once; the A.1 DNI cells (the slowest, "
-             "~7 min alone on an H200) start first"),
-    Step("unlock-fcn4", "unlock", ("fcn4-*",), jobs=4, weight=1.5,
+    Step("table1-mnist-fcn", "table1", ("mnist-fcn*-dni", "mnist-fcn*"), weight=5.0,
+         why="Table 1's MNIST FCN block, its 20 cells at once; the A.1 DNI cells (the "
+             "slowest, ~7 min alone on an H200) start first"),
+    Step("unlock-fcn4", "unlock", ("fcn4-*",), weight=1.5,
          why="Fig. 5's own 4-layer network: DNI and cDNI, forward-locked and unlocked"),
-    Step("sparse", "sparse", (), jobs=2, weight=1.0, why="Fig. 5 left: sparse updates"),
-    Step("table2-ptb", "table2", ("ptb-*",), jobs=17, weight=1.5,
-         why="Table 2's Penn Treebank cells"),
-    Step("table2-copy-T2", "table2", ("copy-bptt-T2", "copy-dni-T2"), jobs=2, weight=0.5,
+    Step("sparse", "sparse", (), weight=1.0, why="Fig. 5 left: sparse updates"),
+    Step("table2-ptb", "table2", ("ptb-*",), weight=1.5, why="Table 2's Penn Treebank cells"),
+    Step("table2-copy-T2", "table2", ("copy-bptt-T2", "copy-dni-T2"), weight=0.5,
          why="Copy at T = 2, BPTT vs DNI, with what remains"),
 )
 """The priority list, in order."""
@@ -245,6 +245,14 @@ def _stream(proc: subprocess.Popen, log: _Log) -> threading.Thread:
     return thread
 
 
+def step_cells(step: Step, preset: str) -> tuple:
+    """The cells ``step`` runs at ``preset`` (:class:`UsageError` if there are none)."""
+    from experiments import registry
+    from experiments.framework.running import select_cells
+
+    return select_cells(registry.get(step.experiment), preset, step.only)
+
+
 def step_command(step: Step, preset: str, results: Path, jobs: int, limit_s: float
                  ) -> list[str]:
     """The ``python -m experiments run`` command of ``step``."""
@@ -288,10 +296,18 @@ def run_plan(out: str | os.PathLike, *, preset: str = "paper", budget_min: float
     for i, step in enumerate(plan):
         left = end - time.monotonic() - RESERVE_S
         limit = step_limit(plan, i, left)
-        jobs = step.jobs if max_jobs is None else min(step.jobs, max_jobs)
         entry = {"step": step.name, "experiment": step.experiment, "only": list(step.only),
-                 "jobs": jobs, "time_limit_s": round(limit, 1)}
+                 "time_limit_s": round(limit, 1)}
         summary["steps"].append(entry)
+        try:
+            cells = len(step_cells(step, preset))
+        except (UsageError, ImportError) as e:
+            entry.update(status=f"not run ({e})", error=str(e))
+            log(f"[device] {step.name}: not run: {e}")
+            write_summary()
+            continue
+        jobs = min(step.jobs or cells, max_jobs or cells, cells)
+        entry["cells"], entry["jobs"] = cells, jobs
         run_s = limit - STEP_OVERHEAD_S
         if run_s < max(min_step_s, 1.0):
             entry["status"] = "not run (no time left)"
@@ -367,7 +383,8 @@ def main_run(args) -> int:
     summary = run_plan(args.out, preset=preset, budget_min=budget, max_jobs=max_jobs,
                        plan=steps, results=args.results or "results",
                        min_step_s=0.0 if dry else MIN_STEP_S)
-    failed = [s["step"] for s in summary["steps"] if s.get("returncode") not in (None, 0)]
+    failed = [s["step"] for s in summary["steps"]
+              if s.get("returncode") not in (None, 0) or "error" in s]
     return 1 if failed else 0
 
 
