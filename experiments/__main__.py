@@ -277,7 +277,7 @@ def _cell(reg: registry.Registry, args: argparse.Namespace) -> int:
                                      fresh=args.fresh,
                                      checkpoint_interval_s=args.checkpoint_interval,
                                      limits=limits))
-    return running.TIME_LIMIT_EXIT if status == "partial" else 0
+    return running.TIME_LIMIT_EXIT if status in ("partial", "not_run") else 0
 
 
 def _report(reg: registry.Registry, args: argparse.Namespace) -> int:

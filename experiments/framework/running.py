@@ -343,8 +343,9 @@ def run_one_cell(exp: Experiment, preset: str, cell: Cell, *, out: str | os.Path
                  checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S,
                  limits: Deadlines | None = None, echo: bool = True) -> str:
     """Run (or skip) one cell in this process and store its record; no reports. Returns
-    ``"ran"``, ``"skipped"`` (finished earlier) or ``"partial"`` (time limit). What a
-    worker process of :func:`run_cells` does."""
+    ``"ran"``, ``"skipped"`` (finished earlier), ``"partial"`` (stopped at the time limit)
+    or ``"not_run"`` (stopped before its first evaluation). What a worker process of
+    :func:`run_cells` does."""
     out_dir = check_out_dir(out) / exp.name / preset
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if echo else (lambda msg: None)
     return _run_or_skip(exp, preset, cell, exp.presets[preset], seed, out_dir, fresh,
@@ -367,8 +368,12 @@ def _run_or_skip(exp, preset, cell, config, seed, out_dir, fresh, interval, log,
         record = _run_one(exp, preset, cell, config, seed, identity, out_dir, ckpt_dir,
                           interval, limits)
     except TimeLimitReached as e:
-        at = "before its first evaluation" if not e.step else f"at step {e.step}"
-        log(f"{tag}: stopped {at} at the time limit (record partial; rerun to resume)")
+        record = load_record(out_dir / "cells" / f"{cell.id}.json")
+        if not e.step or record is None or not is_partial(record):
+            log(f"{tag}: stopped before its first evaluation at the time limit (not run)")
+            return "not_run"
+        log(f"{tag}: stopped at step {e.step} at the time limit (record partial; rerun to "
+            "resume)")
         return "partial"
     atomic_write(out_dir / "cells" / f"{cell.id}.json",
                  lambda f: json.dump(record, f, indent=1))
