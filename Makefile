@@ -62,7 +62,7 @@ reports:  ## copy the finished quick runs under OUT into reports/ (no rerun)
 
 device-paper:  ## accelerator lease: paper-protocol priority list in ~9 min, <= 8 files into OUT (PRESET=smoke: dry run here)
 	@test -n "$(OUT)" -a "$(OUT)" != results || { echo "error: give the device's output folder: make device-paper OUT=\$$OUT" >&2; exit 2; }
-	PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m experiments device $(OUT) --preset $(DEVICE_PRESET)
+	XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$(CURDIR) $(DEVICE_PY) -m experiments device $(OUT) --preset $(DEVICE_PRESET)
 
 device-import:  ## unpack what device-paper wrote (FILES=<dir>) into results/, publish reports/NAME/paper/
 	@test -n "$(FILES)" || { echo "error: give the folder the device's files came back to: make device-import FILES=<dir>" >&2; exit 2; }

@@ -316,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage errors (already printed)
         return int(e.code or 0)
+    if args.command in ("device", "import-device") or (
+            args.command == "run" and str(args.jobs).strip() != "1"):
+        # A parent of worker processes must not take the accelerator's memory: importing
+        # the experiments may already start JAX's backend (a module-level array).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         reg = registry.discover()
         if args.command == "list":

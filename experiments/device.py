@@ -92,7 +92,7 @@ PACK_EVERY_S = 20.0
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
 LOG_TAIL_BYTES = 256 * 1024  # of each worker log packed
-CHECKPOINT_INTERVAL_S = 30.0
+CHECKPOINT_INTERVAL_S = 60.0  # checkpoints stay on the device: only for a rerun there
 LOG_NAME, SUMMARY_NAME = "device.log", "device.json"
 
 
