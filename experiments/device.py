@@ -179,8 +179,10 @@ MEMBER = re.compile(r"^([A-Za-z0-9][\w.-]*)/([A-Za-z0-9][\w.-]*)/(cells|logs)/"
 def unpack(archive: Path, results: Path, known: Callable[[str, str], bool]
            ) -> dict[tuple[str, str], dict[str, int]]:
     """Unpack a :func:`pack` archive into ``results``; ``known(experiment, preset)`` says
-    which runs may be unpacked. A local finished record is never replaced by an incoming
-    partial one. Returns ``{(experiment, preset): {"finished": n, "partial": n}}``."""
+    which runs may be unpacked. A local record of the same config is kept where it went
+    further: a finished one over an incoming partial one, a partial one that reached a
+    later step over an incoming partial one (another lease's shorter run). Returns
+    ``{(experiment, preset): {"finished": n, "partial": n}}`` of the records taken."""
     found: dict[tuple[str, str], dict[str, int]] = {}
     try:
         tar = tarfile.open(archive, mode="r:gz")
@@ -205,13 +207,21 @@ def unpack(archive: Path, results: Path, known: Callable[[str, str], bool]
                     record = json.loads(data)
                 except ValueError as e:
                     raise UsageError(f"{archive}: {member.name} is not JSON ({e})") from e
-                local = load_record(dest)
-                if is_partial(record) and local is not None and not is_partial(local) \
-                        and local.get("config") == record.get("config"):
+                if not _replaces(record, load_record(dest)):
                     continue
                 counts["partial" if is_partial(record) else "finished"] += 1
             atomic_write(dest, lambda f, d=data: f.write(d), binary=True)
     return found
+
+
+def _replaces(incoming: dict, local: dict | None) -> bool:
+    """Whether an incoming record should replace the local one (see :func:`unpack`)."""
+    if local is None or not is_partial(incoming) or local.get("config") != incoming.get(
+            "config") or local.get("params") != incoming.get("params"):
+        return True
+    if not is_partial(local):
+        return False
+    return (incoming.get("last_step") or 0) >= (local.get("last_step") or 0)
 
 
 # --------------------------------------------------------------------------- running

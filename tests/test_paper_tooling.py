@@ -277,3 +277,23 @@ def test_import_refuses_archives_with_unexpected_members(tmp_path, capsys):
     assert main(["import-device", str(bad), "--results", str(tmp_path / "r")]) == 2
     assert "unexpected member" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "evil.json").exists()
+
+
+def test_import_keeps_the_local_record_that_went_further(tmp_path):
+    base = {"config": {"steps": 100}, "params": {"target": 1.0}, "seed": 0}
+    cells = tmp_path / "run" / "toypaper" / "paper" / "cells"
+    cells.mkdir(parents=True)
+    home = tmp_path / "home" / "toypaper" / "paper" / "cells"
+    home.mkdir(parents=True)
+    for cell, local, incoming in [
+            ("a-x", {"partial": True, "last_step": 80}, {"partial": True, "last_step": 40}),
+            ("a-y", {"metric": 1.0}, {"partial": True, "last_step": 90}),
+            ("b-x", {"partial": True, "last_step": 10}, {"partial": True, "last_step": 20})]:
+        (home / f"{cell}.json").write_text(json.dumps({**base, **local}))
+        (cells / f"{cell}.json").write_text(json.dumps({**base, **incoming}))
+    archive = device.pack(tmp_path / "run", "toypaper", "paper", tmp_path)
+    found = device.unpack(archive, tmp_path / "home", lambda name, preset: True)
+    assert found == {("toypaper", "paper"): {"finished": 0, "partial": 1}}
+    kept = {c: json.loads((home / f"{c}.json").read_text()) for c in ("a-x", "a-y", "b-x")}
+    assert kept["a-x"]["last_step"] == 80 and kept["a-y"]["metric"] == 1.0
+    assert kept["b-x"]["last_step"] == 20
