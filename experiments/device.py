@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.data import DATA_DIR_ENV
 from experiments.framework.checkpoints import atomic_write
 from experiments.framework.declare import PRESETS, UsageError
 from experiments.framework.running import check_jobs, check_out_dir, check_time_limit
@@ -94,6 +95,7 @@ MAX_FILE_BYTES = 16 * 2**20
 LOG_TAIL_BYTES = 256 * 1024  # of each worker log packed
 CHECKPOINT_INTERVAL_S = 60.0  # checkpoints stay on the device: only for a rerun there
 LOG_NAME, SUMMARY_NAME = "device.log", "device.json"
+DEVICE_DATA = ".device-data"  # the datasets copied into the checkout by `make device-data`
 
 
 def check_plan(plan: Sequence[Step]) -> None:
@@ -290,10 +292,12 @@ def run_plan(out: str | os.PathLike, *, preset: str = "paper", budget_min: float
         [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]))
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     env["PYTHONUNBUFFERED"] = "1"
+    if not env.get(DATA_DIR_ENV) and (REPO_ROOT / DEVICE_DATA / "mnist").is_dir():
+        env[DATA_DIR_ENV] = str(REPO_ROOT / DEVICE_DATA)  # carried with the checkout
     summary: dict[str, Any] = {
         "preset": preset, "budget_s": 60 * budget_min, "started": _now(),
-        "accelerator": describe_accelerator(), "python": sys.executable, "steps": [],
-        "files": [],
+        "accelerator": describe_accelerator(), "python": sys.executable,
+        "data_dir": env.get(DATA_DIR_ENV), "steps": [], "files": [],
     }
 
     def write_summary():
