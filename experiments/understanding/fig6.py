@@ -44,7 +44,7 @@ from experiments import training
 from experiments.framework import Cell, Claim, Experiment
 from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
-X = jnp.array([-2.0, -1.0, 1.0, 2.0])
+X = np.array([-2.0, -1.0, 1.0, 2.0], np.float32)  # numpy: importing must not start a JAX backend
 SHOWCASE = (1.0, 1.5)
 """The starting point drawn in the right-hand panels: outside the cone ``|b| < |a|``."""
 
