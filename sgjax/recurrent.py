@@ -378,8 +378,16 @@ def truncated_bptt(
       steps in the future"); at A.3's Aux weight of 1 this auxiliary loss is ``1/α²``
       (100×) larger than ``"consumed"``'s.
 
-    Why these defaults, although ``"unscaled"`` and ``"model"`` are the paper's words:
-    (being measured)
+    Why these defaults, although ``"unscaled"`` and ``"model"`` are the paper's words
+    (eq. 3's ``δ_T`` is undiscounted, A.3 scales by 0.1 "when consumed", §3.2's Aux task
+    predicts the model's output): in DNI Table 2's ``quick`` runs on Copy and Penn Treebank
+    the paper's reading did worse than the consumed one in every cell where both ran, and
+    ``"model"`` alone (with the consumed bootstrap) did worse on Copy and no better on PTB
+    (``experiments/dni/table2.py``'s ``-paper`` and ``-aux-model`` cells, beside the Table 2
+    cells in ``reports/table2/table.md``). ×0.1 per chunk in the bootstrapped target is a
+    discount (a horizon of about one chunk); without it, on PTB's unending stream, the
+    synthetic gradient blew up in the first hundred iterations and the LSTM did not recover
+    within the run. The paper's own numbers may rest on either reading.
     """
     _check_T(T)
     if bootstrap not in ("consumed", "unscaled"):
