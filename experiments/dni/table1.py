@@ -480,7 +480,9 @@ DNI_CAUSE = (
     "(paper 500k of 3e-5); at 3 layers the gap closes with steps (reports/table1-budget), "
     "while 6-layer DNI gets worse with training at a constant learning rate, also on the "
     "paper protocol (reports/degradation: {mechanism})")
-MECHANISM = "mechanism under test"
+MECHANISM = ("bootstrapped targets compound the unconditioned SG models' errors until the "
+             "lowest layers are driven against descent; fitting every SG to the true "
+             "gradient removes the rise")
 """One clause naming the mechanism :mod:`experiments.dni.degradation` measured."""
 NOBPROP_CAUSE = ("not investigated: quick trains the classifier on the frozen random "
                  "features for 5k steps (paper 500k); reports/table1/table.md")
