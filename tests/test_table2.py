@@ -118,7 +118,7 @@ def test_ptb_streams_and_missing_data(tmp_path):
 
 
 def _result(cid, T, bpc, seconds):
-    cell = next(c for c in T2.all_cells() if c.id == cid)
+    cell = next(c for c in T2.cells("quick") if c.id == cid)
     steps = np.array([10, 20, 30])
     return CellResult(cell, bpc[-1], {}, {"valid_bpc": Curve(steps, np.array(bpc)),
                                           "seconds": Curve(steps, np.array(seconds))},
@@ -142,6 +142,18 @@ def test_headline_samples_and_seconds_to_target():
     assert h["common"]["target_bpc"] == 1.8 and h["common"]["bptt_T20"]["iterations"] == 20
     assert "not reached" in T2.headline_markdown([slow, b])
     assert T2.headline([a]) is None
+
+
+def test_table2_figures_show_the_default_reading_and_readings_png_compares():
+    pytest.importorskip("matplotlib")
+    consumed = _result("ptb-dni-T3", 3, [3.0, 2.8, 2.6], [1.0, 2.0, 3.0])
+    paper = _result("ptb-dni-T3-paper", 3, [4.0, 3.6, 3.4], [1.0, 2.0, 3.0])
+    figs = T2.figures([consumed, paper], T2.QUICK)
+    top = figs["fig14"].axes[0]
+    assert [line.get_label() for line in top.lines] == ["DNI T=3 (2.600)"]
+    labels = [line.get_label() for line in figs["readings"].axes[2].lines]
+    assert labels == ["DNI T=3 consumed (2.600)", "DNI T=3 paper (3.400)"]
+    assert "readings" not in T2.figures([consumed], T2.QUICK)
 
 
 @pytest.mark.usefixtures("monkeypatch")

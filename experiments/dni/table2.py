@@ -489,7 +489,7 @@ READING_EVIDENCE = (
     "one or two levels and on PTB by about 0.6 to 1 BPC (on PTB the undiscounted target let "
     "the synthetic gradient blow up in the first 100 iterations), and the Aux target alone "
     "worse on Copy and mixed on PTB (the *-paper and *-aux-model cells beside the Table 2 "
-    "cells in reports/table2/table.md)")
+    "cells in reports/table2/table.md and readings.png)")
 COPY_BUDGET = (
     "budget: quick trains 2k of the paper's 2.5M iterations (Adam 1e-3, paper 7e-5), where "
     "every method is still on the curriculum's first levels (reports/table2/fig15.png); the "
@@ -578,15 +578,26 @@ def _samples(r: CellResult, steps) -> np.ndarray:
     return np.asarray(steps, float) * r.cell.params["T"] * _batch(r)
 
 
-def _progress_axes(ax, results, task, methods, title):
+def _reading(r: CellResult) -> str:
+    return r.cell.params.get("reading", "consumed")
+
+
+_READING_LINES = {"consumed": "-", "paper": ":", "aux-model": "--"}
+
+
+def _progress_axes(ax, results, task, methods, title, readings=(DEFAULT_READING,)):
     for r in results:
         p = r.cell.params
-        if p["task"] != task or p["method"] not in methods or "t_task" not in r.curves:
+        if (p["task"] != task or p["method"] not in methods or "t_task" not in r.curves
+                or _reading(r) not in readings):
             continue
         steps, values = r.curves["t_task"]
+        many = len(readings) > 1
         ax.step(_samples(r, steps), np.maximum.accumulate(values), where="post",
-                color=_COLOURS[p["T"]], ls=_LINES[p["method"]],
-                label=f"{COLUMNS[p['method']]} T={p['T']}")
+                color=_COLOURS[p["T"]],
+                ls=_READING_LINES[_reading(r)] if many else _LINES[p["method"]],
+                label=f"{COLUMNS[p['method']]} T={p['T']}"
+                + (f" {_reading(r)} ({r.metric:g})" if many else ""))
     ax.set_xlabel("samples (time steps × batch)")
     ax.set_ylabel("T_task solved")
     ax.set_title(title, fontsize="medium")
@@ -594,12 +605,18 @@ def _progress_axes(ax, results, task, methods, title):
         ax.legend(fontsize="x-small")
 
 
-def _bpc_axes(ax, results, methods, title):
+def _bpc_axes(ax, results, methods, title, readings=(DEFAULT_READING,)):
     for r in results:
         p = r.cell.params
-        if p["task"] != "ptb" or p["method"] not in methods or "valid_bpc" not in r.curves:
+        if (p["task"] != "ptb" or p["method"] not in methods or "valid_bpc" not in r.curves
+                or _reading(r) not in readings):
             continue
         steps, values = r.curves["valid_bpc"]
+        if len(readings) > 1:
+            ax.plot(_samples(r, steps), values, color=_COLOURS[p["T"]],
+                    ls=_READING_LINES[_reading(r)],
+                    label=f"{COLUMNS[p['method']]} T={p['T']} {_reading(r)} ({r.metric:.3f})")
+            continue
         ax.plot(_samples(r, steps), values, color=_COLOURS[p["T"]], ls=_LINES[p["method"]],
                 label=f"{COLUMNS[p['method']]} T={p['T']} ({r.metric:.3f})")
     ax.set_xlabel("samples (characters × streams)")
@@ -699,6 +716,18 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         _progress_axes(axes[i, 0], results, task, ("bptt", "dni"), f"{ROWS[task]}: DNI")
         _progress_axes(axes[i, 1], results, task, ("bptt", "dniaux"), f"{ROWS[task]}: DNI + Aux")
     figs["fig15"] = fig
+    if any(_reading(r) != DEFAULT_READING for r in results):
+        fig = Figure(figsize=(10, 7.5), layout="constrained")
+        axes = fig.subplots(2, 2)
+        compared = set(READING_CELLS["paper"])
+        keep = [r for r in results if (r.cell.params["task"], r.cell.params["method"],
+                                       r.cell.params["T"]) in compared]
+        for j, method in enumerate(("dni", "dniaux")):
+            _progress_axes(axes[0, j], keep, "copy", (method,),
+                           f"Copy, {COLUMNS[method]}: readings", tuple(READINGS))
+            _bpc_axes(axes[1, j], keep, (method,), f"PTB, {COLUMNS[method]}: readings",
+                      tuple(READINGS))
+        figs["readings"] = fig
     h = headline(results)
     if h is not None:
         fig = Figure(figsize=(10, 4.2), layout="constrained")
