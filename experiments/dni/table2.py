@@ -766,6 +766,9 @@ EXPERIMENT = Experiment(
     figures=figures,
     notes=("quick: " + QUICK.notes + ". Copy metric 0 = no level solved."),
     claims=claims,
+    # a partial Copy record's T_task is its last logged level (logged when solved); a partial
+    # PTB record has no test BPC (measured at the end, at the best validation point)
+    metric_curve="t_task",
 )
 
 
