@@ -303,8 +303,26 @@ PERFECTLY = ("Incredibly, when the DNI is conditioned on the labels of the data 
              "with only 5% chance of an update, albeit just slower.")
 CAPTION = ("Even with 20% probability of a layer being updated, the network trains "
            "effectively.")
-CAUSES: dict[str, str] = {}
-"""Cause of a "differs", per claim id."""
+CAUSES: dict[str, str] = {
+    "dni-p0.2-trains-to-2": (
+        "budget, as far as measured: at quick (1.5k steps, global-step schedules) even the "
+        "p_update = 1 member is at 7.69 %; the population is ordered by p_update (25.1, "
+        "13.71, 9.93, 7.69 % at 0.05, 0.2, 0.5, 1) and still falling between the snapshots "
+        "(p = 0.2: 21.97 → 15.9 → 13.71 % at 0.5k/1k/1.5k; reports/sparse/fig5-left.png); "
+        "a layer at p = 0.2 makes about 300 updates here, about 100k in the paper's 500k "
+        "steps, which need an accelerator"),
+    "cdni-p0.05-trains-perfectly": (
+        "budget, as far as measured: a layer at p_update = 0.05 makes about 75 updates in "
+        "quick's 1.5k steps (paper: about 25k in 500k); its error is still falling (41.39 → "
+        "22.51 → 20.28 % at 0.5k/1k/1.5k) while the p = 1 members of the same population "
+        "reach 2.93 % (reports/sparse/fig5-left.png)"),
+    "cdni-p0.2-trains-effectively": (
+        "budget, as far as measured: 8.2 % after 1.5k steps (about 300 updates per layer), "
+        "down from 13.24 % at 0.5k, with the p = 1 members at 2.93 % "
+        "(reports/sparse/fig5-left.png)"),
+}
+"""Cause of a "differs", per claim id, found at ``quick`` (commit of the report in
+``reports/sparse/provenance.json``)."""
 
 
 def claims(preset: str) -> list[Claim]:
