@@ -33,6 +33,15 @@ test error; its ``metrics`` add ``err_rise`` (the test error averaged over the l
 ``window`` evaluations minus the lowest such average: how much it degraded) and
 ``loss_rise`` (the same for the training loss).
 
+Checked against A.1 (no deviation found that an arm does not test): the SG models' final
+layer is zero-initialised (weights and biases), their hidden layers are linear, batch norm,
+ReLU, they are trained with the layers' Adam and schedule, and their L2 loss has weight 1
+(ours sums over the batch, the peer koz4k/dni-pytorch averages: the same Adam steps up to
+epsilon). A.1 does not say in which units the targets are regressed: sgjax's per-example
+targets and the batch-mean units are the ``dni`` and ``dni-mean-units`` arms.
+``experiments/dni/peer/dni_pytorch_fcn6.py`` runs the baseline on that peer
+(``reports/degradation-peer/``).
+
 Reproduce with ``python -m experiments run degradation --preset quick``
 (``make reproduce-degradation PRESET=quick``); ``--preset paper`` runs A.1's SG model at
 the paper's learning rate 3e-5 (constant) for 250k steps (accelerator).
