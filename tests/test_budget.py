@@ -17,9 +17,23 @@ def test_registered_with_every_preset():
     assert ids == ["mnist-fcn3-dni-5000-lr3e-04", "mnist-fcn3-dni-20000-lr3e-04",
                    "mnist-fcn6-dni-5000-lr3e-04", "mnist-fcn6-dni-10000-lr3e-04",
                    "mnist-fcn3-dni-5000-lr1e-04", "mnist-fcn3-dni-5000-lr1e-03",
-                   "mnist-fcn6-dni-5000-lr1e-04", "mnist-fcn6-dni-10000-lr1e-04"]
-    assert {c.paper for c in B.cells("quick")} == {1.9, 4.3}  # Table 1's DNI, 3 and 6
-    assert len(B.cells("paper")) == 2 * 3 * 2
+                   "mnist-fcn6-dni-5000-lr1e-04", "mnist-fcn6-dni-10000-lr1e-04",
+                   "mnist-fcn3-nobprop-5000-lr3e-04", "mnist-fcn3-nobprop-20000-lr3e-04",
+                   "mnist-fcn6-nobprop-5000-lr3e-04", "mnist-fcn6-nobprop-20000-lr3e-04"]
+    # Table 1's DNI and No Bprop, 3 and 6 layers
+    assert {(B.method_of(c), c.paper) for c in B.cells("quick")} == {
+        ("dni", 1.9), ("dni", 4.3), ("nobprop", 9.3), ("nobprop", 21.4)}
+    assert len(B.cells("paper")) == 2 * 3 * 2 + 2 * 3
+
+
+def test_nobprop_cells_leave_the_dni_cells_identity_alone():
+    """The No Bprop cells are listed outside Config, and DNI cells carry no ``method``
+    param, so the committed DNI records still match their cells."""
+    assert "nobprop" not in repr(B.PRESETS["quick"])
+    for c in B.cells("quick"):
+        expected = {"depth", "steps", "lr"} | ({"method"} if B.method_of(c) == "nobprop"
+                                                else set())
+        assert set(c.params) == expected
 
 
 @pytest.mark.parametrize("steps", [5_000, 20_000, 50_000])
@@ -84,4 +98,19 @@ def test_claims_read_every_cell_and_each_budget_pair():
     assert closes.cells == ("mnist-fcn6-dni-10000-lr3e-04", "mnist-fcn6-dni-5000-lr3e-04")
     assert "reports/degradation" in closes.cause
     assert "fcn3-lr1e-03-closes-with-budget" not in claims  # one budget: nothing to compare
-    assert len([c for c in B.claims("paper") if c.kind == "less"]) == 4
+    nobprop = claims["fcn3-nobprop-lr3e-04-closes-with-budget"]
+    assert nobprop.cells == ("mnist-fcn3-nobprop-20000-lr3e-04",
+                             "mnist-fcn3-nobprop-5000-lr3e-04")
+    assert claims["mnist-fcn6-nobprop-5000-lr3e-04"].cause.startswith("budget")
+    assert len([c for c in B.claims("paper") if c.kind == "less"]) == 4 + 2
+
+
+def test_verdicts_keep_no_bprop_apart_from_dni():
+    nob = [CellResult(cell=c, metric=m, metrics={}, curves={}, seed=0, wall_time_s=1.0,
+                      record={})
+           for c, m in zip([c for c in B.cells("quick") if B.method_of(c) == "nobprop"
+                            and c.params["depth"] == 3], (11.0, 10.0))]
+    v = B.verdicts([_result(3, 5_000, 3.9), _result(3, 20_000, 2.9), *nob])
+    assert v["3 layers, Adam 0.0003: 5k→20k steps"].startswith("holds (3.90 → 2.90")
+    assert v["No Bprop, 3 layers, Adam 0.0003: 5k→20k steps"].startswith(
+        "holds (11.00 → 10.00 %, paper 9.3")

@@ -10,6 +10,12 @@ ordinary batch-mean loss — for several budgets ``S``, each with the paper's sc
 at more than one initial learning rate where the preset asks. Cell ids look like
 ``mnist-fcn3-dni-20000-lr3e-04``; the paper column is Table 1's DNI number.
 
+No Bprop cells (:data:`NOBPROP`, ids like ``mnist-fcn3-nobprop-20000-lr3e-04``; paper
+column Table 1's No Bprop) train the same networks with a zero gradient at every cut, so
+only the classifier on the frozen random features learns: they ask the same question of
+Table 1's No Bprop column. They are listed outside :class:`Config`, so adding them leaves
+the DNI cells' identity (params and preset config) unchanged.
+
 The question: for every depth, does the test error at the largest budget fall below the
 error at the smallest (``gap closes with budget``), and how much of the distance to the
 paper's number is left? The claims (:func:`claims`) answer it from the cell records, with
@@ -82,29 +88,61 @@ PRESET_NOTES = {
     "quick": ("A.1's 3- and 6-layer MNIST FCNs and DNI model, batch 256, Adam 3e-4 ÷10 at "
               "60 %/80 % of the budget; 3 layers at 5k and 20k steps, 6 layers at 5k and 10k; "
               "the 3-layer 5k cell also at Adam 1e-4 and 1e-3, both 6-layer cells also at "
-              "1e-4 (CPU time: a 6-layer DNI step with A.1's model takes ~85 ms here)"),
+              "1e-4 (CPU time: a 6-layer DNI step with A.1's model takes ~85 ms here); No Bprop "
+              "at 3 and 6 layers × 5k and 20k steps, Adam 3e-4"),
     "paper": ("the full grid: 3 and 6 layers × 5k, 20k, 50k steps × Adam 3e-4 and 1e-4 "
-              "(still 10× fewer steps than A.1's 500k)"),
+              "(still 10× fewer steps than A.1's 500k); No Bprop at 3 and 6 layers × the same "
+              "budgets, Adam 3e-4"),
 }
 
 
-def cell_id(depth: int, steps: int, lr: float) -> str:
-    return f"mnist-fcn{depth}-dni-{steps}-lr{lr:.0e}"
+NOBPROP: dict[str, tuple[tuple[int, int], ...]] = {
+    "smoke": ((3, 4), (3, 8)),
+    "quick": ((3, 5_000), (3, 20_000), (6, 5_000), (6, 20_000)),
+    "paper": tuple((d, s) for d in (3, 6) for s in (5_000, 20_000, 50_000)),
+}
+"""Per preset, the ``(depth, steps)`` No Bprop cells, each at the preset's first learning
+rate (a No Bprop step trains no synthetic gradient model, so larger budgets are cheap)."""
+
+
+def cell_id(depth: int, steps: int, lr: float, method: str = "dni") -> str:
+    return f"mnist-fcn{depth}-{method}-{steps}-lr{lr:.0e}"
+
+
+LABELS = {"dni": "DNI", "nobprop": "No Bprop"}
+
+
+def method_of(cell: Cell) -> str:
+    """``"dni"`` or ``"nobprop"`` (DNI cells carry no ``method`` param: their identity
+    predates the No Bprop cells)."""
+    return cell.params.get("method", "dni")
 
 
 def cells(preset: str) -> list[Cell]:
     cfg = PRESETS[preset]
-    return [Cell(cell_id(d, s, lr), row=f"MNIST FCN {d}, DNI",
-                 column=f"{s:,} steps, Adam {lr:.0e}",
-                 params={"depth": d, "steps": s, "lr": lr},
-                 paper=table1.PAPER[("mnist", "fcn", d)][2])
-            for d, s, lr in cfg.cells()]
+    dni = [Cell(cell_id(d, s, lr), row=f"MNIST FCN {d}, DNI",
+                column=f"{s:,} steps, Adam {lr:.0e}",
+                params={"depth": d, "steps": s, "lr": lr},
+                paper=table1.PAPER[("mnist", "fcn", d)][2])
+           for d, s, lr in cfg.cells()]
+    lr = cfg.lrs[0]
+    nobprop = [Cell(cell_id(d, s, lr, "nobprop"), row=f"MNIST FCN {d}, No Bprop",
+                    column=f"{s:,} steps, Adam {lr:.0e}",
+                    params={"depth": d, "steps": s, "lr": lr, "method": "nobprop"},
+                    paper=table1.PAPER[("mnist", "fcn", d)][0])
+               for d, s in NOBPROP[preset]]
+    return dni + nobprop
 
 
 def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     p = cell.params
     cfg = config.train(p["steps"], p["lr"])
     ds = table1.load_dataset("mnist", cfg.train_limit, cfg.test_limit)
+    if method_of(cell) == "nobprop":
+        split = fcn.fcn_split(p["depth"], "every", sgjax.feedback.none(), cfg,
+                              ds.input_shape)
+        _, final = fcn.train_fcn(ctx, split, ds, cfg, eval_train=True)
+        return {"metric": final["test_error"], "train_error": final["train_error"]}
     predictor = table1.make_predictor("mnist", "fcn", "dni", cfg)
     split = fcn.fcn_split(p["depth"], "every", sgjax.feedback.synthetic(predictor), cfg,
                           ds.input_shape)
@@ -115,10 +153,11 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
 
 def _grouped(results: Sequence[CellResult], keys: tuple[str, ...], within: str
              ) -> dict[tuple, dict[Any, CellResult]]:
-    """``{(params[k] for k in keys): {params[within]: result}}``."""
+    """``{(params[k] for k in keys): {params[within]: result}}`` (``method`` defaults to
+    ``"dni"``)."""
     groups: dict[tuple, dict[Any, CellResult]] = {}
     for r in results:
-        p = r.cell.params
+        p = {"method": method_of(r.cell), **r.cell.params}
         groups.setdefault(tuple(p[k] for k in keys), {})[p[within]] = r
     return groups
 
@@ -129,21 +168,25 @@ def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
     number it removed. Per depth and budget with at least two learning rates: which rate
     gave the lowest error."""
     out = {}
-    for (depth, steps), by in sorted(_grouped(results, ("depth", "steps"), "lr").items()):
+    for (method, depth, steps), by in sorted(
+            _grouped(results, ("method", "depth", "steps"), "lr").items()):
         if len(by) < 2:
             continue
+        name = "" if method == "dni" else f"{LABELS[method]}, "
         best = min(by, key=lambda lr: by[lr].metric)
         errors = ", ".join(f"{lr:g}: {by[lr].metric:.2f} %" for lr in sorted(by))
-        out[f"{depth} layers, {steps // 1000}k steps: learning rate"] = (
+        out[f"{name}{depth} layers, {steps // 1000}k steps: learning rate"] = (
             f"best Adam {best:g} ({errors}; paper {by[best].cell.paper} after 500k)")
-    for (depth, lr), by in sorted(_grouped(results, ("depth", "lr"), "steps").items()):
+    for (method, depth, lr), by in sorted(
+            _grouped(results, ("method", "depth", "lr"), "steps").items()):
         if len(by) < 2:
             continue
+        name = "" if method == "dni" else f"{LABELS[method]}, "
         lo, hi = by[min(by)], by[max(by)]
         gap = lo.metric - lo.cell.paper
         closed = (lo.metric - hi.metric) / gap if gap > 0 else float("nan")
         verdict = "holds" if hi.metric < lo.metric else "differs"
-        out[f"{depth} layers, Adam {lr:g}: {min(by) // 1000}k→{max(by) // 1000}k steps"] = (
+        out[f"{name}{depth} layers, Adam {lr:g}: {min(by) // 1000}k→{max(by) // 1000}k steps"] = (
             f"{verdict} ({lo.metric:.2f} → {hi.metric:.2f} %, paper {lo.cell.paper}; "
             f"{100 * closed:.0f} % of the gap closed)")
     return out
@@ -156,34 +199,37 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
 
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     left, right = fig.subplots(1, 2)
-    groups: dict[tuple[int, float], list[CellResult]] = {}
+    groups: dict[tuple[str, int, float], list[CellResult]] = {}
     for r in results:
-        groups.setdefault((r.cell.params["depth"], r.cell.params["lr"]), []).append(r)
-    colors = {3: "tab:blue", 6: "tab:purple"}
-    for (depth, lr), rs in sorted(groups.items()):
+        p = r.cell.params
+        groups.setdefault((method_of(r.cell), p["depth"], p["lr"]), []).append(r)
+    colors = {("dni", 3): "tab:blue", ("dni", 6): "tab:purple",
+              ("nobprop", 3): "tab:red", ("nobprop", 6): "tab:brown"}
+    for (method, depth, lr), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r.cell.params["steps"])
         ls = "-" if lr == config.lrs[0] else ("--" if lr < config.lrs[0] else "-.")
-        color = colors.get(depth, "k")
+        color = colors.get((method, depth), "k")
         left.plot([r.cell.params["steps"] for r in rs], [r.metric for r in rs], "o" + ls,
-                  color=color, label=f"{depth} layers, Adam {lr:g}")
+                  color=color, label=f"{LABELS[method]} {depth} layers, Adam {lr:g}")
         left.axhline(rs[0].cell.paper, color=color, lw=0.8, ls=":")
         for r in rs:
             if "test_error" in r.curves:
                 right.plot(*r.curves["test_error"], ls, color=color, alpha=0.5 + 0.5 * (
                     r.cell.params["steps"] / max(x.cell.params["steps"] for x in rs)),
-                    label=f"{depth}L {r.cell.params['steps'] // 1000}k, {lr:g}")
+                    label=f"{LABELS[method]} {depth}L {r.cell.params['steps'] // 1000}k, "
+                          f"{lr:g}")
     left.set_xscale("log")
     left.set_xlabel("training steps (budget)")
     left.set_ylabel("final test error (%)")
-    left.set_title("DNI vs budget (dotted: paper, 500k)", fontsize="small")
-    right.set_ylim(0, 20)
+    left.set_title("DNI and No Bprop vs budget (dotted: paper, 500k)", fontsize="small")
+    right.set_ylim(0, 35)
     right.set_xlabel("step")
     right.set_title("test error during training", fontsize="small")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="xx-small")
     claims = "\n".join(f"{c}: {v}" for c, v in verdicts(results).items())
-    fig.suptitle(f"Does DNI's gap to the paper close with budget?\n{claims}",
+    fig.suptitle(f"Does the gap to the paper close with budget?\n{claims}",
                  fontsize="x-small")
     return {"budget": fig}
 
@@ -201,41 +247,56 @@ DEEP_CAUSE = ("method at a constant learning rate, plus budget: 6-layer uncondit
               "budget pull it back")
 
 
+NOBPROP_CAUSE = ("budget: only the classifier on the frozen random features learns, and it "
+                 "is still improving at these budgets (paper 500k steps): see the "
+                 "fcn{depth}-nobprop-lr3e-04-closes-with-budget claim and "
+                 "reports/table1-budget/budget.png")
+
+
+def _cause(cell: Cell) -> str:
+    depth = cell.params["depth"]
+    if method_of(cell) == "nobprop":
+        return NOBPROP_CAUSE.format(depth=depth)
+    return SHALLOW_CAUSE if depth <= 3 else DEEP_CAUSE.format(mechanism=table1.MECHANISM)
+
+
 def claims(preset: str) -> list[Claim]:
-    """Each cell near Table 1's DNI number (:func:`experiments.dni.table1.tolerance`), and
-    per depth and learning rate with several budgets, the largest budget's error below the
-    smallest's."""
+    """Each cell near Table 1's number (DNI or No Bprop;
+    :func:`experiments.dni.table1.tolerance`), and per method, depth and learning rate with
+    several budgets, the largest budget's error below the smallest's."""
     out = []
-    by: dict[tuple[int, float], list[Cell]] = {}
+    by: dict[tuple[str, int, float], list[Cell]] = {}
     for c in cells(preset):
         p = c.params
-        cause = (SHALLOW_CAUSE if p["depth"] <= 3
-                 else DEEP_CAUSE.format(mechanism=table1.MECHANISM))
         out.append(Claim.near(c.id, table1.WORDS, c.id, c.paper, table1.tolerance(c.paper),
-                              cause=cause))
-        by.setdefault((p["depth"], p["lr"]), []).append(c)
-    for (depth, lr), group in sorted(by.items()):
+                              cause=_cause(c)))
+        by.setdefault((method_of(c), p["depth"], p["lr"]), []).append(c)
+    for (method, depth, lr), group in sorted(by.items()):
         if len(group) < 2:
             continue
         group = sorted(group, key=lambda c: c.params["steps"])
         lo, hi = group[0], group[-1]
-        out.append(Claim.less(
-            f"fcn{depth}-lr{lr:.0e}-closes-with-budget", CLOSES_WORDS, hi.id, lo.id,
-            cause="" if depth <= 3 else DEEP_CAUSE.format(mechanism=table1.MECHANISM)))
+        name = "" if method == "dni" else f"{method}-"
+        cause = ("" if depth <= 3 or method != "dni"
+                 else DEEP_CAUSE.format(mechanism=table1.MECHANISM))
+        out.append(Claim.less(f"fcn{depth}-{name}lr{lr:.0e}-closes-with-budget",
+                              CLOSES_WORDS, hi.id, lo.id, cause=cause))
     return out
 
 
 EXPERIMENT = Experiment(
     name="table1-budget",
     paper="DNI (Jaderberg et al. 2016)",
-    title="Table 1's DNI cells against training budget (MNIST FCN 3 and 6 layers)",
+    title=("Table 1's DNI and No Bprop cells against training budget (MNIST FCN 3 and 6 "
+           "layers)"),
     metric="test error (%)",
     cells=cells,
     presets=PRESETS,
     run_cell=run_cell,
     figures=figures,
-    notes=("paper column = Table 1's DNI after 500k steps of Adam 3e-5; each cell's "
-           "learning rate is divided by 10 at 60 %/80 % of its own budget"),
+    notes=("paper column = Table 1's DNI (No Bprop for the nobprop cells) after 500k steps "
+           "of Adam 3e-5; each cell's learning rate is divided by 10 at 60 %/80 % of its "
+           "own budget"),
     preset_notes=PRESET_NOTES,
     claims=claims,
 )
