@@ -69,6 +69,39 @@ def test_stale_verdict(stale_err, expected):
     assert stale.verdicts(rs)[3]["verdict"] == expected
 
 
+def test_stale_probes_leave_the_main_cells_alone():
+    """Probes are listed outside Config: the main cells' params and the preset config
+    (their identity) are those of the committed records; verdicts ignore the probes."""
+    cells = stale.cells("quick")
+    main_cells = [c for c in cells if not stale.is_probe(c)]
+    assert [set(c.params) for c in main_cells] == [{"depth", "method"}] * 12
+    assert "sgd" not in repr(stale.PRESETS["quick"])
+    probes = [c for c in cells if stale.is_probe(c)]
+    assert {(c.params["optimizer"], c.params["lr"]) for c in probes} == {
+        ("adam", 3e-5), ("sgd", 0.1)}
+    rs = [CellResult(c, v, {}, {}, 0, 0.0, {})
+          for c, v in zip(main_cells[:3] + probes[:2], (13.5, 13.0, 2.0, 99.0, 99.0))]
+    assert stale.verdicts(rs) == {3: {"nobprop": 13.5, "stale": 13.0, "cdni": 2.0,
+                                      "verdict": "holds"}}
+
+
+def test_stale_probe_claims_compare_stale_with_no_bprop_under_one_optimizer():
+    claims = {c.id: c for c in stale.claims("quick")}
+    sgd = claims["stale-marginal-fcn6-sgd1e-01"]
+    assert sgd.cells == ("mnist-fcn6-stale-sgd1e-01", "mnist-fcn6-nobprop-sgd1e-01")
+    assert "stale-marginal-fcn3-adam3e-05" in claims
+    assert not [c for c in claims if c.startswith("stale-marginal-fcn4-")
+                and c != "stale-marginal-fcn4"]
+
+
+@pytest.mark.parametrize("opt,method,cuts", [("sgd", "stale", 2), ("adam", "nobprop", 2),
+                                            ("sgd", "bprop", 0)])
+def test_stale_probe_split(opt, method, cuts):
+    split = stale.probe_split({"depth": 3, "method": method, "optimizer": opt, "lr": 0.1},
+                              table1.SMOKE, (28, 28, 1))
+    assert len(split.stages) == cuts + 1
+
+
 def test_single_verdicts():
     rs = [_result("b", {"kind": "bprop", "k": 0}, 1.6),
           _result("d1", {"kind": "dni", "k": 1}, 1.8, mean_cosine=0.1, mean_sign_error=0.4),

@@ -25,6 +25,16 @@ is in its ``metrics`` and in ``stale-sweep.png``. No Bprop (zero gradient at eve
 and cDNI (linear, label-conditioned synthetic gradients) are trained in the same way for
 the comparison.
 
+Optimizer probes (:data:`PROBES`, ``quick`` only; ids like
+``mnist-fcn3-stale-sgd1e-01``): why is stale worse than No Bprop at ``quick``? Adam takes
+steps of about the learning rate whatever a gradient's size, so a small but wrong stale
+gradient (other examples' gradients) moves the lower layers as fast as a true one would;
+under plain SGD its step is as small as it is. Each probe trains No Bprop, Stale (decay 0,
+:data:`experiments.dni.table1.STALE_DECAY`) and, under SGD, Bprop (to show SGD's rate does
+move the lower layers when the gradient is true) with one optimizer and initial learning
+rate, the preset's steps and schedule shape. They are listed outside :class:`Config`, so
+the main cells keep their identity.
+
 Reproduce with ``python -m experiments run stale --preset quick``
 (``make reproduce-stale PRESET=quick``; presets ``smoke``, ``quick``, ``paper``).
 """
@@ -80,6 +90,20 @@ PRESETS = {
 }
 
 
+PROBES: dict[str, tuple[tuple[int, str, str, float], ...]] = {
+    "smoke": ((3, "stale", "sgd", 0.1),),
+    "quick": tuple((d, m, opt, lr) for d in (3, 6) for opt, lr, methods in (
+        ("adam", 3e-5, ("nobprop", "stale")), ("sgd", 0.1, ("nobprop", "stale", "bprop")))
+        for m in methods),
+    "paper": (),
+}
+"""Per preset, the optimizer probes ``(depth, method, optimizer, initial lr)``: Adam at the
+paper's 3e-5 (10× below quick's) and plain SGD at 0.1, for the same steps as the main
+cells; Stale uses decay :data:`PROBE_DECAY`."""
+PROBE_DECAY = 0.0
+OPTIMIZERS = {"adam": "Adam", "sgd": "SGD"}
+
+
 def cells(preset: str) -> list[Cell]:
     out = []
     for depth in PRESETS[preset].depths:
@@ -87,7 +111,24 @@ def cells(preset: str) -> list[Cell]:
             out.append(Cell(f"mnist-fcn{depth}-{method}", row=f"MNIST FCN {depth}",
                             column=COLUMNS[method], params={"depth": depth, "method": method},
                             paper=paper))
+    for depth, method, opt, lr in PROBES[preset]:
+        label = (f"Stale (decay {PROBE_DECAY:g})" if method == "stale"
+                 else {"nobprop": "No Bprop", "bprop": "Bprop"}[method])
+        paper = (table1.PAPER[("mnist", "fcn", depth)][1] if method == "bprop"
+                 else PAPER[depth][METHODS.index(method)])
+        out.append(Cell(probe_id(depth, method, opt, lr), row=f"MNIST FCN {depth}",
+                        column=f"{label}, {OPTIMIZERS[opt]} {lr:g}",
+                        params={"depth": depth, "method": method, "optimizer": opt, "lr": lr},
+                        paper=paper))
     return out
+
+
+def probe_id(depth: int, method: str, optimizer: str, lr: float) -> str:
+    return f"mnist-fcn{depth}-{method}-{optimizer}{lr:.0e}"
+
+
+def is_probe(cell: Cell) -> bool:
+    return "optimizer" in cell.params
 
 
 def _train(ctx, split, ds, cfg: table1.Config) -> float:
@@ -98,9 +139,25 @@ def _train(ctx, split, ds, cfg: table1.Config) -> float:
     return float(final["test_error"])
 
 
+def probe_split(params: Mapping[str, Any], cfg: table1.Config, input_shape) -> sgjax.Split:
+    """A probe's network: No Bprop, Stale (decay :data:`PROBE_DECAY`) or Bprop, trained by
+    Adam or plain SGD from ``params["lr"]``, divided by 10 at the preset's boundaries."""
+    import optax
+
+    schedule = optax.piecewise_constant_schedule(
+        params["lr"], {int(b): cfg.lr_factor for b in cfg.lr_boundaries})
+    optimizer = {"adam": optax.adam, "sgd": optax.sgd}[params["optimizer"]](schedule)
+    feedback = {"nobprop": sgjax.feedback.none(), "stale": sgjax.feedback.stale(PROBE_DECAY),
+                "bprop": None}[params["method"]]
+    return fcn.fcn_split(params["depth"], () if feedback is None else "every", feedback, cfg,
+                         input_shape, optimizer=optimizer)
+
+
 def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     p, cfg = cell.params, config.train
     ds = table1.load_dataset("mnist", cfg.train_limit, cfg.test_limit)
+    if is_probe(cell):
+        return {"metric": _train(ctx, probe_split(p, cfg, ds.input_shape), ds, cfg)}
     if p["method"] != "stale":
         split = table1.make_split("mnist", "fcn", p["depth"], p["method"], cfg, ds.input_shape)
         return {"metric": _train(ctx, split, ds, cfg)}
@@ -117,7 +174,8 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
 def verdicts(results: Sequence[CellResult]) -> dict[int, dict[str, Any]]:
     """Per depth with all three methods done: the errors and "holds"/"differs" for the
     claim ``cDNI + MARGIN_ABOVE_CDNI < Stale ≤ No Bprop + MARGIN_ABOVE_NOBPROP``."""
-    by = {(r.cell.params["depth"], r.cell.params["method"]): r.metric for r in results}
+    by = {(r.cell.params["depth"], r.cell.params["method"]): r.metric for r in results
+          if not is_probe(r.cell)}
     out = {}
     for depth in sorted({d for d, _ in by}):
         if not all((depth, m) in by for m in METHODS):
@@ -134,7 +192,8 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     our No Bprop and cDNI as lines and the paper's three numbers as dotted lines."""
     from matplotlib.figure import Figure
 
-    by = {(r.cell.params["depth"], r.cell.params["method"]): r for r in results}
+    by = {(r.cell.params["depth"], r.cell.params["method"]): r for r in results
+          if not is_probe(r.cell)}
     depths = sorted({d for d, _ in by})
     judged = verdicts(results)
     fig = Figure(figsize=(3.3 * max(len(depths), 1), 3.4), layout="constrained")
@@ -159,7 +218,52 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     axes[0].legend(fontsize="x-small")
     fig.suptitle("DNI §3.1: stale activation gradients (EMA) vs No Bprop and cDNI "
                  "(dotted: paper)", fontsize="medium")
-    return {"stale-sweep": fig}
+    out = {"stale-sweep": fig}
+    if any(is_probe(r.cell) for r in results):
+        out["stale-optimizers"] = _optimizer_figure(results, by)
+    return out
+
+
+def _optimizer_figure(results: Sequence[CellResult], main: Mapping[tuple[int, str], Any]):
+    """``stale-optimizers``: per depth, final test error of No Bprop, Stale (decay
+    :data:`PROBE_DECAY`) and Bprop under each optimizer: the main cells' Adam (decay 0's
+    error from the sweep) and the probes."""
+    from matplotlib.figure import Figure
+
+    errors: dict[int, dict[str, dict[str, float]]] = {}
+    for (depth, method), r in main.items():
+        arm = errors.setdefault(depth, {}).setdefault("Adam 3e-4 (main)", {})
+        if method == "nobprop":
+            arm["nobprop"] = r.metric
+        elif method == "stale" and PROBE_DECAY in r.metrics.get("decays", []):
+            arm["stale"] = r.metrics["errors"][r.metrics["decays"].index(PROBE_DECAY)]
+    for r in results:
+        if is_probe(r.cell):
+            p = r.cell.params
+            name = f"{OPTIMIZERS[p['optimizer']]} {p['lr']:g}"
+            errors.setdefault(p["depth"], {}).setdefault(name, {})[p["method"]] = r.metric
+    depths = sorted({r.cell.params["depth"] for r in results if is_probe(r.cell)})
+    fig = Figure(figsize=(4 * max(len(depths), 1), 3.4), layout="constrained")
+    axes = fig.subplots(1, max(len(depths), 1), squeeze=False)[0]
+    colors = {"nobprop": "tab:red", "stale": "tab:orange", "bprop": "tab:blue"}
+    for ax, depth in zip(axes, depths):
+        arms = [a for a in errors[depth] if len(errors[depth][a]) > 1]
+        for j, method in enumerate(("nobprop", "stale", "bprop")):
+            x = [i + (j - 1) * 0.27 for i, a in enumerate(arms) if method in errors[depth][a]]
+            y = [errors[depth][a][method] for a in arms if method in errors[depth][a]]
+            ax.bar(x, y, width=0.27, color=colors[method],
+                   label={"nobprop": "No Bprop", "stale": f"Stale ({PROBE_DECAY:g})",
+                          "bprop": "Bprop"}[method])
+            for xi, yi in zip(x, y):
+                ax.text(xi, yi, f"{yi:.1f}", ha="center", va="bottom", fontsize="xx-small")
+        ax.set_xticks(range(len(arms)), arms, fontsize="x-small")
+        ax.set_title(f"{depth} layers", fontsize="small")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("final test error (%)")
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle("Stale vs No Bprop under each optimizer (same steps and schedule shape)",
+                 fontsize="medium")
+    return fig
 
 
 STALE_WORDS = ("We took an exponential average historical gradient, searching over the entire "
@@ -170,6 +274,9 @@ STALE_WORDS = ("We took an exponential average historical gradient, searching ov
 STALE_CAUSE = ("not investigated yet: at quick (2k steps, Adam 3e-4) every decay's stale "
                "network ends worse than No Bprop (reports/stale/stale-sweep.png); the paper "
                "protocol has not been run")
+
+PROBE_CAUSE = {"adam": "", "sgd": ""}
+"""Per optimizer, the cause found where a probe's "marginally better" claim differs."""
 
 
 def claims(preset: str) -> list[Claim]:
@@ -189,6 +296,13 @@ def claims(preset: str) -> list[Claim]:
             Claim.less(f"stale-far-worse-than-cdni-fcn{d}", STALE_WORDS, cell["cdni"],
                        cell["stale"], margin=MARGIN_ABOVE_CDNI),
         ]
+    probes = {(d, m, opt, lr) for d, m, opt, lr in PROBES[preset]}
+    for d, opt, lr in sorted({(d, opt, lr) for d, _, opt, lr in probes}):
+        if {(d, m, opt, lr) for m in ("nobprop", "stale")} <= probes:
+            out.append(Claim.less(
+                f"stale-marginal-fcn{d}-{opt}{lr:.0e}", STALE_WORDS,
+                probe_id(d, "stale", opt, lr), probe_id(d, "nobprop", opt, lr),
+                margin=-MARGIN_ABOVE_NOBPROP, cause=PROBE_CAUSE.get(opt, "")))
     return out
 
 
