@@ -134,6 +134,23 @@ def test_table2_datasets_follow_supp_c():
                in table2.PAPER_BOLD for c in table2.cells("quick")) == 5
 
 
+def test_table2_tau_marks_the_papers_own_numbers_as_the_paper_bolds_them():
+    """The cause of a Table 2 "differs" rests on this: the paper's bold entries are
+    exactly its entries above ``Config.tau``, which lies inside :data:`table2.BOLD_BAND`."""
+    low, high = table2.BOLD_BAND
+    entries = {(d, m, loss): v for (d, m), pair in table2.PAPER.items()
+               for loss, v in zip(("mse", "log"), pair)}
+    assert max(v for k, v in entries.items() if k not in table2.PAPER_BOLD) == low
+    assert min(v for k, v in entries.items() if k in table2.PAPER_BOLD) == high
+    for name in ("quick", "paper"):
+        tau = table2.PRESETS[name].tau
+        assert low < tau < high
+        assert {k for k, v in entries.items() if v > tau} == table2.PAPER_BOLD
+    claims = {c.id: c for c in table2.claims("quick")}
+    assert "5.8e-5" in claims["noisy2-shallow-log-bold"].cause
+    assert claims["linear2-shallow-log-bold"].cause == table2.TABLE2_CAUSE
+
+
 def test_table2_shallow_sg_sits_between_output_and_loss():
     splits = table2.make_splits("shallow", "mse", 2, table2.PRESETS["quick"])
     bottom, top = splits["sg"].stages

@@ -355,9 +355,31 @@ TABLE2_WORDS = ("For MSE and both shallow and deep linear architectures the SG-b
                 "Supplementary Material Table 2). However, this is not the case for logistic "
                 "regression. [Table 2:] Bolded entries denote experiments which converged to a "
                 "different solution.")
-TABLE2_CAUSE = ("not found yet: the paper gives no criterion for a bold entry; ours (mean "
-                "difference above Config.tau and SG worse on at least Config.min_worse of the "
-                "datasets) decides it (reports/understanding-table2/table2.png)")
+BOLD_BAND = (4e-5, 3.6e-4)
+"""The paper's own entries: every plain one is ≤ 4e-5 and every bold one ≥ 3.6e-4, so any
+threshold ``tau`` with ``4e-5 < tau < 3.6e-4`` (``Config.tau`` = 1e-4 is one) marks the
+paper's numbers exactly as the paper bolds them (``tests/test_understanding_core.py``)."""
+TABLE2_CAUSE = (
+    "not a definition gap alone: the paper gives no criterion for a bold entry, but its own "
+    "entries are plain at <= 4e-5 and bold at >= 3.6e-4, so ours (mean SG - backprop above "
+    "tau = 1e-4, inside that band, and SG worse on >= 8/10 datasets) marks the paper's own "
+    "numbers exactly as the paper does; a 'differs' means our measured mean difference lies "
+    "on the other side of the band from the paper's value (results.csv `ours`), at the quick "
+    "protocol (Adam 3e-3 decayed to 3e-5 over 3k full-batch steps; paper: 3e-5, steps not "
+    "given) — not yet attributed to budget or method (reports/understanding-table2/)")
+MEASURED = {
+    "noisy2-shallow-log": "ours 5.8e-5 (SG worse on 7/10) vs the paper's bold 3.6e-4",
+    "random100-deep-mse": "ours 3.3e-4 (SG worse on 10/10, std 4.4e-4) vs the paper's 1e-5",
+    "random100-deep-log": "ours 2.4e-4 (SG worse on 10/10, std 2.9e-4) vs the paper's 4e-5",
+}
+"""Where the quick report of 2026-11-22 differs: the measured numbers behind its cause."""
+
+
+def cause(cell_id: str) -> str:
+    """:data:`TABLE2_CAUSE`, with the quick report's numbers where they were measured."""
+    if cell_id not in MEASURED:
+        return TABLE2_CAUSE
+    return f"{TABLE2_CAUSE[:-1]}; quick report of 2026-11-22: {MEASURED[cell_id]})"
 
 
 def claims(preset: str) -> list[Claim]:
@@ -365,7 +387,7 @@ def claims(preset: str) -> list[Claim]:
     1) exactly where the paper's entry is bold (0 elsewhere); tolerance 0, it is a yes/no."""
     return [Claim.near(f"{c.id}-bold", TABLE2_WORDS, c.id,
                        float(tuple(c.params[k] for k in ("dataset", "model", "loss"))
-                             in PAPER_BOLD), 0.0, key="different", cause=TABLE2_CAUSE)
+                             in PAPER_BOLD), 0.0, key="different", cause=cause(c.id))
             for c in cells(preset)]
 
 
