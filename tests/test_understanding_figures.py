@@ -63,6 +63,25 @@ def test_pearson():
     assert fig2.pearson([1, 2, 3], [5, 5, 5]) == 0.0
 
 
+def test_pearson_within_labels_ignores_a_per_label_constant():
+    """The exact SG of the top layer's MSE implies L − ½‖b − y‖²: the per-label offset
+    breaks the pooled correlation but not the within-label one."""
+    rng = np.random.default_rng(0)
+    h, w, b = rng.normal(size=(200, 8)), rng.normal(size=(8, 2)), np.array([0.3, 0.9])
+    labels = rng.integers(0, 2, size=200)
+    y1 = np.eye(2)[labels]
+    true = 0.5 * np.sum((h @ w + b - y1) ** 2, -1)
+    a, bb, c = w @ w.T, -w.T, b @ w.T  # SG(h, y) = (hW + b − y)Wᵀ
+    implied = np.asarray(fig2.implied_loss(jnp.asarray(a), jnp.asarray(bb), jnp.asarray(c),
+                                           jnp.asarray(h), jnp.asarray(y1)))
+    np.testing.assert_allclose(true - implied, 0.5 * np.sum((b - y1) ** 2, -1), rtol=1e-4,
+                               atol=1e-4)
+    assert fig2.pearson(true, implied, labels) == pytest.approx(1.0, abs=1e-6)
+    shifted = implied + 500.0 * labels
+    assert fig2.pearson(true, shifted) < 0.5
+    assert fig2.pearson(true, shifted, labels) == pytest.approx(1.0, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------ nets
 
 

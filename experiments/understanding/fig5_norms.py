@@ -11,7 +11,8 @@ its own updates cause: the shape can move with the budget.
 
 Command (writes ``OUT/fig5-norms.json`` and ``OUT/fig5-norms.png``)::
 
-    SGJAX_DATA_DIR=... python -m experiments.understanding.fig5_norms OUT [--steps 24000]
+    SGJAX_DATA_DIR=... python -m experiments.understanding.fig5_norms OUT \
+        [--steps 24000 --every 2000]   # --plot: only redraw the PNG
 """
 
 from __future__ import annotations
@@ -106,13 +107,44 @@ def run(order: str, cfg: nets.NetConfig, steps: int, every: int) -> dict:
     return {"norms": norms, "test_error": errors, "loss": ctx.curves.get("loss", [])}
 
 
+def plot(out: pathlib.Path) -> None:
+    """``OUT/fig5-norms.png`` from ``OUT/fig5-norms.json``: per block order, each hidden
+    layer's ``‖W_l‖² / max_k ‖W_k‖²`` (the claim's ``normalised``) at each logged step."""
+    from matplotlib.figure import Figure
+
+    data = json.loads((out / "fig5-norms.json").read_text())
+    runs = data["runs"]
+    fig = Figure(figsize=(4.2 * len(runs), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    for ax, (order, r) in zip(axes, runs.items()):
+        steps = sorted(r["norms"], key=int)
+        cmap = __import__("matplotlib").colormaps["viridis"]
+        for i, st in enumerate(steps):
+            sq = np.asarray(r["norms"][st])
+            ax.plot(np.arange(1, len(sq) + 1), sq / sq.max(), marker=".", ms=3,
+                    color=cmap(i / max(len(steps) - 1, 1)),
+                    label=f"step {st}: err {r['test_error'][st]:.2f}%")
+        ax.set_title(order.replace("_", " → "), fontsize=9)
+        ax.set_xlabel("hidden layer")
+        ax.set_ylabel("‖W‖² / max")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=5)
+    fig.suptitle("Backprop, 20 hidden layers of 128, L2 1e-3, Adam 1e-4: normalised squared "
+                 "kernel norms over training", fontsize=9)
+    fig.savefig(out / "fig5-norms.png", dpi=110)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=pathlib.Path)
     ap.add_argument("--steps", type=int, default=24000)
     ap.add_argument("--every", type=int, default=2000)
     ap.add_argument("--orders", nargs="+", default=list(ORDERS))
+    ap.add_argument("--plot", action="store_true", help="only redraw OUT/fig5-norms.png")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(args.out)
+        return
     cfg = dataclasses.replace(fig5.PRESETS["quick"].net, depth=20, activation="relu")
     out = {"config": dataclasses.asdict(cfg), "steps": args.steps, "runs": {}}
     for order in args.orders:
@@ -122,6 +154,7 @@ def main(argv=None):
         print(order, out["runs"][order]["wall_s"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fig5-norms.json").write_text(json.dumps(out, indent=1))
+    plot(args.out)
 
 
 if __name__ == "__main__":
