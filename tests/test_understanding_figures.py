@@ -204,6 +204,7 @@ def test_smoke_subset(module, tmp_path):
         snaps = summary.results[0].metrics["snapshots"]
         assert len(snaps) == len(fig2.snapshot_steps(fig2.PRESETS["smoke"]))
         assert len(snaps[-1]["implied"]) == len(summary.results[0].metrics["sg_layers"])
+        assert len(snaps[-1]["pooled_fidelity"]) == len(snaps[-1]["fidelity"])
     if module is fig5:
         assert len(summary.results[0].metrics["normalised"]) == nets.SMOKE.depth
 
