@@ -148,6 +148,7 @@ def test_table2_tau_marks_the_papers_own_numbers_as_the_paper_bolds_them():
         assert {k for k, v in entries.items() if v > tau} == table2.PAPER_BOLD
     claims = {c.id: c for c in table2.claims("quick")}
     assert "5.8e-5" in claims["noisy2-shallow-log-bold"].cause
+    assert "4.9e-4" in claims["random100-deep-mse-bold"].cause
     assert claims["linear2-shallow-log-bold"].cause == table2.TABLE2_CAUSE
 
 
