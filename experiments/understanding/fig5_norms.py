@@ -11,9 +11,9 @@ its own updates cause: the shape can move with the budget.
 
 Command (writes ``OUT/fig5-norms.json`` and ``OUT/fig5-norms.png``)::
 
-    SGJAX_DATA_DIR=... python -m experiments.understanding.fig5_norms OUT \
-        [--steps 24000 --every 2000 --orders bn_relu relu_bn --weight-decay 1e-3]
-        # --plot: only redraw the PNG
+    SGJAX_DATA_DIR=... python -m experiments.understanding.fig5_norms OUT
+    # options: --steps 24000 --every 2000 --orders bn_relu relu_bn --weight-decay 1e-3;
+    # --plot only redraws the PNG
 """
 
 from __future__ import annotations
