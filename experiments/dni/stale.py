@@ -90,16 +90,17 @@ PRESETS = {
 }
 
 
-PROBES: dict[str, tuple[tuple[int, str, str, float], ...]] = {
-    "smoke": ((3, "stale", "sgd", 0.1),),
-    "quick": tuple((d, m, opt, lr) for d in (3, 6) for opt, lr, methods in (
+PROBES: dict[str, tuple[tuple[int, str, str, float, int | None], ...]] = {
+    "smoke": ((3, "stale", "sgd", 0.1, None),),
+    "quick": tuple((d, m, opt, lr, None) for d in (3, 6) for opt, lr, methods in (
         ("adam", 3e-5, ("nobprop", "stale")), ("sgd", 0.1, ("nobprop", "stale", "bprop")))
-        for m in methods),
+        for m in methods) + tuple((3, m, "adam", 3e-5, 20_000) for m in ("nobprop", "stale")),
     "paper": (),
 }
-"""Per preset, the optimizer probes ``(depth, method, optimizer, initial lr)``: Adam at the
-paper's 3e-5 (10× below quick's) and plain SGD at 0.1, for the same steps as the main
-cells; Stale uses decay :data:`PROBE_DECAY`."""
+"""Per preset, the optimizer probes ``(depth, method, optimizer, initial lr, steps)``: Adam
+at the paper's 3e-5 (10× below quick's) and plain SGD at 0.1, for the main cells' steps
+(``None``) or, at 3e-5, for 10× more (the same learning rate × steps as the main cells;
+the schedule shape is kept); Stale uses decay :data:`PROBE_DECAY`."""
 PROBE_DECAY = 0.0
 OPTIMIZERS = {"adam": "Adam", "sgd": "SGD"}
 
@@ -111,20 +112,37 @@ def cells(preset: str) -> list[Cell]:
             out.append(Cell(f"mnist-fcn{depth}-{method}", row=f"MNIST FCN {depth}",
                             column=COLUMNS[method], params={"depth": depth, "method": method},
                             paper=paper))
-    for depth, method, opt, lr in PROBES[preset]:
+    for depth, method, opt, lr, steps in PROBES[preset]:
         label = (f"Stale (decay {PROBE_DECAY:g})" if method == "stale"
                  else {"nobprop": "No Bprop", "bprop": "Bprop"}[method])
         paper = (table1.PAPER[("mnist", "fcn", depth)][1] if method == "bprop"
                  else PAPER[depth][METHODS.index(method)])
-        out.append(Cell(probe_id(depth, method, opt, lr), row=f"MNIST FCN {depth}",
-                        column=f"{label}, {OPTIMIZERS[opt]} {lr:g}",
-                        params={"depth": depth, "method": method, "optimizer": opt, "lr": lr},
-                        paper=paper))
+        # "steps" only where it departs from the preset's, so the other probes' params
+        # (their identity) do not carry it
+        params = {"depth": depth, "method": method, "optimizer": opt, "lr": lr,
+                  **({} if steps is None else {"steps": steps})}
+        out.append(Cell(probe_id(depth, method, opt, lr, steps), row=f"MNIST FCN {depth}",
+                        column=f"{label}, {OPTIMIZERS[opt]} {lr:g}"
+                               + ("" if steps is None else f", {steps:,} steps"),
+                        params=params, paper=paper))
     return out
 
 
-def probe_id(depth: int, method: str, optimizer: str, lr: float) -> str:
-    return f"mnist-fcn{depth}-{method}-{optimizer}{lr:.0e}"
+def probe_id(depth: int, method: str, optimizer: str, lr: float,
+             steps: int | None = None) -> str:
+    return (f"mnist-fcn{depth}-{method}-{optimizer}{lr:.0e}"
+            + ("" if steps is None else f"-{steps // 1000}k"))
+
+
+def probe_config(params: Mapping[str, Any], cfg: table1.Config) -> table1.Config:
+    """The preset's training config, or with ``params["steps"]`` steps, the ÷10 points
+    kept at the same fractions of the run and the same number of evaluations."""
+    if "steps" not in params:
+        return cfg
+    k = params["steps"] / cfg.steps
+    return dataclasses.replace(
+        cfg, steps=params["steps"], lr_boundaries=tuple(int(b * k) for b in cfg.lr_boundaries),
+        eval_every=int(cfg.eval_every * k), chunk=int(cfg.chunk * k))
 
 
 def is_probe(cell: Cell) -> bool:
@@ -157,6 +175,7 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     p, cfg = cell.params, config.train
     ds = table1.load_dataset("mnist", cfg.train_limit, cfg.test_limit)
     if is_probe(cell):
+        cfg = probe_config(p, cfg)
         return {"metric": _train(ctx, probe_split(p, cfg, ds.input_shape), ds, cfg)}
     if p["method"] != "stale":
         split = table1.make_split("mnist", "fcn", p["depth"], p["method"], cfg, ds.input_shape)
@@ -240,7 +259,8 @@ def _optimizer_figure(results: Sequence[CellResult], main: Mapping[tuple[int, st
     for r in results:
         if is_probe(r.cell):
             p = r.cell.params
-            name = f"{OPTIMIZERS[p['optimizer']]} {p['lr']:g}"
+            name = f"{OPTIMIZERS[p['optimizer']]} {p['lr']:g}" + (
+                f", {p['steps'] // 1000}k" if "steps" in p else "")
             errors.setdefault(p["depth"], {}).setdefault(name, {})[p["method"]] = r.metric
     depths = sorted({r.cell.params["depth"] for r in results if is_probe(r.cell)})
     fig = Figure(figsize=(4 * max(len(depths), 1), 3.4), layout="constrained")
@@ -296,12 +316,14 @@ def claims(preset: str) -> list[Claim]:
             Claim.less(f"stale-far-worse-than-cdni-fcn{d}", STALE_WORDS, cell["cdni"],
                        cell["stale"], margin=MARGIN_ABOVE_CDNI),
         ]
-    probes = {(d, m, opt, lr) for d, m, opt, lr in PROBES[preset]}
-    for d, opt, lr in sorted({(d, opt, lr) for d, _, opt, lr in probes}):
-        if {(d, m, opt, lr) for m in ("nobprop", "stale")} <= probes:
+    probes = set(PROBES[preset])
+    for d, opt, lr, steps in sorted({(d, opt, lr, steps) for d, _, opt, lr, steps in probes},
+                                    key=str):
+        if {(d, m, opt, lr, steps) for m in ("nobprop", "stale")} <= probes:
             out.append(Claim.less(
-                f"stale-marginal-fcn{d}-{opt}{lr:.0e}", STALE_WORDS,
-                probe_id(d, "stale", opt, lr), probe_id(d, "nobprop", opt, lr),
+                f"stale-marginal-fcn{d}-{opt}{lr:.0e}"
+                + ("" if steps is None else f"-{steps // 1000}k"), STALE_WORDS,
+                probe_id(d, "stale", opt, lr, steps), probe_id(d, "nobprop", opt, lr, steps),
                 margin=-MARGIN_ABOVE_NOBPROP, cause=PROBE_CAUSE.get(opt, "")))
     return out
 
