@@ -33,8 +33,8 @@ under plain SGD its step is as small as it is. Each probe trains No Bprop, Stale
 :data:`experiments.dni.table1.STALE_DECAY`) and, under SGD, Bprop (to show SGD's rate does
 move the lower layers when the gradient is true) with one optimizer and initial learning
 rate, the preset's steps and schedule shape; one 3-layer pair trains Adam 3e-5 for 10× the
-steps (the same learning rate × steps as the main cells, with the paper's rate). They are listed outside :class:`Config`, so
-the main cells keep their identity.
+steps (the same learning rate × steps as the main cells, with the paper's rate). They are
+listed outside :class:`Config`, so the main cells keep their identity.
 
 Reproduce with ``python -m experiments run stale --preset quick``
 (``make reproduce-stale PRESET=quick``; presets ``smoke``, ``quick``, ``paper``).
