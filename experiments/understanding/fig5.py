@@ -125,7 +125,7 @@ BPROP_CAUSE = (
     "value (6k steps): batch norm makes the loss ignore each kernel's scale, so the shape is "
     "the penalty shrinking the upper layers fastest; the paper gives neither its penalty "
     "nor its optimiser's handling of it, and what makes its norms rise is not found "
-    "(reports/understanding-fig5/fig5-norms.png, fig5-norms.json, fig5-norms-wd0.json)")
+    "(reports/understanding-fig5-norms/)")
 
 
 def claims(preset: str) -> list[Claim]:
