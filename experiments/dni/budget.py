@@ -255,8 +255,9 @@ NOBPROP_CAUSE = {
     6: ("budget for part of it, then not budget: 5k → 20k steps removes about 1.5 of the "
         "3.8 points, but the convex classifier fit has converged by ~9k steps (training "
         "error flat at ~23 % to 20k, through both ÷10 drops), so the rest lies in the "
-        "frozen random features themselves (their draw or initialisation; not yet tested) "
-        "(reports/table1-budget/budget.png)"),
+        "frozen random features themselves, though not in their seed (5k steps with --seed "
+        "1 and 2: 24.34 and 24.55 %, runs outside this report); their initialisation is "
+        "untested (reports/table1-budget/budget.png)"),
 }
 """The cause of a No Bprop budget cell's "differs", per depth, from the quick records."""
 

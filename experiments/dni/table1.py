@@ -489,7 +489,8 @@ NOBPROP_CAUSE = (
     "still improving at quick's 5k steps, and 20k steps with the same schedule shape bring "
     "3 layers within the paper's tolerance but remove only ~1.5 of 6 layers' 3.8 points, "
     "after which that convex fit has converged (training error flat), so the rest lies in "
-    "the random features themselves (not yet tested); 4 and 5 layers not measured "
+    "the random features themselves (not their seed; their initialisation is untested); 4 "
+    "and 5 layers not measured "
     "(reports/table1-budget/table.md, the nobprop cells and closes-with-budget claims)")
 BUDGET_CAUSE = ("budget: quick trains this block for 300–500 steps (paper 500k) at reduced "
                 "widths (see the preset notes), so it says which methods train at all, not "
