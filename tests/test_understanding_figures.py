@@ -6,6 +6,9 @@ written); ``-m slow`` runs every cell of every smoke preset.
 
 from __future__ import annotations
 
+import dataclasses
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 
 import sgjax
 from experiments import framework
-from experiments.understanding import fig2, fig3, fig4, fig5, fig8, nets
+from experiments.understanding import fig2, fig3, fig4, fig5, fig5_norms, fig8, nets
 
 # ------------------------------------------------------------------------------ fig. 2
 
@@ -237,3 +240,25 @@ def test_registered():
     for m in SMOKE_SUBSETS:
         assert m.__name__ in registry.MODULES
     assert sgjax.feedback.dfa  # the DFA baseline used by figs 3, 7, 8
+
+
+@pytest.mark.parametrize("order", fig5_norms.ORDERS)
+def test_fig5_norms_block_orders(order):
+    """Both block orders give ``depth`` hidden blocks and the softmax layer; the hidden
+    kernels are the blocks' dense kernels, and the net maps images to 10 logits."""
+    cfg = dataclasses.replace(nets.SMOKE, depth=3)
+    layers = fig5_norms.layers(order, cfg)
+    assert len(layers) == cfg.depth + 1
+    split = sgjax.split_at(layers, (), loss=sgjax.losses.softmax_cross_entropy,
+                           optimizer=nets.optimizer(cfg), input_shape=(28, 28, 1),
+                           batch_size=4, num_classes=10)
+    states = split.init(jax.random.key(0))
+    kernels = nets.hidden_kernels(split, states)
+    assert [k.shape for k in kernels] == [(784, cfg.width)] + [(cfg.width, cfg.width)] * 2
+    x = jnp.ones((4, 28, 28, 1))
+    chex.assert_shape(split.apply(states, x), (4, 10))
+
+
+def test_fig5_norms_rejects_an_unknown_order():
+    with pytest.raises(ValueError, match="bn_relu"):
+        fig5_norms.layers("relu_relu", nets.SMOKE)
