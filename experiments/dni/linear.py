@@ -13,6 +13,12 @@ summarised by :func:`verdicts` in ``fig12.png``'s title): linear DNI trains ever
 unconditioned DNI, A.1's two-hidden-layer model (chosen by A.1's search over 0–2 hidden
 layers) is at least as good as the linear one.
 
+Budget cells (:data:`BUDGET_CELLS`, ids like ``mnist-fcn3-dni-linear-6000``) train the same
+cell at a larger budget with the same schedule shape (÷10 at 60 % and 80 % of its own
+steps); their ``steps`` live in their params, outside :class:`Config`, so the preset cells
+keep their identity. Claims ``less(larger budget, preset budget)`` ask whether the
+differing claims move with budget.
+
 The paper column holds Table 1's numbers where the cell *is* a Table 1 cell (cDNI-linear,
 DNI-MLP); linear DNI has no published number (Fig. 12 is a plot).
 
@@ -63,6 +69,26 @@ PRESET_NOTES = {
 }
 
 
+BUDGET_CELLS: dict[str, tuple[tuple[int, str, int], ...]] = {
+    "smoke": ((3, "dni-linear", 8),),
+    "quick": ((3, "dni-linear", 6_000), (6, "dni-linear", 6_000), (6, "dni-mlp", 6_000)),
+    "paper": (),
+}
+"""Per preset, the ``(depth, model, steps)`` budget cells."""
+
+
+def cell_id(depth: int, model: str, steps: int | None = None) -> str:
+    return f"mnist-fcn{depth}-{model}" + ("" if steps is None else f"-{steps}")
+
+
+def budget_config(cfg: table1.Config, steps: int) -> table1.Config:
+    """``cfg`` at ``steps`` steps, ÷10 at 60 %/80 % of them, as many evaluations."""
+    evals = max(cfg.steps // cfg.eval_every, 1)
+    every = max(steps // evals, 1)
+    return dataclasses.replace(cfg, steps=steps, lr_boundaries=(steps * 6 // 10, steps * 8 // 10),
+                               eval_every=every, chunk=min(cfg.chunk, every))
+
+
 def paper_value(depth: int, model: str) -> float | None:
     """Table 1's number for the cells that are Table 1 cells, else ``None``."""
     dni, cdni = table1.PAPER[("mnist", "fcn", depth)][2:]
@@ -71,9 +97,13 @@ def paper_value(depth: int, model: str) -> float | None:
 
 def cells(preset: str) -> list[Cell]:
     cfg = PRESETS[preset]
-    return [Cell(f"mnist-fcn{d}-{m}", row=f"MNIST FCN {d}", column=COLUMNS[m],
+    base = [Cell(cell_id(d, m), row=f"MNIST FCN {d}", column=COLUMNS[m],
                  params={"depth": d, "model": m}, paper=paper_value(d, m))
             for d in cfg.depths for m in cfg.models]
+    budget = [Cell(cell_id(d, m, s), row=f"MNIST FCN {d}, {s:,} steps", column=COLUMNS[m],
+                   params={"depth": d, "model": m, "steps": s}, paper=paper_value(d, m))
+              for d, m, s in BUDGET_CELLS[preset]]
+    return base + budget
 
 
 def make_predictor(model: str, config: table1.Config) -> sgjax.Predictor:
@@ -88,6 +118,8 @@ def make_predictor(model: str, config: table1.Config) -> sgjax.Predictor:
 
 def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     cfg, p = config.train, cell.params
+    if "steps" in p:
+        cfg = budget_config(cfg, p["steps"])
     ds = table1.load_dataset("mnist", cfg.train_limit, cfg.test_limit)
     predictor = make_predictor(p["model"], cfg)
     split = fcn.fcn_split(p["depth"], "every", sgjax.feedback.synthetic(predictor), cfg,
@@ -98,7 +130,9 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
 
 
 def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
-    """"holds"/"differs" for each claim of the module docstring the results cover."""
+    """"holds"/"differs" for each claim of the module docstring the results cover (preset
+    cells only; the budget cells have their own claims)."""
+    results = [r for r in results if "steps" not in r.cell.params]
     by = {(r.cell.params["depth"], r.cell.params["model"]): r.metric for r in results}
     depths = sorted({d for d, _ in by})
     out = {}
@@ -123,9 +157,12 @@ _STYLE = {"dni-linear": dict(color="tab:blue", ls="--"),
 
 
 def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
-    """``fig12``: test error during training, one panel per depth, one line per model."""
+    """``fig12``: test error during training, one panel per depth, one line per model
+    (budget cells dotted, their x axis their own steps)."""
     from matplotlib.figure import Figure
 
+    extra = [r for r in results if "steps" in r.cell.params]
+    results = [r for r in results if "steps" not in r.cell.params]
     by = {(r.cell.params["depth"], r.cell.params["model"]): r for r in results}
     depths = sorted({d for d, _ in by})
     fig = Figure(figsize=(3.2 * max(len(depths), 1) + 0.4, 3.4), layout="constrained")
@@ -136,6 +173,12 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
             if r is not None and "test_error" in r.curves:
                 ax.plot(*r.curves["test_error"], label=f"{COLUMNS[m]} ({r.metric:.2f} %)",
                         **_STYLE[m])
+        for r in extra:
+            p = r.cell.params
+            if p["depth"] == d and "test_error" in r.curves:
+                ax.plot(*r.curves["test_error"], lw=1, alpha=0.8,
+                        label=f"{COLUMNS[p['model']]}, {p['steps']:,} ({r.metric:.2f} %)",
+                        **{**_STYLE[p["model"]], "ls": ":"})
         ax.set_ylim(0, 10)
         ax.set_title(f"{d} layers", fontsize="small")
         ax.set_xlabel("step")
@@ -163,6 +206,10 @@ MLP_CAUSE = ("not found yet: the 6-layer DNI with A.1's model is learning-rate s
              "18 §2)")
 
 
+BUDGET_WORDS = ("(budget question, ours) the paper trains 500k steps; a larger budget with the "
+                "same schedule shape should move the error toward its numbers")
+
+
 def claims(preset: str) -> list[Claim]:
     """Fig. 12's orderings per depth. "Trains" is read as below half of Table 1's No Bprop
     error (a network whose lower layers got no useful gradient stays near No Bprop); "at
@@ -180,6 +227,19 @@ def claims(preset: str) -> list[Claim]:
         if {"dni-linear", "dni-mlp"} <= set(cfg.models):
             out.append(Claim.less(f"dni-mlp-no-worse-fcn{d}", LINEAR_BEST, cell["dni-mlp"],
                                   cell["dni-linear"], margin=-0.5, cause=MLP_CAUSE))
+    for d, m, s in BUDGET_CELLS[preset]:
+        out.append(Claim.less(f"budget-{m}-fcn{d}-{s}", BUDGET_WORDS, cell_id(d, m, s),
+                              cell_id(d, m)))
+        if m == "dni-linear":
+            out.append(Claim.at_most(f"linear-dni-trains-fcn{d}-{s}", DNI_WORKS,
+                                     cell_id(d, m, s), NO_BPROP[d] / 2))
+    budget = {(d, m): s for d, m, s in BUDGET_CELLS[preset]}
+    for d in cfg.depths:
+        if (d, "dni-linear") in budget and (d, "dni-mlp") in budget:
+            out.append(Claim.less(f"dni-mlp-no-worse-fcn{d}-{budget[(d, 'dni-mlp')]}",
+                                  LINEAR_BEST, cell_id(d, "dni-mlp", budget[(d, "dni-mlp")]),
+                                  cell_id(d, "dni-linear", budget[(d, "dni-linear")]),
+                                  margin=-0.5))
     return out
 
 
