@@ -33,7 +33,7 @@ def test_readings_are_cells_and_trainer_options():
     assert T2.DEFAULT_READING == "consumed"
     assert T2.READINGS["paper"] == {"bootstrap": "unscaled", "aux_target": "model"}
     quick = {c.id: c for c in T2.cells("quick")}
-    assert len(quick) == 41 + 8 + 4
+    assert len(quick) == 41 + 8 + 4 + 2
     # the default reading is the one records made before readings existed used: no param
     assert quick["copy-dni-T2"].params == {"task": "copy", "method": "dni", "T": 2}
     assert "reading" not in quick["copy-bptt-T2"].params  # BPTT has no synthetic gradient
@@ -46,6 +46,21 @@ def test_readings_are_cells_and_trainer_options():
     assert [c.id for c in T2.cells("long")] == ["copy-bptt-T2", "copy-dni-T2", "copy-dniaux-T2"]
     with pytest.raises(ValueError, match="unknown reading"):
         T2.make_cell("copy", "dni", 2, "scaled")
+
+
+def test_budget_cells_carry_their_iterations():
+    quick = {c.id: c for c in T2.cells("quick")}
+    dni = quick["ptb-dni-T5-4k"]
+    assert dni.params == {"task": "ptb", "method": "dni", "T": 5, "iterations": 4000}
+    assert dni.paper is None and quick["ptb-dni-T5"].params == {"task": "ptb", "method": "dni",
+                                                               "T": 5}
+    assert "ptb-bptt-T5-4k" not in {c.id for c in T2.cells("smoke")}
+    assert T2.ptb_iterations(T2.QUICK, 5, 4000) == (4000, T2.QUICK.eval_every)
+    assert T2.ptb_iterations(T2.QUICK, 5) == (1000, 100)
+    claim = {c.id: c for c in T2.claims("quick")}["ptb-dni-below-bptt-T5-4k"]
+    assert claim.cells == ("ptb-dni-T5-4k", "ptb-bptt-T5-4k")
+    with pytest.raises(ValueError, match="iterations"):
+        T2.make_cell("copy", "dni", 2, iterations=4000)
 
 
 def test_claims_numbers_orderings_and_tolerances():

@@ -40,6 +40,9 @@ What is built (A.3), with :mod:`sgjax.recurrent`:
   model's output) and ``aux-model`` (consumed bootstrap, Aux predicting the model's
   output). ``quick`` also runs :data:`READING_CELLS` (Copy ``T = 2, 3``, PTB ``T = 3, 5``)
   at the other readings, ids ending ``-paper`` / ``-aux-model``.
+* Budget cells (:data:`BUDGET_CELLS`, ``quick``): PTB BPTT and DNI at ``T = 5`` for
+  :data:`BUDGET_ITERATIONS` iterations (a cell parameter, ids ending ``-4k``), to see
+  whether DNI's gap to BPTT closes with iterations (``budget.png``).
 
 The headline (§3.2): DNI + Aux at ``T = 5`` reaches the BPC that BPTT at ``T = 20``
 reaches with 58 % of the data, 2× faster. :func:`headline` measures samples (characters
@@ -109,6 +112,12 @@ READING_CELLS: Mapping[str, tuple[tuple[str, str, int], ...]] = {
                        for T in Ts),
 }
 """``{reading: ((task, method, T), ...)}`` also run at ``quick`` with that reading."""
+
+BUDGET_ITERATIONS = 4000
+BUDGET_CELLS: tuple[tuple[str, str, int], ...] = (("ptb", "bptt", 5), ("ptb", "dni", 5))
+"""``(task, method, T)`` also run at ``quick`` for :data:`BUDGET_ITERATIONS` PTB
+iterations (the iteration count is a cell parameter, outside :class:`Config`, so the
+preset's cells keep their identity)."""
 
 PAPER: Mapping[tuple[str, str, int], float] = {
     **{("copy", "bptt", t): v for t, v in zip(COPY_TS, (7, 8, 10, 8))},
@@ -206,25 +215,38 @@ PRESETS: Mapping[str, Config] = {"smoke": SMOKE, "quick": QUICK, "paper": PAPER_
 # --------------------------------------------------------------------------- cells
 
 
-def cell_id(task: str, method: str, T: int, reading: str = DEFAULT_READING) -> str:
-    """``copy-dni-T2``; a reading other than the default is a suffix: ``copy-dni-T2-paper``."""
+def cell_id(task: str, method: str, T: int, reading: str = DEFAULT_READING,
+            iterations: int | None = None) -> str:
+    """``copy-dni-T2``; a reading other than the default is a suffix: ``copy-dni-T2-paper``;
+    an iteration count is another: ``ptb-dni-T5-4k``."""
     suffix = "" if method == "bptt" or reading == DEFAULT_READING else f"-{reading}"
+    if iterations is not None:
+        suffix += f"-{iterations // 1000}k" if iterations % 1000 == 0 else f"-{iterations}it"
     return f"{task}-{method}-T{T}{suffix}"
 
 
-def make_cell(task: str, method: str, T: int, reading: str = DEFAULT_READING) -> Cell:
+def make_cell(task: str, method: str, T: int, reading: str = DEFAULT_READING,
+              iterations: int | None = None) -> Cell:
     """One Table 2 cell; DNI and DNI + Aux cells of a reading other than ``consumed``
-    record it in ``params`` (so records made before readings existed stay valid)."""
+    record it in ``params`` (so records made before readings existed stay valid), and so
+    does a PTB cell with its own ``iterations`` (then it has no paper number)."""
     if reading not in READINGS:
         raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(READINGS)}")
+    if iterations is not None and (task != "ptb" or iterations < 1):
+        raise ValueError(f"iterations={iterations!r} for task {task!r}: only PTB cells take "
+                         "their own iteration count, a positive integer")
     params = {"task": task, "method": method, "T": T}
     column = f"{COLUMNS[method]} T={T}"
     if method != "bptt" and reading != "consumed":
         params["reading"] = reading
     if method != "bptt" and reading != DEFAULT_READING:
         column += f" ({reading} reading)"
-    return Cell(cell_id(task, method, T, reading), row=ROWS[task], column=column,
-                params=params, paper=PAPER.get((task, method, T)))
+    if iterations is not None:
+        params["iterations"] = iterations
+        column += f" ({iterations} iterations)"
+    return Cell(cell_id(task, method, T, reading, iterations), row=ROWS[task], column=column,
+                params=params,
+                paper=PAPER.get((task, method, T)) if iterations is None else None)
 
 
 def all_cells() -> list[Cell]:
@@ -242,11 +264,21 @@ def reading_cells() -> list[Cell]:
 LONG_CELLS = ("copy-bptt-T2", "copy-dni-T2", "copy-dniaux-T2")
 
 
+def budget_cells() -> list[Cell]:
+    """:data:`BUDGET_CELLS` at :data:`BUDGET_ITERATIONS` iterations."""
+    return [make_cell(task, method, T, iterations=BUDGET_ITERATIONS)
+            for task, method, T in BUDGET_CELLS]
+
+
+def _is_budget(r: CellResult) -> bool:
+    return "iterations" in r.cell.params
+
+
 def cells(preset: str) -> list[Cell]:
-    """``quick``: Table 2 and :func:`reading_cells`; ``long``: Copy at ``T = 2`` (BPTT,
-    DNI, DNI + Aux); otherwise Table 2."""
+    """``quick``: Table 2, :func:`reading_cells` and :func:`budget_cells`; ``long``: Copy
+    at ``T = 2`` (BPTT, DNI, DNI + Aux); otherwise Table 2."""
     if preset == "quick":
-        return all_cells() + reading_cells()
+        return all_cells() + reading_cells() + budget_cells()
     if preset == "long":
         return [c for c in all_cells() if c.id in LONG_CELLS]
     return all_cells()
@@ -361,8 +393,12 @@ def load_ptb(limit_train, limit_valid, limit_test) -> sequences.PTB:
                         test=ptb.test[:limit_test])
 
 
-def ptb_iterations(config: Config, T: int) -> tuple[int, int]:
-    """``(iterations, eval_every)`` of a PTB cell."""
+def ptb_iterations(config: Config, T: int, iterations: int | None = None
+                   ) -> tuple[int, int]:
+    """``(iterations, eval_every)`` of a PTB cell; a cell's own ``iterations`` replaces
+    the preset's (evaluation still every ``eval_every``)."""
+    if iterations is not None:
+        return iterations, config.eval_every
     if config.ptb_samples is not None:
         iters = max(1, config.ptb_samples // T)
         every = max(1, iters // config.eval_points)
@@ -400,7 +436,7 @@ def run_ptb(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     eval_len = 100 if config.valid_limit is None or config.valid_limit > 10_000 else 10
     valid = jnp.asarray(sequences.ptb_streams(ptb.valid, config.eval_streams, eval_len))
     test = jnp.asarray(sequences.ptb_streams(ptb.test, config.eval_streams, eval_len))
-    iters, every = ptb_iterations(config, T)
+    iters, every = ptb_iterations(config, T, p.get("iterations"))
     n_chunks = windows.shape[0]
 
     def run(ts, start, windows):
@@ -508,6 +544,7 @@ ORDER_PTB = (
     "bootstrapped targets) " + READING_EVIDENCE + "; left: budget, as at 1k iterations the "
     "zero-initialised synthetic gradient model is still fitting its targets, untested until "
     "the paper protocol runs")
+ORDER_PTB_BUDGET = ORDER_PTB
 HEADLINE_CAUSE = (
     "budget: at 1k iterations BPTT T=20 consumes 4x the characters of DNI + Aux T=5 and both "
     "are still improving (reports/table2/headline.png); the paper protocol has not been run")
@@ -557,6 +594,11 @@ def claims(preset: str) -> list[Claim]:
     ]
     out += [Claim.less(f"ptb-dni-below-bptt-T{T}", PTB_DNI_WORDS, cell_id("ptb", "dni", T),
                        cell_id("ptb", "bptt", T), cause=ORDER_PTB) for T in PTB_TS["dni"]]
+    out += [Claim.less(f"ptb-dni-below-bptt-T{T}-{BUDGET_ITERATIONS // 1000}k", PTB_DNI_WORDS,
+                       cell_id("ptb", "dni", T, iterations=BUDGET_ITERATIONS),
+                       cell_id("ptb", "bptt", T, iterations=BUDGET_ITERATIONS),
+                       cause=ORDER_PTB_BUDGET)
+            for task, method, T in BUDGET_CELLS if method == "dni"]
     out.append(Claim.less("ptb-dniaux-T5-reaches-bptt-T20", HEADLINE_WORDS, "ptb-dniaux-T5",
                           "ptb-bptt-T20", cause=HEADLINE_CAUSE))
     return [c for c in out if set(c.cells) <= ids]
@@ -697,6 +739,27 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     from matplotlib.figure import Figure
 
     figs = {}
+    budget = [r for r in results if _is_budget(r)]
+    results = [r for r in results if not _is_budget(r)]
+    if budget:
+        by = {r.cell.id: r for r in results}
+        fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+        ax = fig.add_subplot()
+        for r in budget:
+            p = r.cell.params
+            base = by.get(cell_id(p["task"], p["method"], p["T"]))
+            for run, lw in ((r, 1.5), (base, 3.0)):
+                if run is None or "valid_bpc" not in run.curves:
+                    continue
+                steps, values = run.curves["valid_bpc"]
+                ax.plot(steps, values, ls=_LINES[p["method"]], lw=lw, alpha=0.6 if lw > 2 else 1,
+                        label=f"{run.cell.id} ({run.metric:.3f})")
+        ax.set_xlabel("iterations")
+        ax.set_ylabel("validation BPC")
+        ax.set_title("PTB budget: DNI (solid) vs BPTT (dashed), 1k cells thick", fontsize="medium")
+        if ax.lines:
+            ax.legend(fontsize="x-small")
+        figs["budget"] = fig
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     _progress_axes(fig.add_subplot(), results, "repeatcopy", METHODS,
                    "Fig. 7 left: Repeat Copy progression")
