@@ -179,7 +179,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
                 ax.plot(*r.curves["test_error"], lw=1, alpha=0.8,
                         label=f"{COLUMNS[p['model']]}, {p['steps']:,} ({r.metric:.2f} %)",
                         **{**_STYLE[p["model"]], "ls": ":"})
-        ax.set_ylim(0, 10)
+        ax.set_ylim(0, 20)
         ax.set_title(f"{d} layers", fontsize="small")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
