@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from sgjax import layers as L
+from sgjax import metrics
 from sgjax.predictors import Predictor
 
 
@@ -316,11 +317,10 @@ def fit_diagnostics(synthetic: jax.Array, target: jax.Array, model_state: Any = 
     """
     s = synthetic.reshape(synthetic.shape[0], -1)
     t = target.reshape(target.shape[0], -1)
-    s_norm, t_norm = jnp.linalg.norm(s, axis=-1), jnp.linalg.norm(t, axis=-1)
-    den = s_norm * t_norm
-    cos = jnp.where(den > 1e-30, jnp.sum(s * t, axis=-1) / jnp.maximum(den, 1e-30), 0.0)
-    out = {"sg_norm": jnp.mean(s_norm), "target_norm": jnp.mean(t_norm),
-           "sg_cosine": jnp.mean(cos)}
+    out = {"sg_norm": jnp.mean(jnp.linalg.norm(s, axis=-1)),
+           "target_norm": jnp.mean(jnp.linalg.norm(t, axis=-1)),
+           # per-example targets can be tiny: a small eps keeps their cosine defined
+           "sg_cosine": metrics.cosine_similarity(s, t, eps=1e-30)}
     stats: dict[str, list] = {"mean": [], "var": []}
     for path, leaf in jax.tree_util.tree_leaves_with_path(model_state):
         keys = [getattr(k, "key", None) for k in path]
