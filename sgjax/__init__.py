@@ -36,7 +36,7 @@ from sgjax.train import (
     sync,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Feedback", "Layer", "NonFiniteError", "Predictor", "Runner", "Schedule", "Split", "Stage",
