@@ -408,13 +408,15 @@ def decoupled(a: Network, b: Network, feedback: Feedback,
                               *_counters())
 
     def substitute(fstate, messages, target):
+        """The feedback's substitute for ``messages`` and its state after producing it
+        (a wrapper such as :func:`~sgjax.feedback.warmup` counts its uses there)."""
         flat = messages.reshape(-1, *m_shape)
-        sub, _, _ = interface.grad(fstate, flat, None, target)
+        sub, fstate, _ = interface.grad(fstate, flat, None, target)
         if tuple(sub.shape) != tuple(flat.shape):
             raise ValueError(f"the feedback {feedback!r} returned a gradient of shape "
                              f"{tuple(sub.shape)} for messages of shape {tuple(flat.shape)}: "
                              "its predictor must output exactly the message shape")
-        return jax.lax.stop_gradient(sub.reshape(messages.shape))
+        return jax.lax.stop_gradient(sub.reshape(messages.shape)), fstate
 
     def b_backward(b_state: NetState, messages, targets):
         def f(params, messages):
@@ -437,9 +439,9 @@ def decoupled(a: Network, b: Network, feedback: Feedback,
 
         (la, messages), vjp_fn, out = jax.vjp(f, a_state.params, has_aux=True)
         target = target_for(messages) if target_for is not None else None
-        sub = substitute(fstate, messages, target)
+        sub, fstate = substitute(fstate, messages, target)
         (grads,) = vjp_fn((jnp.ones((), la.dtype), sub))
-        return la, grads, out, sub, target
+        return la, grads, out, sub, target, fstate
 
     def step(state: MultiRateState, window: Window):
         _check_window(window, a, T, batch_size)
@@ -458,12 +460,12 @@ def decoupled(a: Network, b: Network, feedback: Feedback,
                 return Target(grad=flat(dm), inputs=flat(jax.lax.stop_gradient(messages)),
                               valid=True)
 
-            la, ga, out, sub, target = a_grads(state.a, xs[0], jax.tree.map(
+            la, ga, out, sub, target, fstate = a_grads(state.a, xs[0], jax.tree.map(
                 lambda t: t[0], a_tg), state.a_steps, state.fstate, target_for)
             a_new = _update(optimizer, state.a, ga, out.state, out.carry)
             lb, gb, (b_carry, b_state, ticks) = holder["lb"], holder["gb"], holder["aux"]
             b_new = _update(optimizer, state.b, gb, b_state, b_carry)
-            fstate, fit_info = interface.fit(state.fstate, target)
+            fstate, fit_info = interface.fit(fstate, target)
             new = MultiRateState(a_new, b_new, fstate, out.emitted_at[-1],
                                  state.b_steps + ticks[-1], state.a_updates + 1,
                                  state.b_updates + 1)
@@ -473,24 +475,25 @@ def decoupled(a: Network, b: Network, feedback: Feedback,
             return new, info
 
         def a_chunk(carry, chunk):
-            a_state, a_steps, updates = carry
+            a_state, a_steps, updates, fstate = carry
             inputs, targets = chunk
-            la, ga, out, sub, _ = a_grads(a_state, inputs, targets, a_steps, state.fstate,
-                                          None)
+            la, ga, out, sub, _, fstate = a_grads(a_state, inputs, targets, a_steps, fstate,
+                                                  None)
             a_state = _update(optimizer, a_state, ga, out.state, out.carry)
-            return (a_state, out.emitted_at[-1], updates + 1), (
+            return (a_state, out.emitted_at[-1], updates + 1, fstate), (
                 la, jax.lax.stop_gradient(out.messages), out.emitted_at,
                 jnp.sqrt(jnp.sum(sub ** 2)))
 
-        (a_new, a_steps, a_updates), (las, messages, emitted, sg_norms) = jax.lax.scan(
-            a_chunk, (state.a, state.a_steps, state.a_updates), (xs, a_tg))
+        (a_new, a_steps, a_updates, fstate), (las, messages, emitted, sg_norms) = (
+            jax.lax.scan(a_chunk, (state.a, state.a_steps, state.a_updates, state.fstate),
+                         (xs, a_tg)))
         messages = messages.reshape(T, *messages.shape[2:])  # (T, B, *m)
         lb, gb, dm, (b_carry, b_state, ticks) = b_backward(state.b, messages,
                                                            window.b_targets)
         b_new = _update(optimizer, state.b, gb, b_state, b_carry)
         flat = lambda v: v.reshape(-1, *m_shape)  # noqa: E731
         fstate, fit_info = interface.fit(
-            state.fstate, Target(grad=flat(dm), inputs=flat(messages), valid=True))
+            fstate, Target(grad=flat(dm), inputs=flat(messages), valid=True))
         new = MultiRateState(a_new, b_new, fstate, a_steps, state.b_steps + ticks[-1],
                              a_updates, state.b_updates + 1)
         info = {"a_loss": jnp.sum(las), "b_loss": lb,

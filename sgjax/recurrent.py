@@ -292,7 +292,9 @@ class Backward(NamedTuple):
     ``losses`` ``(T, B)`` per-example task losses; ``carry``: the final carry;
     ``aux_loss``: the DNI + Aux loss (0 without Aux); ``carries`` ``(T, B, 2n)``;
     ``core_sg_loss``: the synthetic gradient model's regression error backpropagated
-    into the core (``sg_into_core``; else 0).
+    into the core (``sg_into_core``; else 0); ``fstate``: the feedback state after the
+    synthetic gradient at the chunk's end was consumed (wrappers that count uses, such
+    as :func:`~sgjax.feedback.warmup`, have counted it).
     """
 
     grads: Any
@@ -303,6 +305,7 @@ class Backward(NamedTuple):
     aux_loss: jax.Array
     carries: jax.Array
     core_sg_loss: jax.Array
+    fstate: Any
 
 
 class Trainer(NamedTuple):
@@ -449,11 +452,13 @@ def truncated_bptt(
                               kept_carry, jnp.zeros((), jnp.int32))
 
     def consumed_sg(fstate, s):
-        sub, _, _ = interface.grad(fstate, s, None, None)
+        """The substitute at ``s`` and the feedback state after producing it (a wrapper
+        such as :func:`~sgjax.feedback.warmup` counts its uses there)."""
+        sub, fstate, _ = interface.grad(fstate, s, None, None)
         if sub.shape != s.shape:
             raise ValueError(f"the feedback's substitute has shape {sub.shape}, but the "
                              f"carry it stands in for has shape {s.shape}")
-        return jax.lax.stop_gradient(sub)
+        return jax.lax.stop_gradient(sub), fstate
 
     def backward(state: RecurrentState, chunk: Chunk) -> Backward:
         check_chunk(chunk)
@@ -466,13 +471,15 @@ def truncated_bptt(
 
         (_, sT), vjp_fn, (losses, carry, carries) = jax.vjp(forward, state.params, s0,
                                                             has_aux=True)
-        sg = consumed_sg(state.fstate, sT)
+        sg, fstate = consumed_sg(state.fstate, sT)
         grads, sg_target = vjp_fn((jnp.ones((), sT.dtype), sg))
         if bootstrap == "unscaled" and feedback.scale != 1:
             _, sg_target = vjp_fn((jnp.ones((), sT.dtype), sg / feedback.scale))
         aux_loss = jnp.zeros((), jnp.float32)
         if use_aux:
-            future = jax.vmap(lambda s: consumed_sg(state.fstate, s))(carries) * batch_size
+            # the Aux targets read the model at every step of the chunk; they are not
+            # consumed by an update, so the state after them is not kept
+            future = jax.vmap(lambda s: consumed_sg(state.fstate, s)[0])(carries) * batch_size
             if aux_target == "model" and feedback.scale != 1:
                 future = future / feedback.scale
             targets, valid = aux_targets(future, state.prev_chunk.resets, chunk.resets)
@@ -500,7 +507,8 @@ def truncated_bptt(
         if sg_into_core:
             core_sg_loss, sg_grads = core_sg_error(state, sg_target)
             grads = jax.tree.map(jnp.add, grads, sg_grads)
-        return Backward(grads, sg, sg_target, losses, carry, aux_loss, carries, core_sg_loss)
+        return Backward(grads, sg, sg_target, losses, carry, aux_loss, carries, core_sg_loss,
+                        fstate)
 
     def regression_error(fstate, s, target):
         """``Σ_b ||M(s) - example_scale · target||²`` as the feedback's fit reports it."""
@@ -528,7 +536,7 @@ def truncated_bptt(
         params = optax.apply_updates(state.params, updates)
         s0 = flatten_carry(state.carry)
         fstate, fit_info = interface.fit(
-            state.fstate, Target(grad=bw.sg_target, inputs=s0, valid=state.started))
+            bw.fstate, Target(grad=bw.sg_target, inputs=s0, valid=state.started))
         carry = jax.tree.map(jax.lax.stop_gradient, bw.carry)
         prev_chunk = prev_carry = kept_chunk = kept_carry = None
         if use_aux:
