@@ -3,7 +3,9 @@
 Pure ``(init, apply)`` layers (:mod:`sgjax.layers`), synthetic-gradient predictors
 (:mod:`sgjax.predictors`), feedback methods and their wrappers (:mod:`sgjax.feedback`),
 and :func:`split_at`, which cuts a network into independently updated stages that talk
-only through messages, run by the schedules of :mod:`sgjax.train`. On top of these:
+only through messages, run by the schedules of :mod:`sgjax.train`. Every trainer
+implements one contract (:mod:`sgjax.trainer`): ``init(key, batch)``,
+``step(state, batch) -> (state, info)``, ``apply(state, x)``. On top of these:
 complete unlock with synthetic inputs (:mod:`sgjax.unlock`), recurrent DNI
 (:mod:`sgjax.recurrent`), networks at different rates (:mod:`sgjax.multirate`) and the
 stale-gradient optax transformation (:mod:`sgjax.optim`). See the README.
@@ -19,6 +21,7 @@ from sgjax import (
     predictors,
     recurrent,
     train,
+    trainer,
     unlock,
 )
 from sgjax.feedback import Feedback, Target
@@ -35,10 +38,12 @@ from sgjax.train import (
     stochastic,
     sync,
 )
+from sgjax.trainer import Batch, Trainer, vmap_seeds
 
 __version__ = "0.3.0"
 
 __all__ = [
+    "Batch", "Trainer", "trainer", "vmap_seeds",
     "Feedback", "Layer", "NonFiniteError", "Predictor", "Runner", "Schedule", "Split", "Stage",
     "StageState", "Target", "TrainState", "check_finite", "feedback", "fused", "layers",
     "losses", "metrics", "multirate", "optim", "predictors", "recurrent", "split_at",

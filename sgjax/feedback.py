@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -173,8 +174,43 @@ class Feedback:
             raise ValueError(f"Feedback {self.name}: unknown Target fields {sorted(unknown)}")
 
     def build(self, spec: InterfaceSpec) -> Interface:
-        """The :class:`Interface` of this method at the interface ``spec``."""
-        return self.make(spec)._replace(update_locked=self.update_locked)
+        """The :class:`Interface` of this method at the interface ``spec``. Its ``grad``
+        (update-locked methods) and ``fit`` raise a clear ``ValueError`` when given a
+        :class:`Target` without a field the method ``needs``."""
+        interface = self.make(spec)
+        grad, fit = interface.grad, interface.fit
+
+        def checked_grad(fstate, h, y, target=None):
+            if self.update_locked:
+                self._check_target(target, "its substitute for this batch")
+            return grad(fstate, h, y, target)
+
+        def checked_fit(fstate, target):
+            self._check_target(target, "fitting")
+            return fit(fstate, target)
+
+        return interface._replace(grad=checked_grad, fit=checked_fit,
+                                  update_locked=self.update_locked)
+
+    def _check_target(self, target, what: str) -> None:
+        if target is None and self.needs:
+            raise ValueError(
+                f"{self!r} needs a Target (with {', '.join(sorted(self.needs))}) for {what}, "
+                "got None: the stage above must send this batch's target first"
+            )
+        if not isinstance(target, Target):
+            if target is None:
+                return
+            raise TypeError(f"{self!r}: a target must be an sgjax.Target, got "
+                            f"{type(target).__name__}")
+        missing = sorted(f for f in self.needs if getattr(target, f) is None)
+        if missing:
+            raise ValueError(
+                f"{self!r} needs the Target fields {sorted(self.needs)} but {missing} "
+                f"{'is' if len(missing) == 1 else 'are'} None: build the target with "
+                f"{', '.join(f'{m}=...' for m in missing)} (the stage above sends what "
+                "Feedback.needs names)"
+            )
 
     def __repr__(self) -> str:
         return f"Feedback({self.name})"
@@ -380,7 +416,13 @@ def synthetic_prop(predictor: Predictor, alpha: float = 1.0) -> Feedback:
     """SG + prop (Czarnecki §6): the substitute is ``SG(h, y) + α ∂L_SG/∂h``,
     with ``L_SG = ||SG(h, y) - ∂L/∂h||²`` on the same batch, so the stage below
     and the SG module "conspire". Update locked (it needs this batch's target).
-    The predictor is used first, then fitted to the same target."""
+    The predictor is used first, then fitted to the same target.
+
+    Units: ``SG`` and ``L_SG`` are in per-example units (see :class:`InterfaceSpec`):
+    the substitute is ``(SG + α ∂L_SG/∂h) / example_scale``, so with a batch-mean loss
+    ``α`` acts as ``α · B`` on the gradient in the loss's own units; ``α`` is unit-free
+    only relative to the per-example regression loss.
+    """
     _check_predictor(predictor, "synthetic_prop()")
 
     def make(spec):
@@ -523,7 +565,38 @@ def stale(decay: float = 0.9) -> Feedback:
 
 # ----------------------------------------------------------------- wrappers --
 # Modifiers take a Feedback and return one, the way optax transformations chain:
-# scaled(refit_every(synthetic(p), 10), 0.1) is a valid feedback.
+# scaled(refit_every(synthetic(p), 10), 0.1) is a valid feedback. They are built from two
+# public pieces, so a user writes a new one without private names: ``transform`` (a
+# feedback whose interface is a function of the wrapped one's) and ``counted`` (an
+# interface whose state carries a counter its grad/fit advance).
+
+
+def transform(feedback: Feedback, wrap: Callable[[Interface], Interface], *, suffix: str,
+              scale: float = 1.0) -> Feedback:
+    """A new :class:`Feedback` whose interface at every cut is ``wrap(inner)``, ``inner``
+    being ``feedback``'s interface there (the way an optax transformation wraps another).
+
+    ``suffix`` is appended to the name (``"DNI, warm-up 10"``); ``scale`` multiplies
+    :attr:`Feedback.scale` (the factor the substitute is multiplied by when consumed).
+    Table 1's attributes and ``needs`` are the wrapped feedback's. ``wrap`` returns an
+    :class:`Interface` (typically ``inner._replace(grad=..., fit=...)`` or
+    :func:`counted`); whatever state its ``grad`` and ``fit`` return is what every
+    trainer passes to the next call.
+    """
+    _check_feedback(feedback, "transform()")
+    if not callable(wrap):
+        raise TypeError(f"transform(wrap={wrap!r}): wrap must be a function Interface -> "
+                        "Interface")
+
+    def make(spec):
+        out = wrap(feedback.build(spec))
+        if not isinstance(out, Interface):
+            raise TypeError(f"transform: wrap returned {type(out).__name__}, not an "
+                            "sgjax.feedback.Interface")
+        return out
+
+    return dataclasses.replace(feedback, name=f"{feedback.name}{suffix}", make=make,
+                               scale=feedback.scale * scale)
 
 
 class CountedState(NamedTuple):
@@ -533,9 +606,18 @@ class CountedState(NamedTuple):
     count: jax.Array
 
 
-def _counted(inner: Interface, *, grad=None, fit=None) -> Interface:
-    """``inner`` with its state wrapped in :class:`CountedState`; ``grad``/``fit``
-    replace the pass-through versions (the counter is theirs to advance)."""
+def counted(inner: Interface, *, grad: Callable | None = None, fit: Callable | None = None
+            ) -> Interface:
+    """``inner`` with its state wrapped in :class:`CountedState` ``(inner, count)``, the
+    count starting at 0.
+
+    ``grad(fstate, h, y, target) -> (substitute, fstate, info)`` and
+    ``fit(fstate, target) -> (fstate, info)`` receive and return the
+    :class:`CountedState` (advancing ``count`` is theirs to do; call ``inner.grad``/
+    ``inner.fit`` on ``fstate.inner``). Either one left ``None`` passes through to
+    ``inner`` and leaves the count alone. E.g. :func:`warmup` counts in ``grad``,
+    :func:`refit_every` in ``fit``.
+    """
 
     def init(key):
         return CountedState(inner.init(key), jnp.zeros((), jnp.int32))
@@ -555,19 +637,28 @@ def _counted(inner: Interface, *, grad=None, fit=None) -> Interface:
                           fit=fit or passthrough_fit, sg_loss=sg_loss)
 
 
+def _check_alpha(alpha) -> float:
+    """``alpha`` as a float: one finite real number (a Python number or a 0-d array)."""
+    shape = getattr(alpha, "shape", None)
+    real = (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)) or (
+        shape == () and jnp.issubdtype(jnp.asarray(alpha).dtype, jnp.number))
+    if not real:
+        raise TypeError(f"scaled(alpha={alpha!r}): alpha must be one real number, e.g. 0.1")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"scaled(alpha={alpha!r}): alpha must be a finite number")
+    return alpha
+
+
 def scaled(feedback: Feedback, alpha: float) -> Feedback:
     """The substitute of ``feedback`` multiplied by ``alpha`` when consumed
     (DNI A.3: the recurrent synthetic gradient ×0.1; A.4: ×10 before entering
     network A). What the gradient source is fitted to is unchanged. The factor is
     recorded as ``Feedback.scale`` (multiplied through nested wrappers)."""
     _check_feedback(feedback, "scaled()")
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"scaled(alpha={alpha!r}): alpha must be a finite number")
+    alpha = _check_alpha(alpha)
 
-    def make(spec):
-        inner = feedback.build(spec)
-
+    def wrap(inner):
         def grad(fstate, h, y, target=None):
             sub, fstate, info = inner.grad(fstate, h, y, target)
             return alpha * sub, fstate, info
@@ -577,8 +668,7 @@ def scaled(feedback: Feedback, alpha: float) -> Feedback:
             sg_loss = lambda *args: alpha * inner.sg_loss(*args)
         return inner._replace(grad=grad, sg_loss=sg_loss)
 
-    return dataclasses.replace(feedback, name=f"{feedback.name} ×{alpha:g}", make=make,
-                               scale=feedback.scale * alpha)
+    return transform(feedback, wrap, suffix=f" ×{alpha:g}", scale=alpha)
 
 
 def refit_every(feedback: Feedback, n: int) -> Feedback:
@@ -590,39 +680,51 @@ def refit_every(feedback: Feedback, n: int) -> Feedback:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"refit_every(n={n!r}): n must be a positive integer")
 
-    def make(spec):
-        inner = feedback.build(spec)
-
+    def wrap(inner):
         def fit(fstate, target):
             valid = jnp.asarray(target.valid, bool)
             due = valid & (fstate.count % n == 0)
             state, info = inner.fit(fstate.inner, target._replace(valid=due))
             return CountedState(state, fstate.count + valid.astype(jnp.int32)), info
 
-        return _counted(inner, fit=fit)
+        return counted(inner, fit=fit)
 
-    return dataclasses.replace(feedback, name=f"{feedback.name}, refit every {n}", make=make)
+    return transform(feedback, wrap, suffix=f", refit every {n}")
 
 
 def warmup(feedback: Feedback, steps: int) -> Feedback:
     """Observe-only warm-up: for the first ``steps`` batches the gradient source
     is fitted as usual but not used (the substitute is zero, as with
-    :func:`none`); afterwards ``feedback`` acts unchanged."""
+    :func:`none`); afterwards ``feedback`` acts unchanged. A batch counts when the
+    substitute is requested for it (one ``grad`` call: a step of a split's stage, a
+    chunk of :func:`sgjax.recurrent.truncated_bptt`, an update of network A in
+    :func:`sgjax.multirate.decoupled`)."""
     _check_feedback(feedback, "warmup()")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"warmup(steps={steps!r}): steps must be a non-negative integer")
 
-    def make(spec):
-        inner = feedback.build(spec)
-
+    def wrap(inner):
         def grad(fstate, h, y, target=None):
             sub, state, info = inner.grad(fstate.inner, h, y, target)
             sub = jnp.where(fstate.count < steps, jnp.zeros_like(sub), sub)
             return sub, CountedState(state, fstate.count + 1), info
 
-        return _counted(inner, grad=grad)._replace(sg_loss=None)
+        return counted(inner, grad=grad)._replace(sg_loss=None)
 
-    return dataclasses.replace(feedback, name=f"{feedback.name}, warm-up {steps}", make=make)
+    return transform(feedback, wrap, suffix=f", warm-up {steps}")
+
+
+def synthetic_variables(fstate: Any) -> Any:
+    """The variables of the one synthetic-gradient model inside a feedback state (a
+    stage's ``StageState.feedback``, a recurrent or multi-rate trainer's ``fstate``),
+    looking through wrappers such as :func:`refit_every`. ``ValueError`` if it holds
+    none or several."""
+    found = [s for s in jax.tree.leaves(fstate, is_leaf=lambda x: isinstance(x, SyntheticState))
+             if isinstance(s, SyntheticState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one synthetic-gradient model in this feedback state, "
+                         f"found {len(found)}: {type(fstate).__name__}")
+    return found[0].variables
 
 
 def _check_feedback(feedback, where: str) -> None:
@@ -637,3 +739,4 @@ ALL = {
 }
 
 WRAPPERS = {"scaled": scaled, "refit_every": refit_every, "warmup": warmup}
+"""The wrappers built into sgjax; :func:`transform` and :func:`counted` build others."""

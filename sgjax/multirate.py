@@ -246,14 +246,20 @@ class MultiRateState(NamedTuple):
 
 
 class System(NamedTuple):
-    """``init(key) -> MultiRateState``; ``step(state, window) -> (state, info)`` (pure,
-    one window of ``T²`` steps; fusable with :func:`sgjax.fused`); ``predict(state,
-    inputs (W·T², B, ...)) -> (a_logits (W·T, B, C_A), b_logits (W·T, B, C_B))``: both
-    networks connected, in inference mode, from zero carries."""
+    """A trainer (:class:`sgjax.trainer.Trainer`) whose batch is a :class:`Window`.
 
-    init: Callable[[jax.Array], MultiRateState]
+    * ``init(key, window=None) -> MultiRateState`` (``window``, if given, is checked);
+    * ``step(state, window) -> (state, info)``: pure, one window of ``T²`` steps;
+      fusable with :func:`sgjax.fused`. ``info``: ``loss`` (``a_loss + b_loss``),
+      ``a_loss``, ``b_loss`` (each summed over the window's ticks, mean over the
+      batch), ``sg_loss``, ``sg_norm`` (the message feedback's), ``b_ticks_at``;
+    * ``apply(state, inputs (W·T², B, ...)) -> (a_logits (W·T, B, C_A), b_logits
+      (W·T, B, C_B))``: both networks connected, in inference mode, from zero carries.
+    """
+
+    init: Callable[..., MultiRateState]
     step: Callable[[MultiRateState, Window], tuple[MultiRateState, dict]]
-    predict: Callable[[MultiRateState, jax.Array], tuple[jax.Array, jax.Array]]
+    apply: Callable[[MultiRateState, jax.Array], tuple[jax.Array, jax.Array]]
     interface: Any
     T: int
     a_every: int
@@ -309,8 +315,8 @@ def _tick_loss(loss, logits, targets, batch_size):
     return jnp.sum(jax.vmap(loss)(logits, targets)) / batch_size
 
 
-def _predict_fn(a: Network, b: Network, T: int):
-    def predict(state: MultiRateState, inputs):
+def _apply_fn(a: Network, b: Network, T: int):
+    def apply(state: MultiRateState, inputs):
         bsz = inputs.shape[1]
         out = run_a(a, T, state.a.params, state.a.state, a.core.initial_carry(bsz), inputs,
                     jnp.zeros((), jnp.int32), train=False)
@@ -318,7 +324,7 @@ def _predict_fn(a: Network, b: Network, T: int):
                                   out.messages, train=False)
         return out.logits, b_logits
 
-    return predict
+    return apply
 
 
 def _update(optimizer, net_state: NetState, grads, new_state, carry) -> NetState:
@@ -335,7 +341,9 @@ def end_to_end(a: Network, b: Network, optimizer: optax.GradientTransformation, 
     Both LSTM states cross windows without gradient."""
     _check_pair(a, b, T, batch_size)
 
-    def init(key):
+    def init(key, window: Window | None = None):
+        if window is not None:
+            _check_window(window, a, T, batch_size)
         ka, kb = jax.random.split(key)
         return MultiRateState(_init_net(a, ka, optimizer, batch_size),
                               _init_net(b, kb, optimizer, batch_size), (), *_counters())
@@ -360,11 +368,12 @@ def end_to_end(a: Network, b: Network, optimizer: optax.GradientTransformation, 
             _update(optimizer, state.b, gb, b_state, b_carry), (),
             out.emitted_at[-1], state.b_steps + ticks[-1], state.a_updates + 1,
             state.b_updates + 1)
-        info = {"a_loss": la, "b_loss": lb, "sg_loss": jnp.zeros((), jnp.float32),
+        info = {"loss": la + lb, "a_loss": la, "b_loss": lb,
+                "sg_loss": jnp.zeros((), jnp.float32),
                 "sg_norm": jnp.zeros((), jnp.float32), "b_ticks_at": out.emitted_at}
         return new, info
 
-    return System(init, step, _predict_fn(a, b, T), None, T, T, batch_size)
+    return System(init, step, _apply_fn(a, b, T), None, T, T, batch_size)
 
 
 def decoupled(a: Network, b: Network, feedback: Feedback,
@@ -401,7 +410,9 @@ def decoupled(a: Network, b: Network, feedback: Feedback,
     interface = feedback.build(spec)
     chunks = T // a_every
 
-    def init(key):
+    def init(key, window: Window | None = None):
+        if window is not None:
+            _check_window(window, a, T, batch_size)
         ka, kb, kf = jax.random.split(key, 3)
         return MultiRateState(_init_net(a, ka, optimizer, batch_size),
                               _init_net(b, kb, optimizer, batch_size), interface.init(kf),
@@ -469,7 +480,7 @@ def decoupled(a: Network, b: Network, feedback: Feedback,
             new = MultiRateState(a_new, b_new, fstate, out.emitted_at[-1],
                                  state.b_steps + ticks[-1], state.a_updates + 1,
                                  state.b_updates + 1)
-            info = {"a_loss": la, "b_loss": lb,
+            info = {"loss": la + lb, "a_loss": la, "b_loss": lb,
                     "sg_loss": jnp.asarray(fit_info.get("sg_loss", 0.0), jnp.float32),
                     "sg_norm": jnp.sqrt(jnp.sum(sub ** 2)), "b_ticks_at": out.emitted_at}
             return new, info
@@ -496,9 +507,9 @@ def decoupled(a: Network, b: Network, feedback: Feedback,
             fstate, Target(grad=flat(dm), inputs=flat(messages), valid=True))
         new = MultiRateState(a_new, b_new, fstate, a_steps, state.b_steps + ticks[-1],
                              a_updates, state.b_updates + 1)
-        info = {"a_loss": jnp.sum(las), "b_loss": lb,
+        info = {"loss": jnp.sum(las) + lb, "a_loss": jnp.sum(las), "b_loss": lb,
                 "sg_loss": jnp.asarray(fit_info.get("sg_loss", 0.0), jnp.float32),
                 "sg_norm": jnp.mean(sg_norms), "b_ticks_at": emitted.reshape(T)}
         return new, info
 
-    return System(init, step, _predict_fn(a, b, T), interface, T, a_every, batch_size)
+    return System(init, step, _apply_fn(a, b, T), interface, T, a_every, batch_size)

@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sgjax import layers as L
@@ -66,7 +67,7 @@ from sgjax import predictors as P
 from sgjax.feedback import Feedback, InterfaceSpec, Target
 
 __all__ = [
-    "Backward", "Chunk", "Core", "LSTMState", "Net", "RecurrentState", "Trainer",
+    "Backward", "Chunk", "Core", "LSTMState", "Net", "RecurrentState", "TruncatedBPTT",
     "aux_targets", "chunked", "flatten_carry", "lstm", "net", "sg_model", "truncated_bptt",
     "unflatten_carry", "unroll",
 ]
@@ -308,16 +309,28 @@ class Backward(NamedTuple):
     fstate: Any
 
 
-class Trainer(NamedTuple):
-    """``init(key) -> RecurrentState``; ``step(state, chunk) -> (state, info)`` (pure,
-    jit once, fusable with :func:`sgjax.fused`); ``backward(state, chunk) ->
-    Backward`` and ``apply(state, chunk, backward) -> (state, info)`` are its two
-    halves; ``interface`` is the feedback bound to the cut."""
+class TruncatedBPTT(NamedTuple):
+    """A trainer (:class:`sgjax.trainer.Trainer`) whose batch is a :class:`Chunk`.
 
-    init: Callable[[jax.Array], RecurrentState]
+    * ``init(key, chunk=None) -> RecurrentState`` (``chunk``, if given, is checked: the
+      shapes are fixed by ``T`` and ``batch_size``);
+    * ``step(state, chunk) -> (state, info)``: pure, jit once, fusable with
+      :func:`sgjax.fused`; ``info``: ``loss`` (the chunk's task loss, summed over its
+      steps, mean over the batch), ``losses`` ``(T, B)``, ``aux_loss``,
+      ``core_sg_loss``, ``sg_loss`` (the feedback's fit), ``sg_norm`` (of the
+      synthetic gradient consumed at the chunk's end);
+    * ``apply(state, x) -> logits``: inference, ``(L, B, num_outputs)`` for inputs
+      ``(L, B, input_size)`` (or a :class:`Chunk`, whose resets are honoured) from the
+      zero carry;
+    * ``backward(state, chunk) -> Backward`` and ``update(state, chunk, backward) ->
+      (state, info)`` are the two halves of ``step``; ``interface`` is the feedback bound
+      to the cut."""
+
+    init: Callable[..., RecurrentState]
     step: Callable[[RecurrentState, Chunk], tuple[RecurrentState, dict]]
+    apply: Callable[[RecurrentState, Any], jax.Array]
     backward: Callable[[RecurrentState, Chunk], Backward]
-    apply: Callable[..., tuple[RecurrentState, dict]]
+    update: Callable[..., tuple[RecurrentState, dict]]
     interface: Any
     net: Net
     T: int
@@ -342,7 +355,7 @@ def truncated_bptt(
     sg_optimizer: optax.GradientTransformation | None = None,
     bootstrap: str = "consumed",
     aux_target: str = "consumed",
-) -> Trainer:
+) -> TruncatedBPTT:
     """Truncated BPTT over chunks of ``T`` steps with ``feedback`` at every boundary.
 
     ``loss(logits (B, C), target_t) -> (B,)`` is one step's per-example loss (masked
@@ -393,6 +406,9 @@ def truncated_bptt(
     within the run. The paper's own numbers may rest on either reading.
     """
     _check_T(T)
+    if not callable(loss):
+        raise TypeError(f"loss={loss!r}: truncated_bptt needs loss(logits (B, C), "
+                        "target_t) -> (B,) per-example losses")
     if bootstrap not in ("consumed", "unscaled"):
         raise ValueError(f"bootstrap={bootstrap!r}: use 'unscaled' or 'consumed'")
     if aux_target not in ("model", "consumed"):
@@ -432,8 +448,27 @@ def truncated_bptt(
         if tuple(chunk.resets.shape) != (T, batch_size):
             raise ValueError(f"chunk resets have shape {tuple(chunk.resets.shape)}; "
                              f"expected (T, B) = {(T, batch_size)}")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(chunk.targets):
+            name = "targets" + jax.tree_util.keystr(path)
+            if tuple(jnp.shape(leaf)[:2]) != (T, batch_size):
+                raise ValueError(
+                    f"chunk {name} has shape {tuple(jnp.shape(leaf))}; every target needs "
+                    f"leading (T, B) = {(T, batch_size)}, like the inputs"
+                )
+            if (not isinstance(leaf, jax.core.Tracer)
+                    and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.integer)
+                    and np.asarray(leaf).size):
+                lo, hi = int(np.min(leaf)), int(np.max(leaf))
+                if lo < 0 or hi >= net_.num_outputs:
+                    raise ValueError(
+                        f"chunk {name} holds class id {lo if lo < 0 else hi}, outside "
+                        f"[0, {net_.num_outputs}): the network has {net_.num_outputs} "
+                        "outputs (check the labels or num_outputs in recurrent.net)"
+                    )
 
-    def init(key):
+    def init(key, chunk: Chunk | None = None):
+        if chunk is not None:
+            check_chunk(chunk)
         k_net, k_fb = jax.random.split(key)
         params = net_.init(k_net)
         fstate = interface.init(k_fb)
@@ -531,7 +566,7 @@ def truncated_bptt(
 
         return jax.value_and_grad(loss_fn)(state.params)
 
-    def apply(state: RecurrentState, chunk: Chunk, bw: Backward):
+    def update(state: RecurrentState, chunk: Chunk, bw: Backward):
         updates, opt_state = optimizer.update(bw.grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         s0 = flatten_carry(state.carry)
@@ -555,6 +590,24 @@ def truncated_bptt(
         return new, info
 
     def step(state, chunk):
-        return apply(state, chunk, backward(state, chunk))
+        return update(state, chunk, backward(state, chunk))
 
-    return Trainer(init, step, backward, apply, interface, net_, T, batch_size)
+    def apply(state: RecurrentState, x):
+        chunk = x if isinstance(x, Chunk) else Chunk(x, None, None)
+        inputs = jnp.asarray(chunk.inputs)
+        if inputs.ndim != 3 or inputs.shape[-1] != net_.input_size:
+            raise ValueError(f"inputs of shape {tuple(inputs.shape)}: apply needs "
+                             f"(L, B, input_size={net_.input_size})")
+        resets = (jnp.zeros(inputs.shape[:2], bool) if chunk.resets is None
+                  else chunk.resets)
+        zero = net_.core.initial_carry(inputs.shape[1])
+
+        def body(carry, step):
+            x_t, reset = step
+            carry = jax.tree.map(lambda z, s: jnp.where(reset[:, None], z, s), zero, carry)
+            carry = net_.core.apply(state.params["core"], carry, x_t)
+            return carry, net_.head.apply(state.params["head"], carry.h)[0]
+
+        return jax.lax.scan(body, zero, (inputs, resets))[1]
+
+    return TruncatedBPTT(init, step, apply, backward, update, interface, net_, T, batch_size)

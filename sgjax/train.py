@@ -1,9 +1,14 @@
 """Schedules that run the stages of a :class:`~sgjax.split.Split`.
 
+Every schedule is a trainer of :mod:`sgjax.trainer`'s contract: ``init(key, batch)``,
+``step(state, batch) -> (state, info)``, ``apply(state, x)``, with ``batch`` a
+:class:`~sgjax.trainer.Batch`.
+
 * :func:`sync` — every stage processes batch *t* in order (the papers'
-  protocol, used by the reproduction tables). Returns a pure, jittable
-  ``step``; :func:`fused` wraps it in ``jax.lax.scan`` so a chunk of steps is
-  one compiled program, and it can be ``jax.vmap``-ed over seeds.
+  protocol, used by the reproduction tables). Its ``step`` is pure and
+  jittable; :func:`fused` wraps it in ``jax.lax.scan`` so a chunk of steps is
+  one compiled program, and it can be ``jax.vmap``-ed over seeds
+  (:func:`sgjax.trainer.vmap_seeds`).
 * :func:`stochastic` — like ``sync`` but each stage updates only with
   probability ``p_update`` (DNI §3.1 "Sparse updates", Fig. 5 left); a stage
   that skips still runs forward but sends no target down. Pure and fusable.
@@ -40,7 +45,8 @@ import jax.numpy as jnp
 
 from sgjax.feedback import Target
 from sgjax.optim import advance_schedules
-from sgjax.split import Split, StageState
+from sgjax.split import Split, Stage, StageState
+from sgjax.trainer import Batch, as_batch, check_trainer
 
 
 class TrainState(NamedTuple):
@@ -53,17 +59,15 @@ class TrainState(NamedTuple):
 
 
 class Schedule(NamedTuple):
-    """``init(key, x, y) -> TrainState`` and a pure ``step``."""
+    """A trainer (:class:`sgjax.trainer.Trainer`) of a split: ``init(key, batch) ->
+    TrainState``, a pure ``step(state, batch) -> (state, info)`` and ``apply(state, x)``,
+    inference through every stage. ``info``: ``loss`` (the top stage's task loss) and
+    per-stage entries ``<name>/<stage>`` (``sg_loss``, ``sg_norm``, ``target_norm``,
+    ``sg_cosine`` for synthetic gradients; ``active`` under :func:`stochastic`)."""
 
     init: Callable[..., TrainState]
     step: Callable[..., tuple[TrainState, dict]]
-
-
-def _direct(split: Split):
-    def call(k, name):
-        return getattr(split.stages[k], name)
-
-    return call
+    apply: Callable[[TrainState, jax.Array], jax.Array]
 
 
 def _placeholders(split: Split, stages: Sequence[StageState], x, y) -> tuple:
@@ -85,9 +89,10 @@ def _placeholders(split: Split, stages: Sequence[StageState], x, y) -> tuple:
     return tuple(pending)
 
 
-def _init(split: Split, key, x, y, *, pending: bool = False) -> TrainState:
+def _init(split: Split, key, batch, *, pending: bool = False) -> TrainState:
     """Initial state; ``pending`` adds the ``valid=False`` placeholder targets a
     pipelined schedule keeps between ticks (``sync``/``stochastic`` keep none)."""
+    x, y = as_batch(batch, "init").x, as_batch(batch, "init").y
     split.check_batch(x, y)
     stages = split.init(key)
     if not pending:
@@ -95,8 +100,9 @@ def _init(split: Split, key, x, y, *, pending: bool = False) -> TrainState:
     return TrainState(stages, _placeholders(split, stages, x, y))
 
 
-def _merge(infos: Sequence[dict]) -> dict:
-    """Flatten per-stage info: the loss keeps its name, others get ``/stage``."""
+def merge_infos(infos: Sequence[dict]) -> dict:
+    """One info dict from per-stage ones: the loss keeps its name, every other entry
+    ``name`` of stage ``k`` becomes ``name/k``."""
     merged = {}
     for k, info in enumerate(infos):
         for name, value in info.items():
@@ -104,7 +110,7 @@ def _merge(infos: Sequence[dict]) -> dict:
     return merged
 
 
-def _sync_tick(split: Split, call, ts: TrainState, x, y):
+def _sync_tick(stages: Sequence[Stage], ts: TrainState, x, y):
     """One step of every stage on batch ``(x, y)``, each with its own protocol.
 
     1. Bottom-up: a stage whose feedback is not update locked updates at once
@@ -116,47 +122,66 @@ def _sync_tick(split: Split, call, ts: TrainState, x, y):
        arrived for this batch (DNI Fig. 2: use on t, fit on t, use on t + 1).
        Inside one compiled step the fit reuses the prediction's forward pass.
 
-    Every forward pass runs once; nothing is kept between steps.
+    Every forward pass runs once; nothing is kept between steps. ``stages`` are the
+    split's stages, or the same functions placed on devices (:class:`Runner`).
     """
-    K = len(split.stages)
+    K = len(stages)
     new: list = [None] * K
     infos: list = [None] * K
     sent: list = [None] * (K + 1)  # sent[k]: the target stage k sent below, this step
     residuals: dict = {}
     h = x
-    for k, stage in enumerate(split.stages):
+    for k, stage in enumerate(stages):
         if stage.waits:
-            h_next, residuals[k] = call(k, "forward_pass")(ts.stages[k], h)
+            h_next, residuals[k] = stage.forward_pass(ts.stages[k], h)
         else:
-            new[k], h_next, sent[k], infos[k] = call(k, "update")(ts.stages[k], h, y, None)
+            new[k], h_next, sent[k], infos[k] = stage.update(ts.stages[k], h, y, None)
         h = h_next
     for k in reversed(sorted(residuals)):
-        new[k], sent[k], infos[k] = call(k, "backward_pass")(
+        new[k], sent[k], infos[k] = stages[k].backward_pass(
             ts.stages[k], residuals[k], y, sent[k + 1])
     for k in range(K - 1):
-        if not split.stages[k].waits:
-            new[k], fit_info = call(k, "fit")(new[k], sent[k + 1])
+        if not stages[k].waits:
+            new[k], fit_info = stages[k].fit(new[k], sent[k + 1])
             infos[k] = {**infos[k], **fit_info}
-    return TrainState(tuple(new), ts.pending), _merge(infos)
+    return TrainState(tuple(new), ts.pending), merge_infos(infos)
 
 
-def _check_concrete_batch(split: Split, x, y) -> None:
+def check_batch(split: Split, x, y) -> None:
+    """``split.check_batch(x, y)`` when the batch is concrete (inside a traced step the
+    shapes were already checked by the schedule's ``init`` and by tracing itself)."""
     if not isinstance(x, jax.core.Tracer) and not isinstance(y, jax.core.Tracer):
         split.check_batch(x, y)
 
 
+def _check_split(split, where: str) -> None:
+    if not isinstance(split, Split):
+        raise TypeError(f"{where} needs an sgjax.Split (from sgjax.split_at), got {split!r}")
+
+
 def sync(split: Split) -> Schedule:
-    """The papers' synchronous protocol as a pure ``step(state, x, y)``."""
+    """The papers' synchronous protocol: a trainer whose pure ``step(state, batch)``
+    runs every stage on ``batch = Batch(x, y)``."""
+    _check_split(split, "sync")
 
-    def step(ts, x, y):
-        _check_concrete_batch(split, x, y)
-        return _sync_tick(split, _direct(split), ts, x, y)
+    def step(ts, batch):
+        b = as_batch(batch, "sync step")
+        check_batch(split, b.x, b.y)
+        return _sync_tick(split.stages, ts, b.x, b.y)
 
-    return Schedule(lambda key, x, y: _init(split, key, x, y), step)
+    return Schedule(lambda key, batch: _init(split, key, batch), step, _apply(split))
+
+
+def _apply(split: Split):
+    def apply(ts: TrainState, x):
+        return split.apply(ts.stages, x)
+
+    return apply
 
 
 def stochastic(split: Split, p_update: float | None) -> Schedule:
-    """Sparse updates (DNI §3.1, Fig. 5 left) as a pure ``step(state, x, y, key)``.
+    """Sparse updates (DNI §3.1, Fig. 5 left): a trainer whose pure
+    ``step(state, Batch(x, y, key))`` draws from ``key`` which stages update.
 
     "After every forward pass, each layer does its backward pass only with
     probability ``p_update``." A stage that skips still runs forward (the stage
@@ -172,9 +197,10 @@ def stochastic(split: Split, p_update: float | None) -> Schedule:
     400_000))`` drops at global steps 300k and 400k whatever ``p_update`` is; Adam's
     moments and bias correction count the module's own updates.
 
-    ``p_update=None`` makes it an argument, ``step(state, x, y, key, p_update)``,
+    ``p_update=None`` makes it part of the batch, ``Batch(x, y, key, p_update)``,
     so a population of runs can be ``jax.vmap``-ed over ``p_update`` too.
     """
+    _check_split(split, "stochastic")
     if p_update is not None and not 0.0 < p_update <= 1.0:
         raise ValueError(f"p_update={p_update!r} must be in (0, 1]")
     if split.update_locked:
@@ -184,11 +210,16 @@ def stochastic(split: Split, p_update: float | None) -> Schedule:
         )
     fixed_p = p_update
 
-    def step(ts, x, y, key, p_update=None):
+    def step(ts, batch):
+        x, y, key, p_update = as_batch(batch, "stochastic step")
         p = fixed_p if fixed_p is not None else p_update
         if p is None:
-            raise ValueError("stochastic(split, None) needs p_update as the step's 5th argument")
-        _check_concrete_batch(split, x, y)
+            raise ValueError("stochastic(split, None) needs p_update in the batch: "
+                             "Batch(x, y, key, p_update)")
+        if key is None:
+            raise ValueError("stochastic updates draw which stages update: pass this step's "
+                             "key in the batch, Batch(x, y, key)")
+        check_batch(split, x, y)
         K = len(split.stages)
         active = jax.random.bernoulli(key, p, (K,))
         new, infos, sent = [None] * K, [None] * K, [None] * (K + 1)
@@ -211,9 +242,9 @@ def stochastic(split: Split, p_update: float | None) -> Schedule:
             new[k], fit_info = split.stages[k].fit(new[k], sent[k + 1])
             new[k] = unfitted_schedules(new[k], sent[k + 1])
             infos[k] = {**infos[k], **fit_info}
-        return TrainState(tuple(new), ts.pending), _merge(infos)
+        return TrainState(tuple(new), ts.pending), merge_infos(infos)
 
-    return Schedule(lambda key, x, y: _init(split, key, x, y), step)
+    return Schedule(lambda key, batch: _init(split, key, batch), step, _apply(split))
 
 
 def skipped_schedules(state: StageState, updated) -> StageState:
@@ -258,33 +289,38 @@ def check_finite(tree: Any, *, where: str = "training") -> Any:
     return tree
 
 
-def fused(step: Callable, *, batch_fn: Callable | None = None, donate: bool = False
+def fused(trainer: Any, *, batch_fn: Callable | None = None, donate: bool = False
           ) -> Callable:
     """Compile a chunk of steps into one program.
 
-    Returns ``run(state, *xs, data=None) -> (state, infos)``: one jitted
-    ``jax.lax.scan`` of ``step`` over the leading axis of ``xs``, with the
-    per-step infos stacked. Without ``batch_fn`` the body calls
-    ``step(state, *x_t)`` (``xs`` are the stacked batches). With ``batch_fn``
-    it calls ``step(state, *batch_fn(data, *x_t))``, so the dataset ``data``
-    stays device-resident and each batch is gathered inside the compiled
-    program, e.g. ``batch_fn=lambda d, idx, key: (d.x[idx], d.y[idx], key)``
+    ``trainer`` is a trainer (:class:`sgjax.trainer.Trainer`; its ``step`` is used) or a
+    pure ``step(state, batch) -> (state, info)``. Returns
+    ``run(state, batches, data=None) -> (state, infos)``: one jitted ``jax.lax.scan`` of
+    the step over the leading axis of every leaf of ``batches``, with the per-step infos
+    stacked. Without ``batch_fn`` the body calls ``step(state, batches[t])`` (e.g.
+    ``batches = Batch(xs, ys)`` with ``xs`` of shape ``(chunk, B, ...)``). With
+    ``batch_fn`` it calls ``step(state, batch_fn(data, batches[t]))``, so the dataset
+    ``data`` stays device-resident and each batch is gathered inside the compiled
+    program, e.g. ``batch_fn=lambda d, t: Batch(d.x[t.idx], d.y[t.idx], t.key)``
     scanned over ``(chunk, B)`` indices and ``chunk`` keys.
     """
+    step = trainer.step if hasattr(trainer, "step") else trainer
+    if not callable(step):
+        raise TypeError(f"fused needs a trainer or a step function, got {trainer!r}")
 
-    def run(state, *xs, data=None):
+    def run(state, batches, data=None):
         lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
-                   for leaf in jax.tree.leaves(xs)}
+                   for leaf in jax.tree.leaves(batches)}
         if len(lengths) > 1 or None in lengths:
             raise ValueError(
                 f"fused run: every scanned input needs the same leading (step) axis, got "
                 f"lengths {sorted(str(n) for n in lengths)}"
             )
 
-        def body(state, x_t):
-            return step(state, *(batch_fn(data, *x_t) if batch_fn is not None else x_t))
+        def body(state, b_t):
+            return step(state, batch_fn(data, b_t) if batch_fn is not None else b_t)
 
-        return jax.lax.scan(body, state, xs)
+        return jax.lax.scan(body, state, batches)
 
     return jax.jit(run, donate_argnums=(0,) if donate else ())
 
@@ -297,18 +333,51 @@ class PipeState(NamedTuple):
     inbox: tuple[Any, ...]
 
 
+def _placed(fn: Callable, device) -> Callable:
+    """``fn`` jitted once, its arguments moved to ``device`` before each call
+    (computation follows the data)."""
+    jitted = jax.jit(fn)
+
+    def call(*args):
+        return jitted(*jax.device_put(args, device))
+
+    return call
+
+
+def _check_devices(devices, K: int) -> list:
+    if devices is None:
+        return [jax.devices()[0]] * K
+    devices = list(devices)
+    bad = [d for d in devices if not isinstance(d, jax.Device)]
+    if bad:
+        raise TypeError(
+            f"devices={devices!r}: {bad[0]!r} is not a jax.Device; pass devices from "
+            "jax.devices() (e.g. jax.devices()[:2])"
+        )
+    if len(devices) < K:
+        raise ValueError(
+            f"{K} stages but only {len(devices)} devices were given: give one device "
+            "per stage (a device may repeat), or use fewer cuts"
+        )
+    return devices[:K]
+
+
 class Runner:
-    """Run a split with stage *k*'s state on ``devices[k]``.
+    """Run a split with stage *k*'s state on ``devices[k]``; a trainer
+    (:class:`sgjax.trainer.Trainer`): ``init(key, batch)``, ``step(state, batch)``,
+    ``apply(state, x)``.
 
     ``schedule="sync"`` gives the same numbers as :func:`sync` on one device;
     ``schedule="pipelined"`` overlaps the stages (see the module docstring for
     its staleness). ``devices=None`` puts every stage on the default device.
-    Each stage's ``update``/``forward`` is jitted once; arguments are moved to
-    the stage's device with ``jax.device_put`` before each call.
+    Each stage's functions are jitted once (``Runner.stages``: the split's stages with
+    those placed functions); arguments are moved to the stage's device with
+    ``jax.device_put`` before each call.
     """
 
     def __init__(self, split: Split, *, schedule: str = "sync",
                  devices: Sequence[jax.Device] | None = None):
+        _check_split(split, "Runner")
         K = len(split.stages)
         if schedule not in ("sync", "pipelined"):
             raise ValueError(f"schedule={schedule!r}: Runner supports 'sync' and 'pipelined'")
@@ -317,31 +386,16 @@ class Runner:
                 "a pipelined schedule needs feedbacks that are not update locked; "
                 "Bprop, SG + prop, FA, DFA and Kickback wait for this batch's target"
             )
-        if devices is None:
-            devices = [jax.devices()[0]] * K
-        devices = list(devices)
-        if len(devices) < K:
-            raise ValueError(
-                f"{K} stages but only {len(devices)} devices were given: give one device "
-                "per stage (a device may repeat), or use fewer cuts"
-            )
-        self.split, self.schedule, self.devices = split, schedule, devices[:K]
-        self._fns = [
-            {name: jax.jit(getattr(s, name))
-             for name in ("update", "forward", "apply", "forward_pass", "backward_pass", "fit")}
-            for s in split.stages
-        ]
+        devices = _check_devices(devices, K)
+        self.split, self.schedule, self.devices = split, schedule, devices
+        self.stages: tuple[Stage, ...] = tuple(
+            s._replace(**{name: _placed(getattr(s, name), d) for name in (
+                "update", "forward", "apply", "forward_pass", "backward_pass", "fit")})
+            for s, d in zip(split.stages, devices)
+        )
 
-    def _call(self, k, name):
-        fn, device = self._fns[k][name], self.devices[k]
-
-        def call(*args):
-            return fn(*jax.device_put(args, device))
-
-        return call
-
-    def init(self, key, x, y):
-        ts = _init(self.split, key, x, y, pending=self.schedule == "pipelined")
+    def init(self, key, batch):
+        ts = _init(self.split, key, batch, pending=self.schedule == "pipelined")
         stages = tuple(jax.device_put(s, d) for s, d in zip(ts.stages, self.devices))
         pending = tuple(jax.device_put(p, d) for p, d in zip(ts.pending, self.devices))
         ts = TrainState(stages, pending)
@@ -349,12 +403,13 @@ class Runner:
             return PipeState(ts, (None,) * len(self.split.stages))
         return ts
 
-    def step(self, state, x, y):
-        """One tick. Returns the new state and the info of the stages that ran
-        (arrays are not awaited: dispatch is asynchronous)."""
+    def step(self, state, batch):
+        """One tick on ``batch = Batch(x, y)``. Returns the new state and the info of the
+        stages that ran (arrays are not awaited: dispatch is asynchronous)."""
+        b = as_batch(batch, "Runner step")
         if self.schedule == "sync":
-            return _sync_tick(self.split, self._call, state, x, y)
-        return self._pipelined_tick(state, x, y)
+            return _sync_tick(self.stages, state, b.x, b.y)
+        return self._pipelined_tick(state, b.x, b.y)
 
     def _pipelined_tick(self, ps: PipeState, x, y):
         ts, K = ps.train, len(self.split.stages)
@@ -364,17 +419,25 @@ class Runner:
             message = (x, y) if k == 0 else ps.inbox[k]
             if message is None:
                 continue
-            new[k], h, below, infos[k] = self._call(k, "update")(
+            new[k], h, below, infos[k] = self.stages[k].update(
                 ts.stages[k], message[0], message[1], ts.pending[k])
             if k + 1 < K:
                 inbox[k + 1] = (h, message[1])
             if k > 0:
                 pending[k - 1] = below
-        return PipeState(TrainState(tuple(new), tuple(pending)), tuple(inbox)), _merge(infos)
+        return (PipeState(TrainState(tuple(new), tuple(pending)), tuple(inbox)),
+                merge_infos(infos))
 
     def apply(self, state, x):
         """Inference through all stages, moving activations between devices."""
         ts = state.train if isinstance(state, PipeState) else state
         for k in range(len(self.split.stages)):
-            x = self._call(k, "apply")(ts.stages[k], x)
+            x = self.stages[k].apply(ts.stages[k], x)
         return x
+
+
+__all__ = [
+    "Batch", "NonFiniteError", "PipeState", "Runner", "Schedule", "TrainState",
+    "check_batch", "check_finite", "check_trainer", "fused", "merge_infos",
+    "skipped_schedules", "stochastic", "sync", "unfitted_schedules",
+]

@@ -58,7 +58,8 @@ import optax
 from sgjax import layers as L
 from sgjax.optim import advance_schedules
 from sgjax.split import Split, StageState
-from sgjax.train import _check_concrete_batch, _merge, skipped_schedules, unfitted_schedules
+from sgjax.train import check_batch, merge_infos, skipped_schedules, unfitted_schedules
+from sgjax.trainer import as_batch
 
 
 class InputModel(NamedTuple):
@@ -145,9 +146,9 @@ class UnlockState(NamedTuple):
 
 
 class UnlockSchedule(NamedTuple):
-    """``init(key, x, y) -> UnlockState``, a pure ``step`` (fusable with
-    :func:`sgjax.fused`) and ``apply(state, x)``: test-time inference through the
-    connected stages (input models unused)."""
+    """A trainer (:class:`sgjax.trainer.Trainer`): ``init(key, batch) -> UnlockState``, a
+    pure ``step(state, batch)`` (fusable with :func:`sgjax.fused`) and ``apply(state,
+    x)``: test-time inference through the connected stages (input models unused)."""
 
     init: Callable[..., UnlockState]
     step: Callable[..., tuple[UnlockState, dict]]
@@ -272,12 +273,12 @@ def complete_unlock(split: Split, input_model: InputModel | Sequence[InputModel]
       optimizer: optax transformation of the input models' parameters.
       p_update: each stage's probability of not being busy at a step (Fig. 5 right): a
         float for every stage, or one per stage. ``1.0`` (default): every stage works
-        every step, and ``step(state, x, y)`` needs no key; otherwise
-        ``step(state, x, y, key)``. ``None`` makes it the step's 5th argument,
-        ``step(state, x, y, key, p_update)`` (a scalar or ``(K,)`` array, may be traced:
+        every step, and the batch ``Batch(x, y)`` needs no key; otherwise
+        ``Batch(x, y, key)``. ``None`` makes it part of the batch,
+        ``Batch(x, y, key, p_update)`` (a scalar or ``(K,)`` array, may be traced:
         ``jax.vmap`` a population over it).
 
-    Returns an :class:`UnlockSchedule`. ``init(key, x, y)`` initialises the stages exactly
+    Returns an :class:`UnlockSchedule`. ``init(key, batch)`` initialises the stages exactly
     as ``split.init(key)`` (so :func:`sgjax.sync` with the same key starts from the same
     network) and the input models from ``fold_in(key, 1)``. The step's info holds
     ``loss`` (the top stage's; 0 when it is busy), ``sg_loss/i``, ``input_loss/i`` (the
@@ -294,7 +295,8 @@ def complete_unlock(split: Split, input_model: InputModel | Sequence[InputModel]
     fixed_p = _check_p(p_update, K)
     always = fixed_p is not None and all(p == 1.0 for p in fixed_p)
 
-    def init(key, x, y) -> UnlockState:
+    def init(key, batch) -> UnlockState:
+        x, y = as_batch(batch, "complete_unlock init")[:2]
         split.check_batch(x, y)
         stages = split.init(key)
         keys = jax.random.split(jax.random.fold_in(key, 1), K - 1)
@@ -309,8 +311,8 @@ def complete_unlock(split: Split, input_model: InputModel | Sequence[InputModel]
             return (True,) * K
         if key is None:
             raise ValueError(
-                "complete_unlock with p_update < 1 draws which stages are busy: pass a key, "
-                "step(state, x, y, key)"
+                "complete_unlock with p_update < 1 draws which stages are busy: pass this "
+                "step's key in the batch, Batch(x, y, key)"
             )
         p = jnp.asarray(p, jnp.float32)
         if p.ndim not in (0, 1) or (p.ndim == 1 and p.shape[0] != K):
@@ -331,13 +333,14 @@ def complete_unlock(split: Split, input_model: InputModel | Sequence[InputModel]
         return jax.lax.cond(active, lambda s, h: stage.update(s, h, y, None), busy,
                             state, h_in)
 
-    def step(ts: UnlockState, x, y, key=None, p_update=None):
-        _check_concrete_batch(split, x, y)
+    def step(ts: UnlockState, batch):
+        x, y, key, p_update = as_batch(batch, "complete_unlock step")
+        check_batch(split, x, y)
         p = fixed_p if fixed_p is not None else p_update
         if p is None:
             raise ValueError(
-                "complete_unlock(split, ..., p_update=None) needs p_update as the step's "
-                "5th argument"
+                "complete_unlock(split, ..., p_update=None) needs p_update in the batch: "
+                "Batch(x, y, key, p_update)"
             )
         active = active_stages(key, p)
         # Synthetic inputs for batch t from the input models as they are before this
@@ -363,7 +366,7 @@ def complete_unlock(split: Split, input_model: InputModel | Sequence[InputModel]
             new_inputs[k] = new_inputs[k]._replace(opt_state=advance_schedules(
                 new_inputs[k].opt_state, 1 - jnp.asarray(active[k], jnp.int32)))
             infos[k + 1] = {**infos[k + 1], **in_info}
-        return UnlockState(tuple(new), tuple(new_inputs)), _merge(infos)
+        return UnlockState(tuple(new), tuple(new_inputs)), merge_infos(infos)
 
     def apply(state: UnlockState, x):
         return split.apply(state.stages, x)
