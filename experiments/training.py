@@ -1,7 +1,7 @@
 """The one training loop of the reproduction suite, and the networks A.1 describes.
 
-:func:`train_and_evaluate` runs any pure ``step(state, *batch) -> (state, info)`` (a
-schedule of :mod:`sgjax.train`, or a vmapped pair of them) for ``steps`` steps, a chunk of
+:func:`train_and_evaluate` runs any trainer of sgjax's contract (:mod:`sgjax.trainer`),
+or any pure ``step(state, batch) -> (state, info)``, for ``steps`` steps, a chunk of
 steps per compiled call (:func:`sgjax.fused`: one ``jax.lax.scan``, batches gathered
 inside it from device-resident data), with
 
@@ -95,7 +95,7 @@ def _summarise(values: Mapping[str, Any], seeds: int | None) -> dict[str, Any]:
 
 def train_and_evaluate(
     ctx,
-    step: Callable,
+    trainer: Any,
     state: Any,
     *,
     steps: int,
@@ -115,8 +115,8 @@ def train_and_evaluate(
 
     Args:
         ctx: the cell's run context (``restore``, ``save``, ``log``, ``progress``, ``close``).
-        step: pure ``step(state, *batch) -> (state, info)``; ``info`` maps names to scalars
-            (e.g. :func:`sgjax.sync`'s ``step``).
+        trainer: a trainer (:class:`sgjax.Trainer`; its ``step`` is used) or a pure
+            ``step(state, batch) -> (state, info)``; ``info`` maps names to scalars.
         state: the initial state (replaced by the checkpoint when resuming; its buffers
             are donated to the compiled chunk, so do not reuse it). With ``seeds=S`` every
             leaf has a leading axis of size ``S``.
@@ -124,10 +124,10 @@ def train_and_evaluate(
         chunk: steps per compiled call; a call stops early at the next evaluation step.
         eval_every, eval_at: evaluate every ``eval_every`` steps and at the steps in
             ``eval_at`` (always at ``steps`` too).
-        batch_fn: ``batch_fn(data, key) -> batch`` (a tuple), traced inside the compiled
-            scan with this step's key (``jax.random.fold_in(key, t)`` at global step ``t``);
-            ``None``: ``step(state)`` takes no batch (full-batch runs keep the data in the
-            state or the closure).
+        batch_fn: ``batch_fn(data, key) -> batch`` (e.g. an :class:`sgjax.Batch`), traced
+            inside the compiled scan with this step's key (``jax.random.fold_in(key, t)`` at
+            global step ``t``); ``None``: the batch is ``None`` (full-batch runs keep the
+            data in the state or the closure).
         data: pytree of arrays passed to ``batch_fn`` (an argument of the compiled call,
             not a constant baked into it).
         key: base key of the batch keys (default: ``fold_in(ctx.key(), 1)``). With
@@ -142,6 +142,10 @@ def train_and_evaluate(
     Returns:
         :class:`Trained` ``(state, metrics)``.
     """
+    step = trainer.step if hasattr(trainer, "step") else trainer
+    if not callable(step):
+        raise TypeError(f"train_and_evaluate needs a trainer or a step function, got "
+                        f"{trainer!r}")
     marks = stops(steps, eval_every, eval_at)
     if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive integer")
@@ -153,10 +157,10 @@ def train_and_evaluate(
     def batch_at(d, t):
         user_data, k = d
         if batch_fn is None:
-            return ()
+            return None
         if seeds is None:
-            return tuple(batch_fn(user_data, jax.random.fold_in(k, t)))
-        return tuple(jax.vmap(lambda k_s: batch_fn(user_data, jax.random.fold_in(k_s, t)))(k))
+            return batch_fn(user_data, jax.random.fold_in(k, t))
+        return jax.vmap(lambda k_s: batch_fn(user_data, jax.random.fold_in(k_s, t)))(k)
 
     body = jax.vmap(step) if seeds is not None else step
 
@@ -170,8 +174,8 @@ def train_and_evaluate(
         per_step = () if seeds is None else (seeds,)
         return {_curve_name(k): v for k, v in info.items() if jnp.shape(v) == per_step}
 
-    def logged_step(state, *batch):
-        state, info = body(state, *batch)
+    def logged_step(state, batch):
+        state, info = body(state, batch)
         return state, scalars(info)
 
     run = jax.jit(sgjax.fused(logged_step, batch_fn=batch_at), donate_argnums=(0,),
@@ -233,15 +237,15 @@ def evaluate_error(apply: Callable, states, x: jax.Array, y: jax.Array,
 
 
 def uniform_batches(batch_size: int, *, keyed: bool = False) -> Callable:
-    """``batch_fn(data, key) -> (x, y[, step_key])`` for :func:`train_and_evaluate`:
+    """``batch_fn(data, key) -> Batch(x, y[, key])`` for :func:`train_and_evaluate`:
     ``batch_size`` examples of ``data = (x_train, y_train)`` drawn uniformly with
-    replacement; ``keyed`` appends a key for the step itself (:func:`sgjax.stochastic`)."""
+    replacement; ``keyed`` adds a key for the step itself (:func:`sgjax.stochastic`)."""
 
     def batch_fn(data, key):
         x, y = data
         k_idx, k_step = jax.random.split(key)
         idx = jax.random.randint(k_idx, (batch_size,), 0, x.shape[0])
-        return (x[idx], y[idx], k_step) if keyed else (x[idx], y[idx])
+        return sgjax.Batch(x[idx], y[idx], k_step) if keyed else sgjax.Batch(x[idx], y[idx])
 
     return batch_fn
 
@@ -269,8 +273,8 @@ def train_classifier(
     y_test``): batches of ``batch_size`` drawn uniformly with replacement; ``loss`` and
     ``test_error`` (%) logged every ``eval_every`` steps and at the end.
 
-    ``schedule`` defaults to :func:`sgjax.sync`; ``keyed`` passes a per-step key to its
-    step (:func:`sgjax.stochastic`). ``eval_train`` also logs ``train_error`` on the first
+    ``schedule`` defaults to :func:`sgjax.sync`; ``keyed`` puts a per-step key in its
+    batch (:func:`sgjax.stochastic`). ``eval_train`` also logs ``train_error`` on the first
     ``train_eval_limit`` training examples; ``log_info`` logs every scalar the schedule
     reports (``sg_loss_<stage>`` for synthetic gradients), averaged over the interval.
     ``seeds=S`` trains ``S`` independently initialised copies at once (vmapped; the metrics
@@ -291,10 +295,10 @@ def train_classifier(
     k_init, k_data = jax.random.split(ctx.key())
     x0, y0 = x_train[:batch_size], y_train[:batch_size]
     if seeds is None:
-        state = schedule.init(k_init, x0, y0)
+        state = schedule.init(k_init, sgjax.Batch(x0, y0))
     else:
         init_keys = jax.random.split(k_init, seeds)
-        state = jax.vmap(lambda k: schedule.init(k, x0, y0))(init_keys)
+        state = jax.vmap(lambda k: schedule.init(k, sgjax.Batch(x0, y0)))(init_keys)
     apply = inference_fn(split, compiler_options=compiler_options, seeds=seeds is not None)
 
     def evaluate(ts, step):
@@ -306,23 +310,10 @@ def train_classifier(
         return out
 
     return train_and_evaluate(
-        ctx, schedule.step, state, steps=steps, chunk=chunk, eval_every=eval_every,
+        ctx, schedule, state, steps=steps, chunk=chunk, eval_every=eval_every,
         batch_fn=uniform_batches(batch_size, keyed=keyed), data=(x_train, y_train),
         key=k_data, evaluate=evaluate, metrics=None if log_info else ("loss",), seeds=seeds,
         compiler_options=compiler_options)
-
-
-def synthetic_variables(fstate: Any) -> Any:
-    """The variables of the synthetic-gradient model inside a stage's feedback state
-    (``stage_state.feedback``), looking through wrappers such as
-    :func:`sgjax.feedback.refit_every`. ``ValueError`` if it holds none or several."""
-    found = [s for s in jax.tree.leaves(
-        fstate, is_leaf=lambda x: isinstance(x, sgjax.feedback.SyntheticState))
-        if isinstance(s, sgjax.feedback.SyntheticState)]
-    if len(found) != 1:
-        raise ValueError(f"expected one synthetic-gradient model in this feedback state, "
-                         f"found {len(found)}: {type(fstate).__name__}")
-    return found[0].variables
 
 
 # --------------------------------------------------------------------------- networks

@@ -394,7 +394,7 @@ def time_per_step(schedule: sgjax.Schedule, state, x, y, batch_size: int, steps:
                   key) -> float:
     """Microseconds per step of ``steps`` fused steps, after a compiling call."""
     batch = training.uniform_batches(batch_size)
-    run = sgjax.fused(schedule.step, batch_fn=lambda d, t: batch(d, jax.random.fold_in(key, t)))
+    run = sgjax.fused(schedule, batch_fn=lambda d, t: batch(d, jax.random.fold_in(key, t)))
     ts = jnp.arange(steps)
     jax.block_until_ready(run(state, ts, data=(x, y)))
     t = time.perf_counter()
@@ -452,7 +452,7 @@ def run_edit(cell: Cell, config: EditConfig, ctx) -> dict[str, Any]:
             bp = make_split("backprop", config, ds.input_shape)
             sched = sgjax.sync(bp)
             b = config.batch_size
-            state = sched.init(ctx.key(), x_train[:b], y_train[:b])
+            state = sched.init(ctx.key(), sgjax.Batch(x_train[:b], y_train[:b]))
             out["backprop_us_per_step"] = time_per_step(sched, state, x_train, y_train, b,
                                                         config.timing_steps, key)
             out["time_over_backprop"] = out["us_per_step"] / out["backprop_us_per_step"]

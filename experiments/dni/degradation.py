@@ -177,7 +177,8 @@ def true_target_sync(split: sgjax.Split, loss=sgjax.losses.softmax_cross_entropy
     costs a full backward pass per step."""
     base = sgjax.sync(split)
 
-    def step(ts, x, y):
+    def step(ts, batch):
+        x, y = sgjax.trainer.as_batch(batch, "true_target_sync")[:2]
         hs, true = true_gradients(split, ts.stages, x, y, loss)
         labels = split.label_fn(y)
         new, info, h = [None] * len(split.stages), {}, x
@@ -188,10 +189,10 @@ def true_target_sync(split: sgjax.Split, loss=sgjax.losses.softmax_cross_entropy
                                                labels=labels)
                 new[k], fit_info = stage.fit(new[k], target)
                 stage_info = {**stage_info, **fit_info}
-            info.update({n if n == "loss" else f"{n}/{k}": v for n, v in stage_info.items()})
+            info.update(sgjax.train.merge_infos([{}] * k + [stage_info]))
         return sgjax.train.TrainState(tuple(new), ts.pending), info
 
-    return sgjax.Schedule(base.init, step)
+    return sgjax.Schedule(base.init, step, base.apply)
 
 
 def gradient_probe(split: sgjax.Split, predictor: sgjax.Predictor, x: jax.Array,
@@ -214,7 +215,7 @@ def gradient_probe(split: sgjax.Split, predictor: sgjax.Predictor, x: jax.Array,
         labels = split.label_fn(y)
         out = {}
         for k in range(len(split.stages) - 1):
-            variables = training.synthetic_variables(stages[k].feedback)
+            variables = sgjax.feedback.synthetic_variables(stages[k].feedback)
             s, _ = predictor.apply(variables, hs[k + 1],
                                    labels if predictor.conditioned else None, train=True)
             t = x.shape[0] * true[k + 1]

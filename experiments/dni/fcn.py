@@ -63,7 +63,7 @@ def gradient_pair(split: sgjax.Split, states: Sequence[sgjax.StageState], k: int
     for stage, state in zip(split.stages[:k + 1], states):
         h = stage.forward(state, h)
     labels = split.label_fn(y)
-    variables = training.synthetic_variables(states[k].feedback)
+    variables = sgjax.feedback.synthetic_variables(states[k].feedback)
     synthetic, _ = predictor.apply(variables, h, labels if predictor.conditioned else None,
                                    train=True)
 
@@ -103,7 +103,7 @@ def train_fcn(ctx, split: sgjax.Split, ds, config: table1.Config, *,
     compiler = training.FAST_COMPILE if config.fast_compile else None
     k_init, k_data = jax.random.split(ctx.key())
     b = config.batch_size
-    state = schedule.init(k_init, x_train[:b], y_train[:b])
+    state = schedule.init(k_init, sgjax.Batch(x_train[:b], y_train[:b]))
     apply = training.inference_fn(split, compiler_options=compiler)
 
     def evaluate(ts, step):
@@ -116,7 +116,7 @@ def train_fcn(ctx, split: sgjax.Split, ds, config: table1.Config, *,
         return out
 
     return training.train_and_evaluate(
-        ctx, schedule.step, state, steps=config.steps, chunk=config.chunk,
+        ctx, schedule, state, steps=config.steps, chunk=config.chunk,
         eval_every=config.eval_every, batch_fn=training.uniform_batches(b),
         data=(x_train, y_train), key=k_data, evaluate=evaluate,
         metrics=None if log_info else ("loss",), compiler_options=compiler)

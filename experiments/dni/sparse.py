@@ -107,7 +107,7 @@ class Config:
     sequential: bool = False
 
 
-def _paper_p_values(n: int = 100, seed: int = 0) -> tuple[float, ...]:
+def paper_p_values(n: int = 100, seed: int = 0) -> tuple[float, ...]:
     """``n`` values uniform in (0, 1] (the paper's 100 runs), plus the two claims' values."""
     rng = np.random.default_rng(seed)
     values = 1.0 - rng.uniform(0.0, 1.0, n - 2)  # (0, 1]: p_update = 0 never trains
@@ -122,7 +122,7 @@ PRESETS = {
                             eval_every=500, chunk=250, sg_width_divisor=4),
         p_values=(0.05, 0.2, 0.5, 1.0), seeds=1, snapshots=(500, 1_000, 1_500),
         timing_steps=50, sequential=True),
-    "paper": Config(train=table1.PAPER_CONFIG, p_values=_paper_p_values(), seeds=1,
+    "paper": Config(train=table1.PAPER_CONFIG, p_values=paper_p_values(), seeds=1,
                     snapshots=(50_000, 100_000, 250_000, 500_000), timing_steps=1_000),
 }
 PRESET_NOTES = {
@@ -149,8 +149,8 @@ class Member(NamedTuple):
 
 
 def member_step(schedule: sgjax.Schedule, *, sequential: bool = False):
-    """``step(member, x, y, key) -> (member, info)``: one stochastic step at the member's
-    own ``p_update`` (a traced value, so the step can be vmapped over it).
+    """``step(member, Batch(x, y, key)) -> (member, info)``: one stochastic step at the
+    member's own ``p_update`` (a traced value, so the step can be vmapped over it).
 
     ``sequential``: under ``jax.vmap`` the members run one after another inside the
     compiled program (:func:`jax.custom_batching.sequential_vmap`, a ``lax.map``), so each
@@ -158,8 +158,9 @@ def member_step(schedule: sgjax.Schedule, *, sequential: bool = False):
     otherwise ``vmap`` batches the members and turns that ``lax.cond`` into a ``select``
     that computes both branches for every member (see ``fig5-timing.png``)."""
 
-    def step(member, x, y, key):
-        ts, info = schedule.step(member.train, x, y, key, member.p_update)
+    def step(member, batch):
+        batch = sgjax.trainer.as_batch(batch, "member_step")._replace(p_update=member.p_update)
+        ts, info = schedule.step(member.train, batch)
         return Member(ts, member.p_update), {"loss": info["loss"]}
 
     return jax.custom_batching.sequential_vmap(step) if sequential else step
@@ -181,7 +182,7 @@ def make_split(method: str, config: table1.Config, input_shape) -> sgjax.Split:
 def init_population(schedule, key, p, seeds, x0, y0) -> Member:
     """Members initialised with ``fold_in(key, seed)``: equal seeds, equal networks."""
     keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(seeds))
-    ts = jax.vmap(lambda k: schedule.init(k, x0, y0))(keys)
+    ts = jax.vmap(lambda k: schedule.init(k, sgjax.Batch(x0, y0)))(keys)
     return Member(ts, jnp.asarray(p, jnp.float32))
 
 
@@ -193,8 +194,8 @@ def _chunk_runner(step, batch_fn, vmapped: bool, compiler_options=None):
     def batch_at(d, t):
         data, k = d
         if vmapped:
-            return tuple(jax.vmap(lambda kk: batch_fn(data, jax.random.fold_in(kk, t)))(k))
-        return tuple(batch_fn(data, jax.random.fold_in(k, t)))
+            return jax.vmap(lambda kk: batch_fn(data, jax.random.fold_in(kk, t)))(k)
+        return batch_fn(data, jax.random.fold_in(k, t))
 
     return jax.jit(sgjax.fused(body, batch_fn=batch_at),
                    compiler_options=dict(compiler_options or {}) or None)

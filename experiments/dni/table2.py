@@ -286,7 +286,7 @@ def cells(preset: str) -> list[Cell]:
 
 def make_trainer(net: R.Net, loss, params: Mapping[str, Any], width: int,
                  optimizer: optax.GradientTransformation, T: int, batch_size: int
-                 ) -> R.Trainer:
+                 ) -> R.TruncatedBPTT:
     """The cell's :func:`sgjax.recurrent.truncated_bptt` with its method and reading."""
     reading = READINGS[params.get("reading", "consumed")]
     return R.truncated_bptt(net, loss, make_feedback(params["method"], width), optimizer,
@@ -321,7 +321,8 @@ def xent(logits, labels):
 # --------------------------------------------------------------------------- Copy tasks
 
 
-def copy_runner(task: sequences.CopyTask, trainer: R.Trainer, config: Config, n_iter: int):
+def copy_runner(task: sequences.CopyTask, trainer: R.TruncatedBPTT, config: Config,
+                n_iter: int):
     """A compiled ``run(train_state, stream_state, level) -> (train_state, stream_state,
     bits, count)``: ``n_iter`` iterations in one ``lax.scan``; ``bits``/``count`` are
     the summed bits error and the number of target steps of current-level episodes."""

@@ -190,10 +190,11 @@ class StreamState(NamedTuple):
 
 
 def stream_step(system: M.System):
-    """``step(state, images (T², B, 784), digits (T², B)) -> (state, info)``."""
+    """``step(state, (images (T², B, 784), digits (T², B))) -> (state, info)``."""
     T = system.T
 
-    def step(state: StreamState, images, digits):
+    def step(state: StreamState, batch):
+        images, digits = batch
         a_t, b_t = labels(state.prev_digits, digits, T)
         s, info = system.step(state.system, M.Window(images, a_t, b_t))
         return StreamState(s, digits), {k: v for k, v in info.items() if k != "b_ticks_at"}
@@ -241,7 +242,7 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     state = StreamState(system.init(k_init), jnp.full((T * T, bsz), -1, jnp.int32))
     images, la, lb = test_stream(ds.x_test, ds.y_test, config, k_test)
     compiler = training.FAST_COMPILE if config.fast_compile else None
-    predict = jax.jit(system.predict, compiler_options=compiler)
+    predict = jax.jit(system.apply, compiler_options=compiler)
 
     def evaluate(state, t):
         return test_errors(*predict(state.system, images), la, lb, T)

@@ -129,7 +129,7 @@ PRESETS = {
     "depths": Config(train=QUICK_TRAIN, depths=(3, 4, 5, 6), p_values=(0.5, 1.0),
                      sequential=True),
     "paper": Config(train=table1.PAPER_CONFIG, depths=(FIG5_DEPTH,),
-                    p_values=tuple(sorted({*sparse._paper_p_values(), CLAIM_P, 1.0}))),
+                    p_values=tuple(sorted({*sparse.paper_p_values(), CLAIM_P, 1.0}))),
 }
 PRESET_NOTES = {
     "smoke": ("wiring only, numbers mean nothing: depth 4, 4 steps of batch 32 on 512/256 "
@@ -201,7 +201,7 @@ def input_model(config: table1.Config) -> sgjax.unlock.InputModel:
 
 
 def make_schedule(split: sgjax.Split, schedule: str, config: table1.Config):
-    """``step(state, x, y, key, p_update)`` for either cell kind."""
+    """A trainer whose batch is ``Batch(x, y, key, p_update)``, for either cell kind."""
     if schedule == "fwdlocked":
         return sgjax.stochastic(split, None)
     optimizer = training.piecewise_adam(config.lr, config.lr_boundaries, config.lr_factor)

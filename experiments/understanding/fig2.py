@@ -256,7 +256,7 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict:
         true = jax.vmap(lambda o, t: loss(o[None], t[None]))(out, Y)
         implied = []
         for k in range(len(split.stages) - 1):
-            variables = training.synthetic_variables(states[k].feedback)
+            variables = sgjax.feedback.synthetic_variables(states[k].feedback)
             a, b, c = affine_coefficients(predictor, variables, config.width)
             implied.append(implied_loss(a, b, c, hs[k], Y1))
         acc = jnp.mean(jnp.argmax(out, -1) == Y)
@@ -288,8 +288,9 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict:
     marks = sorted(set(snaps) | set(range(config.log_every, config.steps + 1,
                                           config.log_every)))
     ts, final = training.train_and_evaluate(
-        ctx, schedule.step, schedule.init(ctx.key(), X, Y), steps=config.steps,
-        chunk=math.gcd(*marks), eval_at=marks, batch_fn=lambda grid, key: grid, data=(X, Y),
+        ctx, schedule, schedule.init(ctx.key(), sgjax.Batch(X, Y)), steps=config.steps,
+        chunk=math.gcd(*marks), eval_at=marks, batch_fn=lambda grid, key: sgjax.Batch(*grid),
+        data=(X, Y),
         evaluate=evaluate, metrics=(), compiler_options=options)
     return {"metric": final["loss"], "train_accuracy": final["train_accuracy"],
             "sg_layers": layers, "labels": y.tolist(), "grid": config.grid,

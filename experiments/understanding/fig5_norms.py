@@ -90,7 +90,8 @@ def run(order: str, cfg: nets.NetConfig, steps: int, every: int) -> dict:
     y_test = jnp.asarray(ds.y_test)
     ctx = _Ctx()
     k_init, k_data = jax.random.split(ctx.key())
-    state = schedule.init(k_init, x_train[:cfg.batch_size], y_train[:cfg.batch_size])
+    state = schedule.init(k_init, sgjax.Batch(x_train[:cfg.batch_size],
+                                              y_train[:cfg.batch_size]))
     apply = training.inference_fn(split)
     norms, errors = {}, {}
 
@@ -102,7 +103,7 @@ def run(order: str, cfg: nets.NetConfig, steps: int, every: int) -> dict:
 
     evaluate(state, 0)
     training.train_and_evaluate(
-        ctx, schedule.step, state, steps=steps, chunk=cfg.chunk, eval_every=every,
+        ctx, schedule, state, steps=steps, chunk=cfg.chunk, eval_every=every,
         batch_fn=training.uniform_batches(cfg.batch_size), data=(x_train, y_train),
         key=k_data, evaluate=evaluate)
     return {"norms": norms, "test_error": errors, "loss": ctx.curves.get("loss", [])}

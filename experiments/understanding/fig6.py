@@ -40,7 +40,6 @@ import numpy as np
 import optax
 
 import sgjax
-from experiments import training
 from experiments.framework import Cell, Claim, Experiment
 from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
@@ -175,20 +174,20 @@ def run_sg_sgjax(ab0: jax.Array, config: Config) -> tuple[jax.Array, jax.Array]:
     split = sgjax_split(config)
     sched = sgjax.sync(split)
     x, y = X[:, None], jnp.zeros((4, 1))
-    ts = sched.init(jax.random.key(0), x, y)
+    ts = sched.init(jax.random.key(0), sgjax.Batch(x, y))
     bottom = ts.stages[0]
     params = ({"kernel": ab0[0].reshape(1, 1), "bias": ab0[1].reshape(1)}, *bottom.params[1:])
     ts = ts._replace(stages=(bottom._replace(params=params), *ts.stages[1:]))
 
-    def recorded_step(ts):
-        ts, _ = sched.step(ts, x, y)
+    def recorded_step(ts, batch):
+        ts, _ = sched.step(ts, batch)
         bottom = ts.stages[0]
         p = bottom.params[0]
-        c = training.synthetic_variables(bottom.feedback)["params"]["c"]
+        c = sgjax.feedback.synthetic_variables(bottom.feedback)["params"]["c"]
         return ts, (jnp.stack([p["kernel"][0, 0], p["bias"][0]]), c)
 
     # every step is recorded (a trajectory), so one scan over all steps, no batches
-    run = sgjax.fused(recorded_step, batch_fn=lambda data, t: ())
+    run = sgjax.fused(recorded_step, batch_fn=lambda data, t: sgjax.Batch(x, y))
     _, (ab, c) = run(ts, jnp.arange(config.steps))
     return ab, c
 

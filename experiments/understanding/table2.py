@@ -223,7 +223,7 @@ def build_runner(model: str, loss: str, dataset: str, config: Config):
     """Pure functions for one cell, each for one dataset (vmapped by the caller).
 
     Returns ``(init, step, final_losses)``: ``init(data_key, init_key) -> state`` builds
-    the dataset and both networks (same initial weights); ``step(state) -> (state, info)``
+    the dataset and both networks (same initial weights); ``step(state, None) -> (state, info)``
     does one full-batch step of both and reports ``bp_loss``, ``sg_loss`` and their
     ``diff``; ``final_losses(state) -> (bp, sg)`` evaluates the trained networks on their
     training set.
@@ -235,12 +235,14 @@ def build_runner(model: str, loss: str, dataset: str, config: Config):
 
     def init(data_key, init_key):
         x, y = make_dataset(data_key, kind, k)
-        return {"x": x, "y": y, **{m: s.init(init_key, x, y) for m, s in scheds.items()}}
+        states = {m: s.init(init_key, sgjax.Batch(x, y)) for m, s in scheds.items()}
+        return {"x": x, "y": y, **states}
 
-    def step(state):
+    def step(state, batch):
+        del batch  # full batch: the dataset is in the state
         out, losses = dict(state), {}
         for m, sched in scheds.items():
-            out[m], info = sched.step(state[m], state["x"], state["y"])
+            out[m], info = sched.step(state[m], sgjax.Batch(state["x"], state["y"]))
             losses[f"{m}_loss"] = info["loss"]
         return out, {**losses, "diff": losses["sg_loss"] - losses["bp_loss"]}
 
