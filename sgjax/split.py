@@ -37,6 +37,15 @@ class StageState(NamedTuple):
     ``params``; ``feedback``: the state of the feedback at the stage's output
     (predictor, fixed matrix, …; ``()`` for the top stage); ``step``: number of
     updates applied.
+
+    ``rng``: the stage's PRNG key if one of its layers is stochastic (dropout),
+    else ``()``. ``Stage.init(key)`` derives it as ``fold_in(key, RNG_STREAM)``,
+    so the parameters are drawn from ``key`` exactly as without it. Training
+    passes (``update``, ``forward_pass``, ``forward``) use the key
+    ``fold_in(rng, step)`` — fresh masks for every update, the same ones for a
+    forward pass and its backward pass — and layer ``i`` of the stage gets
+    ``fold_in(fold_in(rng, step), i)`` (:func:`stage_rngs`). Inference
+    (``apply``) uses none.
     """
 
     params: tuple
@@ -44,6 +53,18 @@ class StageState(NamedTuple):
     opt_state: Any
     feedback: Any
     step: jax.Array
+    rng: Any = ()
+
+
+RNG_STREAM = 0x5D1  # fold_in(stage key, RNG_STREAM): the stage's dropout stream
+
+
+def stage_rngs(state: StageState, n_layers: int) -> tuple[jax.Array, ...] | None:
+    """The keys the ``n_layers`` layers of a stage use in the training pass at
+    ``state.step`` (``None`` for a stage without stochastic layers)."""
+    if isinstance(state.rng, tuple) and not state.rng:
+        return None
+    return L.layer_rngs(jax.random.fold_in(state.rng, state.step), n_layers)
 
 
 class Stage(NamedTuple):
@@ -138,14 +159,6 @@ class Split(NamedTuple):
         for stage, state in zip(self.stages, states):
             x = stage.apply(state, x)
         return x
-
-
-def _run_layers(layers, params, states, x, train):
-    new_states = []
-    for layer, p, s in zip(layers, params, states):
-        x, s = layer.apply(L.with_params(s, p), x, train=train)
-        new_states.append(s)
-    return x, tuple(new_states)
 
 
 def _shapes(layers: Sequence[L.Layer], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -414,6 +427,7 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
                 label_fn, *, below_needs, needs_input_grad, batch_size) -> Stage:
     interface = feedback.build(spec) if feedback is not None else None
     first, rest = layers[0], layers[1:]
+    stochastic = any(layer.stochastic for layer in layers)
 
     def init(key):
         k_layers, k_fb = jax.random.split(key)
@@ -425,8 +439,9 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
             states.append(L.state_of(v))
         params, states = tuple(params), tuple(states)
         fstate = interface.init(k_fb) if interface is not None else ()
+        rng = jax.random.fold_in(key, RNG_STREAM) if stochastic else ()
         return StageState(params, states, optimizer.init(params), fstate,
-                          jnp.zeros((), jnp.int32))
+                          jnp.zeros((), jnp.int32), rng)
 
     def check_input(x):
         if tuple(x.shape[1:]) != tuple(in_shape):
@@ -440,12 +455,14 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
         check_input(x)
         p_first, p_rest = state.params[0], state.params[1:]
         s_first, s_rest = state.layer_state[0], state.layer_state[1:]
+        rngs = stage_rngs(state, len(layers))
+        r_first, r_rest = (None, None) if rngs is None else (rngs[:1], rngs[1:])
 
         def f_first(p, x):
-            return _run_layers((first,), (p,), (s_first,), x, True)
+            return L.run((first,), (p,), (s_first,), x, train=True, rngs=r_first)
 
         def f_rest(p, a):
-            return _run_layers(rest, p, s_rest, a, True)
+            return L.run(rest, p, s_rest, a, train=True, rngs=r_rest)
 
         if needs_input_grad:
             a, vjp_first, new_first = jax.vjp(f_first, p_first, x, has_aux=True)
@@ -491,7 +508,8 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
         grads = (g_first, *g_rest)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = StageState(params, residual.layer_state, opt_state, fstate, state.step + 1)
+        new_state = StageState(params, residual.layer_state, opt_state, fstate, state.step + 1,
+                               state.rng)
         below = None
         if needs_input_grad:
             fields = dict(grad=grad_x, inputs=residual.x, labels=labels, pre_grad=pre_grad,
@@ -514,11 +532,12 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
 
     def forward(state, x):
         check_input(x)
-        return _run_layers(layers, state.params, state.layer_state, x, True)[0]
+        return L.run(layers, state.params, state.layer_state, x, train=True,
+                     rngs=stage_rngs(state, len(layers)))[0]
 
     def apply(state, x):
         check_input(x)
-        return _run_layers(layers, state.params, state.layer_state, x, False)[0]
+        return L.run(layers, state.params, state.layer_state, x, train=False)[0]
 
     return Stage(index, tuple(layers), feedback, tuple(in_shape), tuple(out_shape), init,
                  update, forward, apply, forward_pass, backward_pass, fit)

@@ -1,12 +1,15 @@
-"""sgjax.layers: shapes, variable structure, batch norm train vs eval."""
+"""sgjax.layers: shapes, variable structure, batch norm train vs eval, flax.nnx modules and
+the rng path of stochastic layers."""
 
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sgjax import layers as L
 
@@ -161,3 +164,160 @@ def test_layers_are_pure():
     h2, _ = layer.apply(v, x, train=True)
     np.testing.assert_array_equal(h1, h2)
     chex.assert_trees_all_equal(v, before)
+
+
+# ------------------------------------------------------------ flax.nnx, rng --
+
+
+class NnxBlock(nnx.Module):
+    """Linear → BatchNorm → Dropout: parameters, batch statistics and an rng stream."""
+
+    def __init__(self, din, dout, rate, *, rngs):
+        self.linear = nnx.Linear(din, dout, rngs=rngs)
+        self.norm = nnx.BatchNorm(dout, momentum=0.9, rngs=rngs)
+        self.dropout = nnx.Dropout(rate, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(self.norm(self.linear(x)))
+
+
+def test_nnx_linear_is_a_pure_layer():
+    module = nnx.Linear(3, 5, rngs=nnx.Rngs(0))
+    layer = L.from_flax(module)
+    assert not layer.stochastic
+    shape, v = layer.init(jax.random.key(1), (3,))
+    assert shape == (5,)
+    assert set(v) == {"params"}
+    np.testing.assert_array_equal(v["params"]["kernel"], module.kernel.get_value())
+    x = jax.random.normal(jax.random.key(2), (B, 3))
+    h, state = jax.jit(lambda v, x: layer.apply(v, x, train=True))(v, x)
+    np.testing.assert_allclose(h, module(x), rtol=1e-6)
+    assert state == {}
+    # trainable through the variables dict
+    g = jax.grad(lambda p: jnp.sum(layer.apply(L.with_params(v, p), x)[0]))(v["params"])
+    np.testing.assert_allclose(g["kernel"], jnp.broadcast_to(jnp.sum(x, 0)[:, None], (3, 5)),
+                               rtol=1e-5)
+
+
+def test_nnx_batch_norm_train_vs_eval_and_module_untouched():
+    module = NnxBlock(3, 4, 0.0, rngs=nnx.Rngs(0))
+    layer = L.from_flax(module)
+    _, v = layer.init(jax.random.key(0), (3,))
+    assert set(v) == {"params", "batch_stats"}
+    assert set(v["params"]) == {"linear", "norm"}
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (64, 3))
+    h, new_state = layer.apply(v, x, train=True, rng=jax.random.key(5))
+    np.testing.assert_allclose(jnp.mean(h, 0), 0.0, atol=1e-4)  # batch statistics
+    a = module.linear(x)
+    np.testing.assert_allclose(new_state["batch_stats"]["norm"]["mean"], 0.1 * jnp.mean(a, 0),
+                               rtol=1e-4, atol=1e-6)
+    h_eval, same = layer.apply(v, x)  # running averages (0, 1): unchanged state
+    np.testing.assert_allclose(h_eval, a / jnp.sqrt(1.0 + 1e-5), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(same, L.state_of(v))
+    # the user's module is neither put in a mode nor updated
+    assert module.dropout.deterministic is False and module.norm.use_running_average is False
+    np.testing.assert_array_equal(module.norm.mean.get_value(), jnp.zeros(4))
+
+
+def test_nnx_dropout_gets_its_rng_while_training_and_none_at_inference():
+    module = NnxBlock(3, 64, 0.5, rngs=nnx.Rngs(0))
+    layer = L.from_flax(module)
+    assert layer.stochastic
+    _, v = layer.init(jax.random.key(0), (3,))
+    assert "rngs" not in v and "RngKey" not in str(jax.tree.structure(v))
+    x = jax.random.normal(jax.random.key(1), (8, 3))
+    train = jax.jit(lambda v, x, key: layer.apply(v, x, train=True, rng=key)[0])
+    h1, h1_again, h2 = train(v, x, jax.random.key(3)), train(v, x, jax.random.key(3)), \
+        train(v, x, jax.random.key(4))
+    np.testing.assert_array_equal(h1, h1_again)  # a function of the key
+    assert not np.array_equal(np.asarray(h1) == 0, np.asarray(h2) == 0)  # other masks
+    assert 0.3 < float(jnp.mean(h1 == 0)) < 0.7
+    raw = train(v, x, jax.random.PRNGKey(3))  # raw uint32 keys work too
+    chex.assert_shape(raw, h1.shape)
+    h_eval, _ = layer.apply(v, x)  # deterministic: no rng, no mask
+    np.testing.assert_array_equal(h_eval, layer.apply(v, x)[0])
+    assert not np.any(np.asarray(h_eval) == 0)
+    with pytest.raises(ValueError, match="pass rng="):
+        layer.apply(v, x, train=True)
+
+
+class AlwaysNoisy(nnx.Module):
+    """Draws from its stream in every mode (no ``deterministic`` attribute)."""
+
+    def __init__(self, rngs):
+        self.rngs = rngs
+
+    def __call__(self, x):
+        return x + jax.random.normal(self.rngs.noise(), x.shape)
+
+
+def test_nnx_module_that_draws_at_inference_is_rejected():
+    layer = L.from_flax(AlwaysNoisy(nnx.Rngs(noise=0)))
+    with pytest.raises(ValueError, match="at inference"):
+        layer.init(jax.random.key(0), (3,))
+
+
+def test_nnx_wrong_input_shape_is_named():
+    layer = L.from_flax(nnx.Linear(3, 5, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"inputs of shape \(4,\)"):
+        layer.init(jax.random.key(0), (4,))
+
+
+class LinenDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Dropout(0.5, deterministic=not train)(nn.Dense(32)(x))
+
+
+def test_linen_dropout_gets_the_dropout_stream():
+    layer = L.from_flax(LinenDropout(), lambda m, x, train: m(x, train))
+    assert layer.stochastic
+    _, v = layer.init(jax.random.key(0), (3,))
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    h1, _ = layer.apply(v, x, train=True, rng=jax.random.key(7))
+    h2, _ = layer.apply(v, x, train=True, rng=jax.random.key(8))
+    ref = LinenDropout().apply(v, x, True, rngs={"dropout": jax.random.fold_in(
+        jax.random.key(7), 0)})
+    np.testing.assert_array_equal(h1, ref)
+    assert not np.array_equal(h1, h2)
+    h_eval, _ = layer.apply(v, x)
+    np.testing.assert_array_equal(h_eval, LinenDropout().apply(v, x, False))
+    with pytest.raises(ValueError, match="while training without rng="):
+        layer.apply(v, x, train=True)
+
+
+def test_linen_dropout_that_ignores_train_is_named_at_inference():
+    layer = L.from_flax(nn.Dropout(0.5, deterministic=False))
+    with pytest.raises(ValueError, match="deterministic=not train"):  # found at init
+        layer.init(jax.random.key(0), (3,))
+
+
+def test_built_in_layers_are_deterministic_and_serial_passes_rng_to_stochastic_children():
+    for layer in (L.dense(3), L.conv(2, 3), L.batch_norm(), L.relu, L.serial(L.dense(2))):
+        assert not layer.stochastic
+
+    seen = {}
+
+    def plain_apply(variables, x, *, train=False):  # a user layer without rng
+        return x + 1.0, variables
+
+    def noisy_apply(variables, x, *, train=False, rng=None):
+        seen[len(seen)] = rng
+        return x, variables
+
+    plain = L.Layer(lambda key, s: (tuple(s), {}), plain_apply)
+    noisy = L.Layer(lambda key, s: (tuple(s), {}), noisy_apply, stochastic=True)
+    net = L.serial(plain, noisy, plain, noisy)
+    assert net.stochastic
+    _, v = net.init(jax.random.key(0), (2,))
+    h, _ = L.apply_layer(net, v, jnp.zeros((1, 2)), train=True, rng=jax.random.key(9))
+    np.testing.assert_array_equal(h, 2.0)
+    for i, child in ((0, 1), (1, 3)):
+        np.testing.assert_array_equal(jax.random.key_data(seen[i]), jax.random.key_data(
+            jax.random.fold_in(jax.random.key(9), child)))
+
+
+@pytest.mark.parametrize("bad", [nnx.Rngs(0), "dense", lambda x: x])
+def test_from_flax_rejects_non_modules(bad):
+    with pytest.raises(TypeError, match="flax.linen or flax.nnx Module"):
+        L.from_flax(bad)
