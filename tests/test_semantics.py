@@ -45,8 +45,8 @@ def summed_cross_entropy(logits, y):
 def train(split, steps=6):
     xs, ys = batches(steps)
     sched = sgjax.sync(split)
-    ts = sched.init(jax.random.key(0), xs[0], ys[0])
-    ts, infos = sgjax.fused(sched.step)(ts, xs, ys)
+    ts = sched.init(jax.random.key(0), (xs[0], ys[0]))
+    ts, infos = sgjax.fused(sched.step)(ts, (xs, ys))
     return ts, infos
 
 
@@ -105,8 +105,8 @@ def test_mixed_feedbacks_keep_their_own_protocols():
     xs, ys = batches(1)
     x, y = xs[0], ys[0]
     sched = sgjax.sync(split)
-    ts0 = sched.init(jax.random.key(0), x, y)
-    ts1, info = jax.jit(sched.step)(ts0, x, y)
+    ts0 = sched.init(jax.random.key(0), (x, y))
+    ts1, info = jax.jit(sched.step)(ts0, (x, y))
     chex.assert_trees_all_equal(ts1.stages[0].params, ts0.stages[0].params)
 
     s0, s1, s2 = ts0.stages
@@ -232,7 +232,7 @@ def test_bad_labels_are_one_clear_error():
     sched = sgjax.sync(split)
     xs, ys = batches(1)
     x, y = xs[0], ys[0]
-    ts = sched.init(jax.random.key(0), x, y)
+    ts = sched.init(jax.random.key(0), (x, y))
     cases = [
         (y.astype(np.float32), "class ids stored as floats"),
         (np.where(y == 0, C, y), f"label {C} is not a class id"),
@@ -242,9 +242,9 @@ def test_bad_labels_are_one_clear_error():
     ]
     for bad, match in cases:
         with pytest.raises(ValueError, match=match):
-            sched.step(ts, x, bad)
+            sched.step(ts, (x, bad))
         with pytest.raises(ValueError, match=match):
-            sched.init(jax.random.key(0), x, bad)
+            sched.init(jax.random.key(0), (x, bad))
 
 
 def test_bad_construction_is_one_clear_error():
@@ -267,9 +267,9 @@ def test_fused_rejects_inputs_of_different_lengths():
     split = make(F.synthetic(P.linear()))
     sched = sgjax.sync(split)
     xs, ys = batches(3)
-    ts = sched.init(jax.random.key(0), xs[0], ys[0])
+    ts = sched.init(jax.random.key(0), (xs[0], ys[0]))
     with pytest.raises(ValueError, match="same leading"):
-        sgjax.fused(sched.step)(ts, xs, ys[:2])
+        sgjax.fused(sched.step)(ts, (xs, ys[:2]))
 
 
 @pytest.mark.parametrize("fn", [metrics.l2_error, metrics.cosine_similarity,
