@@ -46,6 +46,22 @@ FAST_COMPILE: dict[str, Any] = {"xla_backend_optimization_level": 0}
 """XLA compiler options for runs of a few steps, where compiling dominates."""
 
 
+class Evaluation(NamedTuple):
+    """What ``evaluate`` may return instead of a plain ``{name: value}`` dict, to steer the
+    loop: ``metrics`` to log; ``state``, if not ``None``, replaces the training state from
+    here on (kept in the state, a curriculum's level or the best parameters so far are
+    checkpointed with it, so a resumed run continues exactly); ``stop=True`` ends training
+    at this step (early stopping, or a curriculum that is complete)."""
+
+    metrics: Mapping[str, Any]
+    state: Any = None
+    stop: bool = False
+
+
+def _evaluation(result: Any) -> Evaluation:
+    return result if isinstance(result, Evaluation) else Evaluation(dict(result))
+
+
 class Trained(NamedTuple):
     """What :func:`train_and_evaluate` returns (unpacks as ``state, metrics``).
 
@@ -109,6 +125,7 @@ def train_and_evaluate(
     metrics: Sequence[str] | None = ("loss",),
     seeds: int | None = None,
     compiler_options: Mapping[str, Any] | None = None,
+    stopped: Callable[[Any], bool] | None = None,
 ) -> Trained:
     """Train ``state`` with ``step`` for ``steps`` steps, evaluating, logging and
     checkpointing through ``ctx`` (a :class:`~experiments.framework.RunContext`).
@@ -133,11 +150,16 @@ def train_and_evaluate(
         key: base key of the batch keys (default: ``fold_in(ctx.key(), 1)``). With
             ``seeds`` it is split into one key per run.
         evaluate: host-side ``evaluate(state, step) -> {name: value}`` (values scalars, or
-            ``(S,)`` arrays with ``seeds``), logged with the training metrics.
+            ``(S,)`` arrays with ``seeds``), logged with the training metrics; or an
+            :class:`Evaluation`, which may also replace the state (a curriculum, the best
+            parameters so far) and stop training (early stopping).
         metrics: names in ``info`` to log (mean over the steps since the last evaluation);
             ``None`` logs every scalar (``sg_loss/1`` becomes the curve ``sg_loss_1``).
         seeds: vmap ``step`` (and ``batch_fn``) over a leading axis of ``seeds`` runs.
         compiler_options: XLA options for the compiled chunk (e.g. :data:`FAST_COMPILE`).
+        stopped: ``stopped(state) -> bool`` for a run whose ``evaluate`` may stop it early:
+            true for a state restored from a checkpoint taken when it stopped, so a resumed
+            run does no further steps.
 
     Returns:
         :class:`Trained` ``(state, metrics)``.
@@ -185,7 +207,8 @@ def train_and_evaluate(
     bar = ctx.progress(steps, start=start)
     t, last = start, {}
     sums, count = None, 0
-    for mark in (m for m in marks if m > start):
+    done = start > 0 and stopped is not None and stopped(state)
+    for mark in (m for m in marks if m > start and not done):
         while t < mark:
             n = min(chunk, mark - t)
             state, infos = run(state, jnp.arange(t, t + n), data=(data, keys))
@@ -196,12 +219,15 @@ def train_and_evaluate(
             bar.update(n)
         train = {k: v / count for k, v in (sums or {}).items()}
         sums, count = None, 0
-        evaluation = dict(evaluate(state, t)) if evaluate is not None else {}
-        last = _summarise({**train, **evaluation}, seeds)
+        evaluation = _evaluation(evaluate(state, t) if evaluate is not None else {})
+        state = evaluation.state if evaluation.state is not None else state
+        last = _summarise({**train, **evaluation.metrics}, seeds)
         ctx.log(t, **{k: v for k, v in last.items() if not k.endswith("_per_seed")})
         ctx.save(t, state)
+        if evaluation.stop:
+            break
     if not last and evaluate is not None:  # resumed from a checkpoint taken at the end
-        last = _summarise(dict(evaluate(state, t)), seeds)
+        last = _summarise(_evaluation(evaluate(state, t)).metrics, seeds)
     ctx.close()
     return Trained(state, last)
 

@@ -69,7 +69,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -321,25 +321,61 @@ def xent(logits, labels):
 # --------------------------------------------------------------------------- Copy tasks
 
 
-def copy_runner(task: sequences.CopyTask, trainer: R.TruncatedBPTT, config: Config,
-                n_iter: int):
-    """A compiled ``run(train_state, stream_state, level) -> (train_state, stream_state,
-    bits, count)``: ``n_iter`` iterations in one ``lax.scan``; ``bits``/``count`` are
-    the summed bits error and the number of target steps of current-level episodes."""
+class CopyState(NamedTuple):
+    """A Copy cell's training state: the trainer's, the data streams', the curriculum
+    ``level`` ``[N, R]`` and the ``T_task`` last ``solved``, the bits error and the number
+    of target steps of current-level episodes summed since the last curriculum check, and
+    ``done`` once the curriculum is past ``max_n``. All checkpointed together."""
 
-    def run(ts, ss, level):
-        def body(carry, _):
-            ts, ss = carry
-            ss, (x, target, reset, current) = sequences.copy_chunk(task, ss, level, trainer.T)
-            ts, info = trainer.step(ts, R.Chunk(x, target, reset))
-            cur = current.astype(jnp.float32)
-            bits = jnp.sum(info["losses"] * cur) / math.log(2.0)
-            return (ts, ss), (bits, jnp.sum(target[1] * cur))
+    train: Any
+    stream: Any
+    level: jax.Array
+    solved: jax.Array
+    bits: jax.Array
+    count: jax.Array
+    done: jax.Array
 
-        (ts, ss), (bits, count) = jax.lax.scan(body, (ts, ss), None, length=n_iter)
-        return ts, ss, jnp.sum(bits), jnp.sum(count)
 
-    return _jit(run, config)
+def copy_step(task: sequences.CopyTask, trainer: R.TruncatedBPTT):
+    """``step(state, batch) -> (state, {})``: one chunk of the streams at the state's level
+    (the batch is unused: the streams are in the state) and one trainer step on it."""
+
+    def step(state: CopyState, batch):
+        del batch
+        ss, (x, target, reset, current) = sequences.copy_chunk(task, state.stream,
+                                                               state.level, trainer.T)
+        ts, info = trainer.step(state.train, R.Chunk(x, target, reset))
+        cur = current.astype(jnp.float32)
+        bits = jnp.sum(info["losses"] * cur) / math.log(2.0)
+        return state._replace(train=ts, stream=ss, bits=state.bits + bits,
+                              count=state.count + jnp.sum(target[1] * cur)), {}
+
+    return step
+
+
+def copy_curriculum(repeat: bool, max_n: int):
+    """The curriculum check run every ``check_every`` iterations (A.3), as the loop's
+    ``evaluate``: log the average bits error of current-level episodes; below
+    :data:`sequences.BITS_THRESHOLD` the level is solved (``t_task`` logged) and the next
+    one starts, or training stops once it would pass ``max_n``."""
+
+    def evaluate(state: CopyState, step: int) -> training.Evaluation:
+        count = float(state.count)
+        avg = float(state.bits) / count if count else float("inf")
+        metrics = {"bits": avg} if count and math.isfinite(avg) else {}
+        level, solved, done = sequences.Level(*map(int, state.level)), int(state.solved), False
+        if avg < sequences.BITS_THRESHOLD:
+            solved = sequences.t_task(level)
+            metrics["t_task"] = solved
+            nxt = sequences.next_level(level, repeat)
+            done = nxt.n > max_n
+            level = level if done else nxt
+        zero = jnp.zeros((), jnp.float32)
+        return training.Evaluation(metrics, state._replace(
+            level=jnp.array(level, jnp.int32), solved=jnp.array(solved, jnp.int32),
+            bits=zero, count=zero, done=jnp.array(done)), stop=done)
+
+    return evaluate
 
 
 def run_copy(cell: Cell, config: Config, ctx) -> dict[str, Any]:
@@ -351,34 +387,21 @@ def run_copy(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     trainer = make_trainer(net, masked_xent, p, width, optax.adam(config.copy_lr), T, B)
     k_init, k_data = jax.random.split(ctx.key())
     level = task.first_level
-    ts = trainer.init(k_init)
-    ss = sequences.init_stream(task, k_data, B, level)
-    book = {"level": jnp.array(level, jnp.int32), "solved": jnp.zeros((), jnp.int32)}
-    start, (ts, ss, book) = ctx.restore((ts, ss, book))
-    level = sequences.Level(*map(int, book["level"]))
-    solved = int(book["solved"])
-    run = copy_runner(task, trainer, config, config.check_every)
-    bar = ctx.progress(config.copy_iterations, start=start)
-    it = start
-    if start == 0:
-        ctx.log(0, t_task=0)
-    while it < config.copy_iterations:
-        ts, ss, bits, count = run(ts, ss, jnp.array(level, jnp.int32))
-        it += config.check_every
-        bar.update(config.check_every)
-        count = float(count)
-        avg = float(bits) / count if count else float("inf")
-        if count and math.isfinite(avg):
-            ctx.log(it, bits=avg)
-        if avg < sequences.BITS_THRESHOLD:
-            solved = sequences.t_task(level)
-            ctx.log(it, t_task=solved)
-            nxt = sequences.next_level(level, repeat)
-            if nxt.n > task.max_n:
-                break
-            level = nxt
-        book = {"level": jnp.array(level, jnp.int32), "solved": jnp.array(solved, jnp.int32)}
-        ctx.save(it, (ts, ss, book))
+    zero = jnp.zeros((), jnp.float32)
+    state = CopyState(trainer.init(k_init), sequences.init_stream(task, k_data, B, level),
+                      jnp.array(level, jnp.int32), jnp.zeros((), jnp.int32), zero, zero,
+                      jnp.zeros((), bool))
+    ctx.log(0, t_task=0)  # a resumed run's restored curves replace this point
+    every = config.check_every
+    steps = -(-config.copy_iterations // every) * every  # whole curriculum checks
+    state, _ = training.train_and_evaluate(
+        ctx, copy_step(task, trainer), state, steps=steps, chunk=min(config.chunk, every),
+        eval_every=every,
+        evaluate=copy_curriculum(repeat, task.max_n), metrics=(),
+        compiler_options=training.FAST_COMPILE if config.fast_compile else None,
+        stopped=lambda s: bool(s.done))
+    it, solved = int(state.train.step), int(state.solved)
+    level = sequences.Level(*map(int, state.level))
     ctx.log(it, t_task=solved)
     return {"metric": float(solved), "level_n": level.n, "level_r": level.r,
             "iterations": it, "samples": it * T * B, "width": width}
@@ -426,6 +449,67 @@ def ptb_bpc_fn(net: R.Net, vocab: int, config: Config):
     return _jit(bpc, config)
 
 
+class PTBState(NamedTuple):
+    """A Penn Treebank cell's training state: the trainer's, the parameters at the lowest
+    validation BPC so far (``best`` at iteration ``best_it``), how many validations in a
+    row have not improved on it (``rises``), the training wall time so far (``seconds``)
+    and the chunk losses summed since the last validation. All checkpointed together."""
+
+    train: Any
+    best_params: Any
+    best: jax.Array
+    best_it: jax.Array
+    rises: jax.Array
+    seconds: jax.Array
+    loss_sum: jax.Array
+
+
+def ptb_step(trainer: R.TruncatedBPTT, vocab: int, n_chunks: int):
+    """``step(state, windows) -> (state, {})``: one trainer step on the next chunk of the
+    ``B`` training streams, ``windows[i % n_chunks]`` at iteration ``i`` (the streams wrap
+    around: a new start, so the carry resets there)."""
+    T, B = trainer.T, trainer.batch_size
+
+    def step(state: PTBState, windows):
+        i = state.train.step
+        w = windows[i % n_chunks]
+        resets = jnp.zeros((T, B), bool).at[0].set(i % n_chunks == 0)
+        ts, info = trainer.step(state.train, R.Chunk(jax.nn.one_hot(w[:-1], vocab), w[1:],
+                                                     resets))
+        return state._replace(train=ts, loss_sum=state.loss_sum + info["loss"]), {}
+
+    return step
+
+
+def ptb_validation(bpc, valid, every: int, T: int, B: int, patience: int):
+    """The validation run every ``every`` iterations, as the loop's ``evaluate``: training
+    and validation BPC, the training wall time (the compiled chunks and checkpoint writes,
+    not validation), keeping the parameters of the lowest validation BPC; training stops
+    once validation has not improved ``patience`` times in a row (A.3)."""
+    clock = [time.perf_counter()]
+
+    def evaluate(state: PTBState, step: int) -> training.Evaluation:
+        seconds = float(state.seconds) + time.perf_counter() - clock[0]
+        train_bpc = float(state.loss_sum) / (every * T) / math.log(2.0)
+        v = float(bpc(state.train.params, valid))
+        better = v < float(state.best)
+        rises = 0 if better else int(state.rises) + 1
+        state = state._replace(
+            # a copy: the loop donates the state's buffers to the next compiled chunk
+            best_params=(jax.tree.map(jnp.copy, state.train.params) if better
+                         else state.best_params),
+            best=jnp.array(v if better else state.best, jnp.float32),
+            best_it=jnp.array(step if better else state.best_it, jnp.int32),
+            rises=jnp.array(rises, jnp.int32), seconds=jnp.array(seconds, jnp.float32),
+            loss_sum=jnp.zeros((), jnp.float32))
+        clock[0] = time.perf_counter()
+        return training.Evaluation(
+            {"train_bpc": train_bpc, "valid_bpc": v, "seconds": seconds,
+             "samples": step * T * B}, state, stop=rises >= patience)
+
+    return evaluate
+
+
 def run_ptb(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     p = cell.params
     T, B, width = p["T"], config.ptb_batch, config.ptb_width
@@ -438,53 +522,26 @@ def run_ptb(cell: Cell, config: Config, ctx) -> dict[str, Any]:
     valid = jnp.asarray(sequences.ptb_streams(ptb.valid, config.eval_streams, eval_len))
     test = jnp.asarray(sequences.ptb_streams(ptb.test, config.eval_streams, eval_len))
     iters, every = ptb_iterations(config, T, p.get("iterations"))
-    n_chunks = windows.shape[0]
-
-    def run(ts, start, windows):
-        def body(ts, i):
-            w = windows[(start + i) % n_chunks]
-            first = (start + i) % n_chunks == 0  # the streams wrap around: a new start
-            resets = jnp.zeros((T, B), bool).at[0].set(first)
-            ts, info = trainer.step(ts, R.Chunk(jax.nn.one_hot(w[:-1], V), w[1:], resets))
-            return ts, info["loss"]
-
-        ts, losses = jax.lax.scan(body, ts, jnp.arange(every))
-        return ts, jnp.sum(losses) / (every * T) / math.log(2.0)
-
-    run = _jit(run, config)
     bpc = ptb_bpc_fn(net, V, config)
 
     ts = trainer.init(ctx.key())
-    book = {"best_params": ts.params, "best": jnp.array(np.inf, jnp.float32),
-            "best_it": jnp.zeros((), jnp.int32), "rises": jnp.zeros((), jnp.int32),
-            "seconds": jnp.zeros((), jnp.float32)}
-    start, (ts, book) = ctx.restore((ts, book))
-    best, best_it, rises = float(book["best"]), int(book["best_it"]), int(book["rises"])
-    seconds = float(book["seconds"])
-    bar = ctx.progress(iters, start=start)
-    it = start
-    while it + every <= iters and rises < config.patience:
-        t0 = time.perf_counter()
-        ts, train_bpc = run(ts, jnp.asarray(it, jnp.int32), windows)
-        train_bpc = float(train_bpc)  # waits for the compiled steps
-        seconds += time.perf_counter() - t0
-        it += every
-        bar.update(every)
-        v = float(bpc(ts.params, valid))
-        if v < best:
-            best, best_it, rises = v, it, 0
-            book = {**book, "best_params": ts.params}
-        else:
-            rises += 1
-        ctx.log(it, train_bpc=train_bpc, valid_bpc=v, seconds=seconds, samples=it * T * B)
-        book = {**book, "best": jnp.array(best, jnp.float32),
-                "best_it": jnp.array(best_it, jnp.int32), "rises": jnp.array(rises, jnp.int32),
-                "seconds": jnp.array(seconds, jnp.float32)}
-        ctx.save(it, (ts, book))
-    test_bpc = float(bpc(book["best_params"], test)) if math.isfinite(best) else float("nan")
-    return {"metric": test_bpc, "best_valid_bpc": best, "best_iteration": best_it,
-            "iterations": it, "samples": it * T * B, "train_seconds": seconds,
-            "width": width, "stopped_early": rises >= config.patience}
+    zero = jnp.zeros((), jnp.int32)
+    state = PTBState(ts, jax.tree.map(jnp.copy, ts.params), jnp.array(np.inf, jnp.float32),
+                     zero, zero, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    steps = iters // every * every  # whole validation intervals
+    if steps:
+        state, _ = training.train_and_evaluate(
+            ctx, ptb_step(trainer, V, windows.shape[0]), state, steps=steps,
+            chunk=min(config.chunk, every),
+            eval_every=every, batch_fn=lambda windows, key: windows, data=windows,
+            evaluate=ptb_validation(bpc, valid, every, T, B, config.patience), metrics=(),
+            compiler_options=training.FAST_COMPILE if config.fast_compile else None,
+            stopped=lambda s: int(s.rises) >= config.patience)
+    best, it = float(state.best), int(state.train.step)
+    test_bpc = float(bpc(state.best_params, test)) if math.isfinite(best) else float("nan")
+    return {"metric": test_bpc, "best_valid_bpc": best, "best_iteration": int(state.best_it),
+            "iterations": it, "samples": it * T * B, "train_seconds": float(state.seconds),
+            "width": width, "stopped_early": int(state.rises) >= config.patience}
 
 
 def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
