@@ -67,12 +67,12 @@ def oracle(split, i) -> InputModel:
 
 
 def with_oracle(schedule, counter=None):
-    def step(ts, *args):
+    def step(ts, batch):
         if counter is not None:
             counter.append(1)
         inputs = tuple(InputState({"below": ts.stages[:i + 1]}, s.opt_state)
                        for i, s in enumerate(ts.inputs))
-        return schedule.step(ts._replace(inputs=inputs), *args)
+        return schedule.step(ts._replace(inputs=inputs), batch)
 
     return step
 
@@ -90,17 +90,17 @@ def test_oracle_inputs_train_exactly_like_sync(conditioned):
     xs, ys = _batches(4)
     key = jax.random.key(3)
     traces = []
-    init = unlocked.init(key, xs[0], ys[0])
+    init = unlocked.init(key, (xs[0], ys[0]))
     run = fused(with_oracle(unlocked, traces))
-    s_u, info_u = run(init, xs, ys)
-    s_s, info_s = fused(sync.step)(sync.init(key, xs[0], ys[0]), xs, ys)
+    s_u, info_u = run(init, (xs, ys))
+    s_s, info_s = fused(sync.step)(sync.init(key, (xs[0], ys[0])), (xs, ys))
     chex.assert_trees_all_close(_params(s_u.stages), _params(s_s.stages), atol=1e-6, rtol=0)
     chex.assert_trees_all_close(info_u["loss"], info_s["loss"], atol=1e-6, rtol=0)
     # the parameters really moved, so equality is not the initial state's
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                          _params(s_u.stages), _params(init.stages))
     assert min(jax.tree.leaves(moved[0])) > 1e-4
-    run(s_u, xs[::-1], ys[::-1])  # a second chunk reuses the compiled program
+    run(s_u, (xs[::-1], ys[::-1]))  # a second chunk reuses the compiled program
     assert len(traces) == 1
 
 
@@ -114,9 +114,9 @@ def test_oracle_inputs_with_busy_stages_train_like_stochastic():
     xs, ys = _batches(6, seed=1)
     keys = jax.random.split(jax.random.key(5), 6)
     key = jax.random.key(4)
-    s_u, info_u = fused(with_oracle(unlocked))(unlocked.init(key, xs[0], ys[0]),
-                                                     xs, ys, keys)
-    s_s, info_s = fused(stoch.step)(stoch.init(key, xs[0], ys[0]), xs, ys, keys)
+    s_u, info_u = fused(with_oracle(unlocked))(unlocked.init(key, (xs[0], ys[0])),
+                                                (xs, ys, keys))
+    s_s, info_s = fused(stoch.step)(stoch.init(key, (xs[0], ys[0])), (xs, ys, keys))
     active = np.stack([np.asarray(info_u[f"active/{k}"]) for k in range(3)])
     assert 0 < active.sum() < active.size  # some stages were busy, some worked
     np.testing.assert_array_equal(active, np.stack(
@@ -133,8 +133,8 @@ def test_input_model_target_is_the_activation_sent_up():
     sched = complete_unlock(split, model, optimizer=opt)
     xs, ys = _batches(1)
     x, y = xs[0], ys[0]
-    state = sched.init(jax.random.key(0), x, y)
-    new, info = jax.jit(sched.step, compiler_options=FAST)(state, x, y)
+    state = sched.init(jax.random.key(0), (x, y))
+    new, info = jax.jit(sched.step, compiler_options=FAST)(state, (x, y))
 
     # independent forward: stage 0 on x; stage 1 on its synthetic input ĥ_0 = I_0(x)
     s0, s1 = state.stages[0], state.stages[1]
@@ -164,12 +164,12 @@ def test_inference_ignores_input_models_and_populations_vmap():
                             p_update=None)
     xs, ys = _batches(2)
     init_keys = jax.random.split(jax.random.key(1), 2)
-    states = jax.jit(jax.vmap(lambda k: sched.init(k, xs[0], ys[0])),
+    states = jax.jit(jax.vmap(lambda k: sched.init(k, (xs[0], ys[0]))),
                      compiler_options=FAST)(init_keys)
     keys = jax.random.split(jax.random.key(2), (2, 2))
     p = jnp.broadcast_to(jnp.asarray([0.3, 1.0]), (2, 2))
-    new, info = fused(jax.vmap(sched.step, in_axes=(0, None, None, 0, 0)))(
-        states, xs, ys, keys, p)
+    new, info = fused(jax.vmap(sched.step, in_axes=(0, sgjax.Batch(None, None, 0, 0))))(
+        states, sgjax.Batch(xs, ys, keys, p))
     chex.assert_trees_all_equal_shapes_and_dtypes(states, new)
     chex.assert_shape(info["loss"], (2, 2))
     assert bool(np.all(np.asarray(info["active/2"])[:, 1]))  # p = 1 is never busy
@@ -192,9 +192,9 @@ def test_busy_stage_sends_nothing_but_its_models_consume_what_arrives():
     sched = complete_unlock(split, sgjax.unlock.mlp((4,)), optimizer=optax.adam(1e-2),
                             p_update=[1.0, 1e-9, 1.0])
     xs, ys = _batches(1)
-    state = sched.init(jax.random.key(0), xs[0], ys[0])
-    new, info = jax.jit(sched.step, compiler_options=FAST)(state, xs[0], ys[0],
-                                                          jax.random.key(1))
+    state = sched.init(jax.random.key(0), (xs[0], ys[0]))
+    new, info = jax.jit(sched.step, compiler_options=FAST)(
+        state, (xs[0], ys[0], jax.random.key(1)))
     assert [bool(info[f"active/{k}"]) for k in range(3)] == [True, False, True]
 
     def changed(a, b):
@@ -226,10 +226,10 @@ def test_learning_rate_schedules_count_global_steps():
                            input_shape=(D,), batch_size=B, num_classes=C)
     sched = complete_unlock(split, sgjax.unlock.mlp((4,)), optimizer=opt, p_update=0.5)
     xs, ys = _batches(drop + 2)
-    state = sched.init(jax.random.key(0), xs[0], ys[0])
+    state = sched.init(jax.random.key(0), (xs[0], ys[0]))
     step = jax.jit(sched.step, compiler_options=FAST)
     for t in range(drop):
-        state, _ = step(state, xs[t], ys[t], jax.random.key(300 + t))
+        state, _ = step(state, (xs[t], ys[t], jax.random.key(300 + t)))
     counts = [int(s.opt_state[1].count) for s in state.stages]
     counts += [int(s.feedback.opt_state[1].count) for s in state.stages[:-1]]
     counts += [int(s.opt_state[1].count) for s in state.inputs]
@@ -239,7 +239,7 @@ def test_learning_rate_schedules_count_global_steps():
     assert min(int(s.step) for s in state.stages) < drop
     frozen = state
     for t in range(drop, drop + 2):
-        state, _ = step(state, xs[t], ys[t], jax.random.key(300 + t))
+        state, _ = step(state, (xs[t], ys[t], jax.random.key(300 + t)))
     chex.assert_trees_all_equal([s.params for s in state.stages],
                                 [s.params for s in frozen.stages])
     chex.assert_trees_all_equal([L.params_of(s.variables) for s in state.inputs],
@@ -300,15 +300,15 @@ def test_bad_arguments():
     xs, ys = _batches(1)
     sched = complete_unlock(split, sgjax.unlock.mlp((4,)), optimizer=optax.adam(1e-3),
                             p_update=0.5)
-    state = sched.init(jax.random.key(0), xs[0], ys[0])
-    with pytest.raises(ValueError, match="pass a key"):
-        sched.step(state, xs[0], ys[0])
+    state = sched.init(jax.random.key(0), (xs[0], ys[0]))
+    with pytest.raises(ValueError, match="key in the batch"):
+        sched.step(state, (xs[0], ys[0]))
     free = complete_unlock(split, sgjax.unlock.mlp((4,)), optimizer=optax.adam(1e-3),
                            p_update=None)
-    with pytest.raises(ValueError, match="5th argument"):
-        free.step(state, xs[0], ys[0], jax.random.key(0))
+    with pytest.raises(ValueError, match="needs p_update in the batch"):
+        free.step(state, (xs[0], ys[0], jax.random.key(0)))
     with pytest.raises(ValueError, match="inputs x have shape"):
-        sched.step(state, xs[0][:, :4], ys[0], jax.random.key(0))
+        sched.step(state, (xs[0][:, :4], ys[0], jax.random.key(0)))
 
 
 # ------------------------------------------------------------------- the experiment
@@ -418,9 +418,9 @@ def test_input_fit_reads_the_connected_network_in_inference_mode():
         return InputModel(init, apply)
 
     sched = complete_unlock(split, sgjax.unlock.mlp((4,)), optimizer=optax.adam(1e-2))
-    trained = sched.init(jax.random.key(0), xs[0], ys[0])
+    trained = sched.init(jax.random.key(0), (xs[0], ys[0]))
     for t in range(2):  # move batch norm's running statistics off their initial values
-        trained, _ = sched.step(trained, xs[t], ys[t])
+        trained, _ = sched.step(trained, (xs[t], ys[t]))
     for mean, want in ((False, 1.0), (True, 0.0)):
         r2 = [float(input_fit(split, exact(i, mean))(trained, xs[1])[i])
               for i in range(len(split.stages) - 1)]
