@@ -58,6 +58,21 @@ class Evaluation(NamedTuple):
     stop: bool = False
 
 
+def _unaliased(state: Any) -> Any:
+    """``state`` with every array leaf a distinct buffer (a leaf that repeats an earlier
+    one is copied): the loop donates the state to the compiled chunk, and XLA cannot
+    donate one buffer twice (e.g. two fields initialised with the same zeros)."""
+    seen: set[int] = set()
+
+    def distinct(leaf):
+        if isinstance(leaf, jax.Array) and id(leaf) in seen:
+            return jnp.copy(leaf)
+        seen.add(id(leaf))
+        return leaf
+
+    return jax.tree.map(distinct, state)
+
+
 def _evaluation(result: Any) -> Evaluation:
     return result if isinstance(result, Evaluation) else Evaluation(dict(result))
 
@@ -204,6 +219,7 @@ def train_and_evaluate(
                   compiler_options=dict(compiler_options or {}) or None)
 
     start, state = ctx.restore(state)
+    state = _unaliased(state)
     bar = ctx.progress(steps, start=start)
     t, last = start, {}
     sums, count = None, 0
@@ -220,7 +236,7 @@ def train_and_evaluate(
         train = {k: v / count for k, v in (sums or {}).items()}
         sums, count = None, 0
         evaluation = _evaluation(evaluate(state, t) if evaluate is not None else {})
-        state = evaluation.state if evaluation.state is not None else state
+        state = _unaliased(evaluation.state) if evaluation.state is not None else state
         last = _summarise({**train, **evaluation.metrics}, seeds)
         ctx.log(t, **{k: v for k, v in last.items() if not k.endswith("_per_seed")})
         ctx.save(t, state)
