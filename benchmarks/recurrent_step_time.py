@@ -64,8 +64,8 @@ def main(argv=None) -> None:
     for method, T in configs:
         tr = make(method, args.width, args.batch, T)
         chunks = data(max(1, args.steps // T), T, args.batch)
-        run = sgjax.fused(tr.step)
-        state = tr.init(jax.random.key(0))
+        run = sgjax.fused(tr)
+        state = tr.init(jax.random.key(0), jax.tree.map(lambda a: a[0], chunks))
         state, info = run(state, chunks)  # compile
         jax.block_until_ready(info["loss"])
         runs[(method, T)] = (run, state, chunks)

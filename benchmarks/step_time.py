@@ -74,12 +74,12 @@ def data(chunk):
 def per_step_timer(split, xs, ys):
     schedule = sgjax.sync(split)
     step = jax.jit(schedule.step, donate_argnums=(0,))
-    state = [schedule.init(jax.random.key(1), xs[0], ys[0])]
+    state = [schedule.init(jax.random.key(1), sgjax.Batch(xs[0], ys[0]))]
 
     def run(n):
         ts = state[0]
         for i in range(n):
-            ts, info = step(ts, xs[i % xs.shape[0]], ys[i % ys.shape[0]])
+            ts, info = step(ts, sgjax.Batch(xs[i % xs.shape[0]], ys[i % ys.shape[0]]))
         jax.block_until_ready(ts)
         state[0] = ts
 
@@ -88,13 +88,13 @@ def per_step_timer(split, xs, ys):
 
 def fused_timer(split, xs, ys):
     schedule = sgjax.sync(split)
-    run_chunk = sgjax.fused(schedule.step, donate=True)
-    state = [schedule.init(jax.random.key(1), xs[0], ys[0])]
+    run_chunk = sgjax.fused(schedule, donate=True)
+    state = [schedule.init(jax.random.key(1), sgjax.Batch(xs[0], ys[0]))]
 
     def run(n):
         ts = state[0]
         for _ in range(n // xs.shape[0]):
-            ts, _ = run_chunk(ts, xs, ys)
+            ts, _ = run_chunk(ts, sgjax.Batch(xs, ys))
         jax.block_until_ready(ts)
         state[0] = ts
 
@@ -103,12 +103,12 @@ def fused_timer(split, xs, ys):
 
 def runner_timer(split, xs, ys, schedule, devices):
     runner = sgjax.Runner(split, schedule=schedule, devices=devices)
-    state = [runner.init(jax.random.key(1), xs[0], ys[0])]
+    state = [runner.init(jax.random.key(1), sgjax.Batch(xs[0], ys[0]))]
 
     def run(n):
         st = state[0]
         for i in range(n):
-            st, _ = runner.step(st, xs[i % xs.shape[0]], ys[i % ys.shape[0]])
+            st, _ = runner.step(st, sgjax.Batch(xs[i % xs.shape[0]], ys[i % ys.shape[0]]))
         jax.block_until_ready(st)
         state[0] = st
 
@@ -120,8 +120,9 @@ def step_flops(split, xs, ys):
     arithmetic a method cannot avoid, which bounds its step-time ratio from below when
     (as on a CPU) the step is compute-bound."""
     schedule = sgjax.sync(split)
-    state = schedule.init(jax.random.key(1), xs[0], ys[0])
-    cost = jax.jit(schedule.step).lower(state, xs[0], ys[0]).compile().cost_analysis()
+    batch = sgjax.Batch(xs[0], ys[0])
+    state = schedule.init(jax.random.key(1), batch)
+    cost = jax.jit(schedule.step).lower(state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
