@@ -183,18 +183,18 @@ def test_dni_consumes_zero_then_fitted_synthetic_gradient():
                            s1.a.params["message"][0]["kernel"])
 
 
-def test_predict_shapes_and_inference_mode():
+def test_apply_shapes_and_inference_mode():
     T, W = 2, 3
     a, b = nets()
     system = M.decoupled(a, b, dni(), optax.adam(1e-2), T=T, batch_size=B)
     state = system.init(jax.random.key(0))
     xs = jax.random.normal(jax.random.key(2), (W * T * T, 5, D_IN))  # any batch size
-    la, lb = jax.jit(system.predict, compiler_options=FAST)(state, xs)
+    la, lb = jax.jit(system.apply, compiler_options=FAST)(state, xs)
     chex.assert_shape(la, (W * T, 5, C_A))
     chex.assert_shape(lb, (W * T, 5, C_B))
     chex.assert_tree_all_finite((la, lb))
     # inference mode: an example's prediction does not depend on the rest of the batch
-    la1, lb1 = system.predict(state, xs[:, :1])
+    la1, lb1 = system.apply(state, xs[:, :1])
     chex.assert_trees_all_close((la1, lb1), (la[:, :1], lb[:, :1]), atol=1e-5)
 
 

@@ -169,7 +169,7 @@ def test_bootstrapped_target_is_vjp_through_next_chunk_plus_scaled_sg(bootstrap,
     chex.assert_trees_all_close(
         bw.grads, jax.jit(jax.grad(f))(state.params, s0, sg), atol=1e-6)
     # and that target is what the predictor is fitted to (per-example units)
-    new, info = jax.jit(tr.apply)(state, jax.tree.map(lambda a: a[K - 1], chunks), bw)
+    new, info = jax.jit(tr.update)(state, jax.tree.map(lambda a: a[K - 1], chunks), bw)
     m0, _ = R.sg_model(N).apply(state.fstate.variables, s0)
     np.testing.assert_allclose(info["sg_loss"], jnp.sum((m0 - B * expected) ** 2), rtol=1e-5)
 
