@@ -94,15 +94,15 @@ else:
         assert K == N_DEVICES and len(set(devices)) == K
         xs, ys = batches(4)
         runner = sgjax.Runner(split, devices=devices)
-        rs = runner.init(jax.random.key(0), xs[0], ys[0])
+        rs = runner.init(jax.random.key(0), (xs[0], ys[0]))
         for k in range(K):
             assert_on(rs.stages[k], devices[k])
         assert all(p is None for p in rs.pending)  # sync fits each target in its own step
 
-        ts = sched.init(jax.random.key(0), xs[0], ys[0])
+        ts = sched.init(jax.random.key(0), (xs[0], ys[0]))
         for x, y in zip(xs, ys):
-            rs, rinfo = runner.step(rs, x, y)
-            ts, info = step(ts, x, y)
+            rs, rinfo = runner.step(rs, (x, y))
+            ts, info = step(ts, (x, y))
         for k in range(K):  # still where they belong after training (each predictor
             assert_on(rs.stages[k], devices[k])  # was fitted on its own stage's device)
         chex.assert_trees_all_close(jax.device_get(rs), jax.device_get(ts),
@@ -113,7 +113,7 @@ else:
         np.testing.assert_allclose(out, split.apply(ts.stages, xs[0]), rtol=1e-6, atol=1e-6)
         # the lower stages did learn from the synthetic gradients
         assert not np.allclose(rs.stages[0].params[0][0]["kernel"],
-                               sched.init(jax.random.key(0), xs[0], ys[0])
+                               sched.init(jax.random.key(0), (xs[0], ys[0]))
                                .stages[0].params[0][0]["kernel"])
 
     def test_runner_sync_update_locked_on_devices_matches_one_device():
@@ -121,13 +121,13 @@ else:
         devices = jax.devices()[1:]  # any devices, not necessarily the first ones
         xs, ys = batches(3)
         runner = sgjax.Runner(split, devices=devices)
-        rs = runner.init(jax.random.key(0), xs[0], ys[0])
+        rs = runner.init(jax.random.key(0), (xs[0], ys[0]))
         sched = sgjax.sync(split)
-        ts = sched.init(jax.random.key(0), xs[0], ys[0])
+        ts = sched.init(jax.random.key(0), (xs[0], ys[0]))
         step = jax.jit(sched.step)
         for x, y in zip(xs, ys):
-            rs, _ = runner.step(rs, x, y)
-            ts, _ = step(ts, x, y)
+            rs, _ = runner.step(rs, (x, y))
+            ts, _ = step(ts, (x, y))
         for k in range(3):
             assert_on(rs.stages[k], devices[k])
         chex.assert_trees_all_close(jax.device_get(rs.stages), jax.device_get(ts.stages),
@@ -179,10 +179,10 @@ else:
         T = 7
         xs, ys = batches(T)
         runner = sgjax.Runner(split, schedule="pipelined", devices=devices)
-        ps = runner.init(jax.random.key(0), xs[0], ys[0])
+        ps = runner.init(jax.random.key(0), (xs[0], ys[0]))
         init = jax.device_get(ps.train.stages)
         for t in range(T):
-            ps, info = runner.step(ps, xs[t], ys[t])
+            ps, info = runner.step(ps, (xs[t], ys[t]))
             if t < K - 1:
                 assert "loss" not in info  # the top stage has not received a batch yet
         assert np.isfinite(float(info["loss"]))
@@ -196,9 +196,9 @@ else:
         chex.assert_trees_all_close(jax.device_get(ps.train.pending[:-1]), targets[:-1],
                                     rtol=1e-6, atol=1e-6)
         # one batch staler than sync: the result differs from the sync schedule's
-        ts = sched.init(jax.random.key(0), xs[0], ys[0])
+        ts = sched.init(jax.random.key(0), (xs[0], ys[0]))
         for x, y in zip(xs, ys):
-            ts, _ = step(ts, x, y)
+            ts, _ = step(ts, (x, y))
         assert not np.allclose(ts.stages[K - 2].params[0]["kernel"],
                                states[K - 2].params[0]["kernel"])
 
