@@ -142,8 +142,8 @@ def test_substitute_matches_table1_and_is_what_the_stage_uses(name):
 
     # The stage below the cut really trains on it: with SGD(1), Δparams = -vjp(substitute).
     sched = sgjax.sync(split)
-    ts = sched.init(jax.random.key(0), x, y)._replace(stages=states)
-    ts, _ = sched.step(ts, x, y)
+    ts = sched.init(jax.random.key(0), (x, y))._replace(stages=states)
+    ts, _ = sched.step(ts, (x, y))
     _, vjp = jax.vjp(lambda p: split.stages[0].forward(states[0]._replace(params=p), x),
                      states[0].params)
     (g,) = vjp(expected)

@@ -33,8 +33,8 @@ def _step_flops(cuts, feedback) -> float:
         input_shape=(WIDTH,), batch_size=BATCH, num_classes=CLASSES)
     schedule = sgjax.sync(split)
     x, y = jnp.zeros((BATCH, WIDTH)), jnp.zeros((BATCH,), jnp.int32)
-    state = schedule.init(jax.random.key(0), x, y)
-    cost = jax.jit(schedule.step).lower(state, x, y).compile().cost_analysis()
+    state = schedule.init(jax.random.key(0), (x, y))
+    cost = jax.jit(schedule.step).lower(state, (x, y)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
