@@ -312,11 +312,11 @@ def test_edit_stale_split_reuses_gradients():
     sched = sgjax.sync(split)
     step = jax.jit(sched.step)
     x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
-    ts = sched.init(jax.random.key(1), x, jnp.arange(4))
+    ts = sched.init(jax.random.key(1), (x, jnp.arange(4)))
     w = [ts.stages[0].params]
     for t in range(4):
         xb = jax.random.uniform(jax.random.key(10 + t), (4, 28, 28, 1))
-        ts, _ = step(ts, xb, jnp.arange(4) + t)
+        ts, _ = step(ts, (xb, jnp.arange(4) + t))
         w.append(ts.stages[0].params)
     d = [jax.tree.map(lambda a, b: b - a, w[i], w[i + 1]) for i in range(4)]
     chex.assert_trees_all_close(d[0], d[1], atol=1e-6)

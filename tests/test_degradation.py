@@ -74,10 +74,10 @@ def test_true_gradients_are_backprops_through_the_stages_above():
 def test_true_target_sync_fits_the_true_gradient_and_updates_the_stages_as_sync():
     split, pred, x, y = _smoke_split()
     oracle, plain = D.true_target_sync(split), sgjax.sync(split)
-    ts = plain.init(jax.random.key(0), x, y)
+    ts = plain.init(jax.random.key(0), (x, y))
     _, true = jax.jit(lambda s, x, y: D.true_gradients(split, s, x, y))(ts.stages, x, y)
-    new_o, info_o = jax.jit(oracle.step)(ts, x, y)
-    new_p, info_p = jax.jit(plain.step)(ts, x, y)
+    new_o, info_o = jax.jit(oracle.step)(ts, (x, y))
+    new_p, info_p = jax.jit(plain.step)(ts, (x, y))
     B = x.shape[0]
     for k in range(len(split.stages) - 1):
         # the SG models start at zero, so the first SG loss is the target's own size

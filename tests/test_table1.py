@@ -157,10 +157,10 @@ def test_no_bprop_trains_only_the_top_layer():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.random((32, 28, 28, 1), np.float32))
     y = jnp.asarray(rng.integers(0, 10, 32, dtype=np.int32))
-    ts0 = schedule.init(jax.random.key(0), x, y)
+    ts0 = schedule.init(jax.random.key(0), (x, y))
     ts, step = ts0, jax.jit(schedule.step)
     for _ in range(3):
-        ts, _ = step(ts, x, y)
+        ts, _ = step(ts, (x, y))
     for k in range(3):  # hidden layers: parameters frozen at their initial values
         chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
                                   ts.stages[k].params, ts0.stages[k].params)
