@@ -21,19 +21,46 @@ DEVICE_PY := $(if $(wildcard $(PY)),$(PY),python3)
 DEVICE_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),paper)
 DATA_SRC ?= $(or $(SGJAX_DATA_DIR),../shared/data)
 
-.PHONY: install test test-slow lint bench notebooks reproduce-all reports list help \
+.PHONY: install test test-min test-slow lint bench notebooks reproduce-all reports list help \
 	device-paper device-import device-data
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-install:  ## create .venv and install sgjax (editable) with the dev extras
+install:  ## create .venv and install sgjax (editable) with the experiments and dev extras
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[experiments,dev]'
 
 test:  ## the default test suite (fast; slow tests excluded)
 	$(PY) -m pytest
+
+# The declared floors (pyproject's dependencies), pinned exactly, with the test tools of their
+# time; sgjax itself without dependencies, so nothing newer slips in.
+MIN_VENV ?= .venv-min
+MIN_PY   := $(MIN_VENV)/bin/python
+MIN_PINS := jax==0.5.0 jaxlib==0.5.0 flax==0.10.0 optax==0.2.0 numpy==1.26.0 \
+	chex==0.1.86 pytest==8.1.1
+# The library tests: the files that exercise sgjax/ and import only sgjax, chex, pytest,
+# numpy, jax, flax, optax (test_bench_reference also loads benchmarks/plain_reference.py,
+# plain JAX). test_unlock.py's experiment tests (experiments.dni.unlock needs the
+# experiments extra) are deselected by name.
+MIN_TESTS := tests/test_layers.py tests/test_losses_metrics.py tests/test_optim.py \
+	tests/test_predictors.py tests/test_feedback.py tests/test_split.py tests/test_train.py \
+	tests/test_semantics.py tests/test_recurrent.py tests/test_multirate.py \
+	tests/test_unlock.py tests/test_step_cost.py tests/test_bench_reference.py \
+	tests/test_multidevice.py
+MIN_DESELECT := not experiment and not quick_is and not r_squared and not input_fit
+
+test-min:  ## the library tests at the lowest declared jax/flax/optax/numpy (own venv, .venv-min)
+	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install -q --upgrade pip
+	$(MIN_PY) -m pip install -q $(MIN_PINS)
+	$(MIN_PY) -m pip install -q --no-deps -e .
+	$(MIN_PY) -c "import jax, flax, optax, numpy; print('test-min:', 'jax', jax.__version__, \
+	'flax', flax.__version__, 'optax', optax.__version__, 'numpy', numpy.__version__)"
+	$(MIN_PY) -m pytest -x -q -m 'not slow' -p no:cacheprovider -p no:xdist \
+	-k '$(MIN_DESELECT)' $(MIN_TESTS)
 
 test-slow:  ## only the slow tests
 	$(PY) -m pytest -m slow
