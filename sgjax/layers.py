@@ -111,12 +111,14 @@ def from_flax(
     call: Callable[[Any, jax.Array, bool], jax.Array] | None = None,
     *,
     rng_streams: Sequence[str] = ("dropout",),
+    input_dtype: Any = jnp.float32,
 ) -> Layer:
     """Adapt a flax module, ``flax.linen`` or ``flax.nnx``, into a :class:`Layer`.
 
     ``call(module, x, train)`` says how to invoke the module (default
     ``module(x)``); batch norm uses it to map ``train`` to
-    ``use_running_average``.
+    ``use_running_average``. ``input_dtype`` is the dtype of the example input
+    ``init`` traces the module with (e.g. ``jnp.int32`` for a token embedding).
 
     *linen*: ``init`` initialises the module from the key; collections other
     than ``params`` are state, mutable while training. While training the
@@ -141,7 +143,7 @@ def from_flax(
     not draw. The module passed in is never modified.
     """
     if isinstance(module, nnx.Module):
-        return _from_nnx(module, call or (lambda m, x, train: m(x)))
+        return _from_nnx(module, call or (lambda m, x, train: m(x)), input_dtype)
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"from_flax needs a flax.linen or flax.nnx Module, got {module!r}: wrap a "
@@ -166,7 +168,7 @@ def from_flax(
             ) from e
 
     def init(key, in_shape):
-        x = jnp.zeros((1, *in_shape), jnp.float32)
+        x = jnp.zeros((1, *in_shape), input_dtype)
         variables = module.init(key, x, False, method=call)
         variables = dict(variables)
         out = named_rng_errors(jax.eval_shape, lambda v, x: module.apply(
@@ -204,7 +206,7 @@ def _typed_key(key: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(key)
 
 
-def _from_nnx(module: nnx.Module, call: Callable) -> Layer:
+def _from_nnx(module: nnx.Module, call: Callable, input_dtype: Any) -> Layer:
     """:func:`from_flax` for an ``nnx.Module``."""
     graphs = {}
     for train in (True, False):
@@ -277,7 +279,7 @@ def _from_nnx(module: nnx.Module, call: Callable) -> Layer:
     def init(key, in_shape):
         del key  # the module arrives initialised
         variables = variables_of(initial)
-        x = jax.ShapeDtypeStruct((1, *in_shape), jnp.float32)
+        x = jax.ShapeDtypeStruct((1, *in_shape), input_dtype)
         try:
             out = jax.eval_shape(lambda v, x: apply(v, x)[0], variables, x)
         except TypeError as e:

@@ -6,22 +6,30 @@ A :class:`Predictor` is a pure pair:
   activation ``h`` (no batch axis) and the number of classes;
 * ``apply(variables, h, y, *, train) -> (synthetic, state)`` maps activations
   ``h`` of shape ``(B, *h_shape)`` (and one-hot labels ``y`` of shape
-  ``(B, num_classes)`` when ``conditioned``) to a synthetic gradient of exactly
-  the shape of ``h``.
+  ``(B, num_classes)``, or ``(B, T, num_classes)`` with one label per position
+  of a sequence, when ``conditioned``) to a synthetic gradient of exactly the
+  shape of ``h``.
 
 The final layer of every model is zero-initialised, so the first synthetic
 gradient is exactly zero (A.1). Conditioning on the label (cDNI) concatenates
 the one-hot label to the input of a dense model, and ten one-hot *channel
 masks* to the input of a convolutional one (A.1).
+
+Activations with positions (a sequence ``(B, T, D)``, an image ``(B, H, W, C)``)
+can be modelled *per position*: ``conv`` works per pixel, and
+``mlp(..., per_position=True)`` applies one dense model to the last axis at
+every position (the weights are shared, so their number does not grow with
+``T``), reading the label of that position when conditioned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sgjax import layers as L
 
@@ -38,8 +46,11 @@ class Predictor(NamedTuple):
 def _label_input(h: jax.Array, y: jax.Array | None, conditioned: bool) -> jax.Array:
     """The predictor's input: ``h``, with the one-hot label appended when conditioned.
 
-    Dense activations ``(B, d)`` get ``(B, d + C)``; spatial ones ``(B, H, W, ch)``
-    get ``C`` extra channels, the channel of the true class filled with ones.
+    Dense activations ``(B, d)`` get ``(B, d + C)``; activations with positions
+    ``(B, *P, ch)`` (a sequence ``P = (T,)``, an image ``P = (H, W)``) get ``C``
+    extra channels: the label of the example at every position (from ``y`` of
+    shape ``(B, C)``; the channel of the true class is filled with ones), or each
+    position's own label (from ``y`` of shape ``(B, *P, C)``).
     """
     if not conditioned:
         return h
@@ -50,9 +61,18 @@ def _label_input(h: jax.Array, y: jax.Array | None, conditioned: bool) -> jax.Ar
             "predictor"
         )
     y = y.astype(h.dtype)
-    if h.ndim == 2:
+    if h.ndim == 2 and y.ndim == 2:
         return jnp.concatenate([h, y], axis=-1)
-    masks = jnp.broadcast_to(y[:, None, None, :], (*h.shape[:-1], y.shape[-1]))
+    positions = h.shape[1:-1]
+    if y.ndim == 2:
+        y = y.reshape(y.shape[0], *(1,) * len(positions), y.shape[-1])
+    elif y.shape[:-1] != h.shape[:-1]:
+        raise ValueError(
+            f"cannot condition activations of shape {tuple(h.shape)} on labels of shape "
+            f"{tuple(y.shape)}: labels must be (batch, classes) for the whole example, or "
+            f"(batch, {', '.join(map(str, positions))}, classes), one per position"
+        )
+    masks = jnp.broadcast_to(y, (*h.shape[:-1], y.shape[-1]))
     return jnp.concatenate([h, masks], axis=-1)
 
 
@@ -76,7 +96,7 @@ def from_layer(layer: L.Layer, *, conditioned: bool = False, description: str = 
         return variables
 
     def apply(variables, h, y=None, *, train=False):
-        return layer.apply(variables, _label_input(h, y, conditioned), train=train)
+        return L.apply_layer(layer, variables, _label_input(h, y, conditioned), train=train)
 
     return Predictor(init, apply, conditioned, description)
 
@@ -103,6 +123,26 @@ def _zero_dense(features: int) -> L.Layer:
     return L.dense(features, kernel_init=zeros, bias_init=zeros)
 
 
+def _widths(hidden, where: str) -> tuple[int, ...]:
+    """``hidden`` as a tuple of positive ints, else a ``ValueError`` naming the bad width."""
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Iterable):
+        raise ValueError(f"{where}(hidden={hidden!r}): give a sequence of layer widths, "
+                         "e.g. (1024, 1024), or () for a linear model")
+    hidden = tuple(hidden)
+    for n in hidden:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{where}(hidden={tuple(hidden)!r}): width {n!r} is not a "
+                             "positive integer")
+    return tuple(int(n) for n in hidden)
+
+
+def _dense_blocks(hidden: Sequence[int], bn: bool) -> list[L.Layer]:
+    blocks = []
+    for n in hidden:
+        blocks += [L.dense(n)] + ([L.batch_norm()] if bn else []) + [L.relu]
+    return blocks
+
+
 def _reshaped_dense_head(hidden: Sequence[int], bn: bool) -> Callable[[tuple], L.Layer]:
     """MLP on the flattened activation, reshaped back to the activation's shape."""
 
@@ -110,24 +150,41 @@ def _reshaped_dense_head(hidden: Sequence[int], bn: bool) -> Callable[[tuple], L
         size = 1
         for s in h_shape:
             size *= s
-        blocks = []
-        for n in hidden:
-            blocks += [L.dense(n)] + ([L.batch_norm()] if bn else []) + [L.relu]
         unflatten = L.elementwise(lambda g: g.reshape(g.shape[0], *h_shape))
-        return L.serial(L.flatten, *blocks, _zero_dense(size), unflatten)
+        return L.serial(L.flatten, *_dense_blocks(hidden, bn), _zero_dense(size), unflatten)
+
+    return build
+
+
+def _per_position_dense_head(hidden: Sequence[int], bn: bool) -> Callable[[tuple], L.Layer]:
+    """MLP on the last axis, the same at every position (batch norm over batch and
+    positions, per unit)."""
+
+    flat = _reshaped_dense_head(hidden, bn)
+
+    def build(h_shape):
+        if len(h_shape) == 1:  # no positions: exactly the flat model (same parameters)
+            return flat(h_shape)
+        return L.serial(*_dense_blocks(hidden, bn), _zero_dense(h_shape[-1]))
 
     return build
 
 
 def _shape_dependent(build: Callable[[tuple], L.Layer], conditioned: bool,
                      description: str) -> Predictor:
-    """A predictor whose layers depend on the activation shape (known at ``init``)."""
+    """A predictor whose layers depend on the activation shape (known at ``init``);
+    they are built once per shape."""
+    built: dict[tuple, L.Layer] = {}
+
+    def layer_for(h_shape):
+        if h_shape not in built:
+            built[h_shape] = build(h_shape)
+        return built[h_shape]
 
     def init(key, h_shape, num_classes):
         h_shape = tuple(h_shape)
         flat_in = h_shape[:-1] + (h_shape[-1] + (num_classes if conditioned else 0),)
-        layer = build(h_shape)
-        out_shape, variables = layer.init(key, flat_in)
+        out_shape, variables = layer_for(h_shape).init(key, flat_in)
         if tuple(out_shape) != h_shape:
             raise ValueError(
                 f"synthetic-gradient predictor {description} produces shape {out_shape} "
@@ -136,28 +193,37 @@ def _shape_dependent(build: Callable[[tuple], L.Layer], conditioned: bool,
         return variables
 
     def apply(variables, h, y=None, *, train=False):
-        layer = build(tuple(h.shape[1:]))
+        layer = layer_for(tuple(h.shape[1:]))
         return layer.apply(variables, _label_input(h, y, conditioned), train=train)
 
     return Predictor(init, apply, conditioned, description)
 
 
 def mlp(hidden: Sequence[int] = (), *, conditioned: bool = False,
-        batch_norm: bool = True) -> Predictor:
+        batch_norm: bool = True, per_position: bool = False) -> Predictor:
     """Dense synthetic-gradient model: ``len(hidden)`` hidden layers of linear,
     batch norm and ReLU (A.1), then a zero-initialised linear output of the
     activation's size. ``hidden=()`` is the linear model ``φ_w h + φ_b``.
 
-    Activations of any rank are flattened and the output reshaped back.
+    Activations of any rank are flattened and the output reshaped back, unless
+    ``per_position``: then activations ``(B, *P, D)`` (a sequence ``(B, T, D)``)
+    are modelled position by position, one dense model ``D (+ C) → … → D``
+    shared by every position, conditioned (cDNI) on the label of each position
+    (labels ``(B, *P, C)``) or of the whole example (``(B, C)``). For rank-2
+    activations both are the same model.
     """
-    hidden = tuple(int(n) for n in hidden)
+    hidden = _widths(hidden, "mlp")
     name = ("c" if conditioned else "") + (f"mlp{list(hidden)}" if hidden else "linear")
+    if per_position:
+        return _shape_dependent(_per_position_dense_head(hidden, batch_norm), conditioned,
+                                name + " per position")
     return _shape_dependent(_reshaped_dense_head(hidden, batch_norm), conditioned, name)
 
 
-def linear(*, conditioned: bool = False) -> Predictor:
-    """The linear synthetic-gradient model ``M(h, y) = h A + y B + C`` (zero-initialised)."""
-    return mlp((), conditioned=conditioned)
+def linear(*, conditioned: bool = False, per_position: bool = False) -> Predictor:
+    """The linear synthetic-gradient model ``M(h, y) = h A + y B + C`` (zero-initialised);
+    ``per_position``: one such model shared by every position (see :func:`mlp`)."""
+    return mlp((), conditioned=conditioned, per_position=per_position)
 
 
 def conv(hidden: Sequence[int] = (64, 64), kernel_size: int = 5, *,
@@ -165,7 +231,9 @@ def conv(hidden: Sequence[int] = (64, 64), kernel_size: int = 5, *,
     """Convolutional synthetic-gradient model for ``(B, H, W, C)`` activations:
     resolution-preserving convolutions with ``hidden`` channels, batch norm and
     ReLU, then a zero-initialised convolution back to ``C`` channels (A.1)."""
-    hidden = tuple(int(n) for n in hidden)
+    hidden = _widths(hidden, "conv")
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"conv(kernel_size={kernel_size!r}): must be a positive integer")
 
     def build(h_shape):
         if len(h_shape) != 3:

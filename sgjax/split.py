@@ -17,7 +17,8 @@ down. That is what lets each stage live on its own device (see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ import optax
 
 from sgjax import layers as L
 from sgjax.feedback import Feedback, InterfaceSpec, Target
+from sgjax.predictors import Predictor
 
 
 class StageState(NamedTuple):
@@ -197,13 +199,43 @@ def _check_cuts(cuts, n_layers) -> tuple[int, ...]:
     return cuts
 
 
-def _check_feedback(feedback, n_cuts) -> tuple[Feedback, ...]:
-    if isinstance(feedback, str):
-        raise TypeError(
-            f"feedback={feedback!r} is not an sgjax.feedback.Feedback: build one with a "
+def _not_a_feedback(f, where: str) -> TypeError | None:
+    """The error for a value that is not a Feedback but looks like a common slip
+    (a constructor not called, a predictor not wrapped, a name), else ``None``."""
+    if isinstance(f, Predictor):
+        return TypeError(
+            f"{where} is a synthetic-gradient Predictor ({f.description or 'predictor'}), "
+            "not a Feedback: wrap it, e.g. feedback=sgjax.feedback.synthetic(predictor)"
+        )
+    if isinstance(f, str):
+        return TypeError(
+            f"{where}={f!r} is not an sgjax.feedback.Feedback: build one with a "
             "constructor, e.g. sgjax.feedback.synthetic(sgjax.predictors.linear())"
         )
+    if callable(f) and not isinstance(f, Feedback):
+        name = getattr(f, "__name__", repr(f))
+        return TypeError(
+            f"{where} is the function {name}, not a Feedback: call it, e.g. "
+            f"feedback={name}(...) (sgjax.feedback.backprop(), "
+            "sgjax.feedback.synthetic(sgjax.predictors.linear()))"
+        )
+    return None
+
+
+def _check_feedback(feedback, n_cuts) -> tuple[Feedback, ...]:
+    error = _not_a_feedback(feedback, "feedback")
+    if error is not None:
+        raise error
+    if not isinstance(feedback, (Feedback, Iterable)):
+        raise TypeError(
+            f"feedback={feedback!r} is not an sgjax.feedback.Feedback nor a sequence of "
+            "them: use e.g. sgjax.feedback.synthetic(sgjax.predictors.linear())"
+        )
     feedbacks = (feedback,) * n_cuts if isinstance(feedback, Feedback) else tuple(feedback)
+    for i, f in enumerate(feedbacks):
+        error = None if isinstance(f, str) else _not_a_feedback(f, f"feedback[{i}]")
+        if error is not None:
+            raise error
     if len(feedbacks) != n_cuts:
         raise ValueError(
             f"got {len(feedbacks)} feedbacks for {n_cuts} cuts: give one Feedback for all "
@@ -220,10 +252,16 @@ def _check_feedback(feedback, n_cuts) -> tuple[Feedback, ...]:
     return feedbacks
 
 
-def default_label_fn(num_classes: int | None) -> Callable[[jax.Array], jax.Array]:
+def default_label_fn(num_classes: int | None, positions: Sequence[int] = ()
+                     ) -> Callable[[jax.Array], jax.Array]:
     """Integer class labels ``(B,)`` become one-hot ``(B, num_classes)``; float
     targets pass unchanged. Static misuse (float class ids, ``(B, 1)`` integer
-    labels, integer labels without ``num_classes``) is a ``ValueError``."""
+    labels, integer labels without ``num_classes``) is a ``ValueError``.
+
+    ``positions``: for a network with one output per position (a sequence
+    ``(T, num_classes)``), integer labels are ``(B, *positions)`` — one class
+    per position, e.g. per token — and become ``(B, *positions, num_classes)``."""
+    positions = tuple(positions)
 
     def label_fn(y):
         if y is None:
@@ -232,17 +270,22 @@ def default_label_fn(num_classes: int | None) -> Callable[[jax.Array], jax.Array
         if jnp.issubdtype(y.dtype, jnp.integer):
             if num_classes is None:
                 raise ValueError("integer labels need num_classes= in split_at")
-            if y.ndim != 1:
+            if y.shape[1:] != positions:
+                expected = "(batch,)" if not positions else (
+                    f"(batch, {', '.join(map(str, positions))})")
+                hint = ("squeeze a trailing axis, e.g. y.reshape(-1)" if not positions else
+                        "one class id per output position")
                 raise ValueError(
-                    f"integer class labels must have shape (batch,), got {tuple(y.shape)}: "
-                    "squeeze a trailing axis, e.g. y.reshape(-1)"
+                    f"integer class labels must have shape {expected}, got "
+                    f"{tuple(y.shape)}: {hint}"
                 )
             return jax.nn.one_hot(y, num_classes)
-        if num_classes is not None and y.ndim == 1:
+        if num_classes is not None and y.ndim == 1 + len(positions):
             raise ValueError(
                 f"labels of dtype {y.dtype} and shape {tuple(y.shape)} look like class ids "
                 "stored as floats: class ids must be integers (y.astype(jnp.int32)); "
-                f"float labels must be one-hot of shape (batch, {num_classes})"
+                f"float labels must be one-hot of shape "
+                f"({', '.join(('batch', *map(str, positions)))}, {num_classes})"
             )
         return y
 
@@ -332,9 +375,13 @@ def split_at(
       loss: ``loss(output, y) -> scalar``, a mean or a sum over the batch.
       optimizer: optax transformation for every stage's parameters.
       input_shape: shape of one input example (no batch axis).
-      batch_size: the training batch size (fixes message shapes).
+      batch_size: the training batch size (fixes message shapes). A stage whose
+        feedback trains a synthetic-gradient model on a batch-mean loss takes
+        training batches of exactly this size (``ValueError`` otherwise).
       num_classes: turns integer labels into one-hot ``(B, num_classes)``; the
-        network must then output ``num_classes`` units.
+        network must then output ``num_classes`` units — or, one class per
+        position, ``(T, num_classes)`` with integer labels ``(B, T)`` (e.g. one
+        per token), which cDNI predictors read position by position.
       label_shape: shape of one label vector when labels are not integers.
       predictor_optimizer: optimiser for trainable feedback (default ``optimizer``).
       example_scale: per-example gradient ÷ loss gradient (``batch_size`` for a
@@ -365,6 +412,12 @@ def split_at(
     cuts = _check_cuts(cuts, len(layers))
     if feedback is None and cuts:
         raise ValueError("cuts were given but no feedback: pass feedback=sgjax.feedback....")
+    if feedback is not None and not cuts:
+        raise ValueError(
+            f"feedback={feedback!r} was given but there is no cut to put it on (cuts=() "
+            f"with {len(layers)} layer(s): one stage, plain backpropagation): give at least "
+            "one cut, e.g. cuts='every', or drop feedback="
+        )
     feedbacks = _check_feedback(feedback, len(cuts)) if cuts else ()
     for i, f in enumerate(feedbacks):
         unlocked_above = [g.name for g in feedbacks[i + 1:] if not g.update_locked]
@@ -376,25 +429,39 @@ def split_at(
             )
     input_shape = tuple(int(s) for s in input_shape)
     shapes = _shapes(layers, input_shape)
-    label_fn = default_label_fn(num_classes)
-    if label_shape is None:
-        label_shape = (num_classes,) if num_classes is not None else ()
-    label_shape = tuple(label_shape)
     out_shape = shapes[-1]
-    if num_classes is not None and out_shape != (num_classes,):
-        raise ValueError(
-            f"num_classes={num_classes} but the network outputs shape {out_shape}: the last "
-            f"layer must have {num_classes} units (e.g. layers.dense({num_classes}))"
-        )
+    positions: tuple[int, ...] = ()  # one class per position: a sequence output (T, C)
+    if num_classes is not None:
+        if not out_shape or out_shape[-1] != num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} but the network outputs shape {out_shape}: the "
+                f"last layer must have {num_classes} units (e.g. layers.dense({num_classes})), "
+                f"or {num_classes} on its last axis for one class per position"
+            )
+        positions = out_shape[:-1]
+    label_fn = default_label_fn(num_classes, positions)
+    if label_shape is None:
+        label_shape = (*positions, num_classes) if num_classes is not None else ()
+    label_shape = tuple(label_shape)
+    for i, f in enumerate(feedbacks):
+        h_shape = shapes[cuts[i] - 1]
+        if "labels" in f.needs and label_shape[:-1] and label_shape[:-1] != h_shape[:-1]:
+            raise ValueError(
+                f"feedback {f.name} at cut {cuts[i]} is conditioned on labels of shape "
+                f"{label_shape} (one per position) but the activations there have shape "
+                f"{h_shape}: per-position labels need activations (positions..., features) "
+                f"with the same positions {label_shape[:-1]}; cut where they are intact, or "
+                "use an unconditioned predictor"
+            )
     if example_scale is None:
         def y_example(key):
             if num_classes is not None:
-                return jax.random.randint(key, (batch_size,), 0, num_classes)
+                return jax.random.randint(key, (batch_size, *positions), 0, num_classes)
             return jax.random.uniform(key, (batch_size, *(label_shape or out_shape)))
 
         example_scale = measure_example_scale(loss, out_shape, batch_size, y_example)
-    elif not example_scale > 0:
-        raise ValueError(f"example_scale={example_scale!r} must be positive")
+    else:
+        example_scale = _check_example_scale(example_scale)
 
     bounds = (0, *cuts, len(layers))
     stages = []
@@ -423,6 +490,20 @@ def split_at(
     return Split(tuple(stages), cuts, input_shape, label_fn, num_classes)
 
 
+def _check_example_scale(example_scale) -> float:
+    """``example_scale`` as a positive finite float, else a clear error naming it."""
+    hint = "batch_size for a batch-mean loss, 1 for a summed one"
+    if isinstance(example_scale, (bool, str, bytes)):
+        raise TypeError(f"example_scale={example_scale!r} must be a number ({hint})")
+    try:
+        value = float(example_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"example_scale={example_scale!r} must be a number ({hint})") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"example_scale={example_scale!r} must be positive and finite ({hint})")
+    return value
+
+
 def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimizer,
                 label_fn, *, below_needs, needs_input_grad, batch_size) -> Stage:
     interface = feedback.build(spec) if feedback is not None else None
@@ -443,6 +524,11 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
         return StageState(params, states, optimizer.init(params), fstate,
                           jnp.zeros((), jnp.int32), rng)
 
+    # A synthetic-gradient model regresses per-example gradients example_scale · δ, and
+    # example_scale (batch_size for a batch-mean loss) holds for the declared batch size only.
+    scaled_by_batch = (feedback is not None and feedback.sg_trains
+                       and spec.example_scale != 1.0)
+
     def check_input(x):
         if tuple(x.shape[1:]) != tuple(in_shape):
             raise ValueError(
@@ -450,9 +536,20 @@ def _make_stage(index, layers, in_shape, out_shape, feedback, spec, loss, optimi
                 f" but got {tuple(x.shape)}"
             )
 
+    def check_training_batch(x):
+        check_input(x)
+        if scaled_by_batch and x.shape[0] != batch_size:
+            raise ValueError(
+                f"stage {index} was split with batch_size={batch_size} but is trained on a "
+                f"batch of {x.shape[0]}: its feedback {feedback.name} scales gradients by "
+                f"example_scale={spec.example_scale:g}, measured for batch_size={batch_size}. "
+                f"Pass batch_size={x.shape[0]} to split_at, or drop the partial batch "
+                "(inference, split.apply, takes any batch size)"
+            )
+
     def forward_pass(state, x):
         """Run the stage in training mode and keep what its backward pass needs."""
-        check_input(x)
+        check_training_batch(x)
         p_first, p_rest = state.params[0], state.params[1:]
         s_first, s_rest = state.layer_state[0], state.layer_state[1:]
         rngs = stage_rngs(state, len(layers))

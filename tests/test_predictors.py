@@ -134,3 +134,88 @@ def test_descriptions():
     assert P.mlp((16, 8)).description == "mlp[16, 8]"
     assert P.conv((4,), conditioned=True).description == "cconv[4]"
     assert P.linear(conditioned=True).conditioned and not P.mlp((4,)).conditioned
+
+
+# --------------------------------------------------- per position, sequences --
+
+T, D = 5, 6
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_per_position_mlp_is_one_dense_model_applied_at_every_position(conditioned):
+    predictor = P.mlp((7,), conditioned=conditioned, per_position=True, batch_norm=False)
+    variables = predictor.init(jax.random.key(0), (T, D), C)
+    first, _, last = L.params_of(variables)  # dense, relu, zero dense: no T anywhere
+    chex.assert_shape([first["kernel"], last["kernel"]], [(D + C * conditioned, 7), (7, D)])
+    last = {"kernel": jax.random.normal(jax.random.key(3), (7, D)), "bias": jnp.ones(D)}
+    variables = {**variables, "params": (first, {}, last)}
+    h = jax.random.normal(jax.random.key(1), (B, T, D))
+    y = jax.nn.one_hot(jax.random.randint(jax.random.key(2), (B, T), 0, C), C)
+    s, _ = predictor.apply(variables, h, y if conditioned else None)
+    chex.assert_shape(s, (B, T, D))
+    for t in range(T):  # position t alone, through the same model
+        z = jnp.concatenate([h[:, t], y[:, t]], -1) if conditioned else h[:, t]
+        ref = jax.nn.relu(z @ first["kernel"] + first["bias"]) @ last["kernel"] + last["bias"]
+        np.testing.assert_allclose(s[:, t], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_per_position_and_flat_agree_on_dense_activations():
+    h, y = jax.random.normal(jax.random.key(1), (B, D)), labels()
+    outs = []
+    for per_position in (False, True):
+        predictor = P.mlp((7,), conditioned=True, per_position=per_position)
+        variables = predictor.init(jax.random.key(0), (D,), C)
+        outs.append(jax.tree.leaves(L.params_of(variables)))
+        params = jax.tree.map(lambda p: p + 0.1, L.params_of(variables))
+        outs.append(predictor.apply(L.with_params(variables, params), h, y, train=True)[0])
+    chex.assert_trees_all_equal(outs[0], outs[2])  # the same model, from the same key
+    np.testing.assert_array_equal(outs[1], outs[3])
+
+
+def test_example_labels_condition_every_position_of_a_sequence():
+    pick = L.elementwise(lambda x: x[..., -C:])
+    predictor = P.from_layer(pick, conditioned=True)
+    predictor.init(jax.random.key(0), (T, C), C)
+    y = labels()
+    out, _ = predictor.apply({}, jnp.zeros((B, T, C)), y)  # a raw broadcast error before
+    np.testing.assert_array_equal(out, jnp.broadcast_to(y[:, None], (B, T, C)))
+    per_token = jax.nn.one_hot(jnp.arange(B * T).reshape(B, T) % C, C)
+    out, _ = predictor.apply({}, jnp.zeros((B, T, C)), per_token)
+    np.testing.assert_array_equal(out, per_token)
+    with pytest.raises(ValueError, match=rf"activations of shape \({B}, {T}, {C}\) on labels "
+                                         rf"of shape \({B}, {T + 1}, {C}\)"):
+        predictor.apply({}, jnp.zeros((B, T, C)), jnp.zeros((B, T + 1, C)))
+
+
+def test_a_model_of_sequence_activations_stays_small():
+    """T = 512, D = 768, 1024 hidden units: a flattening model would hold ~1.5e11 weights."""
+    predictor = P.mlp((1024,), conditioned=True, per_position=True)
+    variables = jax.eval_shape(lambda k: predictor.init(k, (512, 768), 10), jax.random.key(0))
+    size = sum(p.size for p in jax.tree.leaves(L.params_of(variables)))
+    assert size == (768 + 10) * 1024 + 1024 + 2 * 1024 + 1024 * 768 + 768
+
+
+def test_mlp_layers_are_built_once_per_activation_shape(monkeypatch):
+    built = []
+    serial = L.serial
+    monkeypatch.setattr(L, "serial", lambda *layers: built.append(1) or serial(*layers))
+    predictor = P.mlp((4,))
+    variables = predictor.init(jax.random.key(0), (3,), C)
+    for _ in range(3):
+        predictor.apply(variables, jnp.ones((B, 3)), train=True)
+    assert len(built) == 1
+    predictor.init(jax.random.key(0), (5,), C)
+    assert len(built) == 2
+
+
+@pytest.mark.parametrize("hidden", [(-4,), (0,), (16, 0), (4.5,), ("8",), (True,), 16, "16"])
+@pytest.mark.parametrize("make", [P.mlp, P.conv], ids=["mlp", "conv"])
+def test_non_positive_widths_are_rejected_at_construction(make, hidden):
+    with pytest.raises(ValueError, match=r"(width .* is not a positive integer|sequence of "
+                                         r"layer widths)"):
+        make(hidden)
+
+
+def test_conv_kernel_size_must_be_positive():
+    with pytest.raises(ValueError, match=r"kernel_size=0"):
+        P.conv((4,), 0)

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import sgjax
+import sgjax.split as split_module
 from sgjax import feedback as F
 from sgjax import layers as L
 from sgjax import losses
@@ -79,9 +81,9 @@ def reference_training(layers, params, lstate, xs, ys, loss=losses.softmax_cross
 
 def train_split(split, xs, ys, seed=0):
     sched = sgjax.sync(split)
-    ts = sched.init(jax.random.key(seed), xs[0], ys[0])
+    ts = sched.init(jax.random.key(seed), (xs[0], ys[0]))
     init = ts.stages
-    ts, infos = sgjax.fused(sched.step)(ts, xs, ys)
+    ts, infos = sgjax.fused(sched)(ts, (xs, ys))
     return init, ts, infos
 
 
@@ -203,7 +205,7 @@ def perturbed_dni_state():
     split = make(NET4, "every", F.synthetic(P.linear(conditioned=CONDITIONED)))
     xs, ys = batches(4)
     sched = sgjax.sync(split)
-    ts = sched.init(jax.random.key(0), xs[0], ys[0])
+    ts = sched.init(jax.random.key(0), (xs[0], ys[0]))
     stages = tuple(
         s if k == len(split.stages) - 1 else s._replace(feedback=s.feedback._replace(
             variables={**s.feedback.variables,
@@ -213,7 +215,7 @@ def perturbed_dni_state():
     ts = ts._replace(stages=stages)
     step = jax.jit(sched.step)
     for t in range(2):
-        ts, _ = step(ts, xs[t], ys[t])
+        ts, _ = step(ts, (xs[t], ys[t]))
 
     @jax.jit
     def predict_only(stages, x, y):
@@ -411,7 +413,7 @@ def test_predictor_output_shape_mismatch(wrong):
 def test_missing_label_for_conditioned_predictor():
     split = small((2,), F.synthetic(P.linear(conditioned=True)))
     xs, ys = batches(1)
-    ts = jax.eval_shape(sgjax.sync(split).init, jax.random.key(0), xs[0], ys[0])
+    ts = jax.eval_shape(sgjax.sync(split).init, jax.random.key(0), (xs[0], ys[0]))
     with pytest.raises(ValueError, match="conditioned on the label.*no label was given"):
         jax.eval_shape(split.stages[0].update, ts.stages[0], xs[0], None, ts.pending[0])
 
@@ -448,3 +450,151 @@ def test_integer_labels_need_num_classes():
 
 def re_tuple(shape):
     return "\\(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + "\\)"
+
+
+# ------------------------------------------------------------- bad input (§4) --
+
+
+@pytest.mark.parametrize("scale, error", [("16", TypeError), (None, None), (True, TypeError),
+                                          (0, ValueError), (-2.0, ValueError),
+                                          (float("nan"), ValueError), (float("inf"), ValueError),
+                                          ([16], TypeError)])
+def test_example_scale_must_be_a_positive_number(scale, error):
+    if error is None:
+        assert small(example_scale=scale).stages  # None: measured from the loss
+        return
+    with pytest.raises(error, match=r"example_scale=.*(number|positive)"):
+        small(example_scale=scale)
+
+
+@pytest.mark.parametrize("feedback", [F.synthetic, F.backprop, [F.backprop(), F.none]],
+                         ids=["synthetic", "backprop", "in-list"])
+def test_feedback_constructor_not_called(feedback):
+    with pytest.raises(TypeError, match=r"is the function (synthetic|backprop|none), not a "
+                                        r"Feedback: call it"):
+        small((1, 2), feedback)
+
+
+@pytest.mark.parametrize("feedback", [P.linear(), [F.backprop(), P.mlp((4,))]],
+                         ids=["alone", "in-list"])
+def test_predictor_where_a_feedback_is_expected(feedback):
+    with pytest.raises(TypeError, match=r"Predictor .*not a Feedback: wrap it.*synthetic"):
+        small((1, 2), feedback)
+
+
+@pytest.mark.parametrize("cuts", [(), "every"])
+def test_feedback_without_a_cut_is_rejected(cuts):
+    with pytest.raises(ValueError, match=r"feedback=.*no cut to put it on.*at least one cut"):
+        make((L.dense(C),), cuts, F.synthetic(P.linear()))
+    assert len(make((L.dense(C),), cuts, None).stages) == 1  # without feedback: backprop
+
+
+def test_dni_step_on_another_batch_size_is_rejected_at_trace_time():
+    split = small((2,), F.synthetic(P.linear()))  # batch-mean loss: example_scale = B
+    states = split.init(jax.random.key(0))
+    x, y = jnp.zeros((B // 2, D)), jnp.zeros((B // 2,), jnp.int32)
+    for run in (lambda: jax.eval_shape(split.stages[0].update, states[0], x, y, None),
+                lambda: split.stages[0].forward_pass(states[0], x)):
+        with pytest.raises(ValueError, match=rf"batch_size={B} but is trained on a batch of "
+                                             rf"{B // 2}.*batch_size={B // 2}"):
+            run()
+    chex.assert_shape(split.apply(states, x), (B // 2, C))  # inference: any batch size
+    # the batch size does not matter where nothing is scaled by it
+    for ok in (small((2,), F.backprop()), small((2,), F.synthetic(P.linear()), example_scale=1)):
+        jax.eval_shape(ok.stages[0].forward_pass, ok.init(jax.random.key(0))[0], x)
+
+
+# -------------------------------------------------- per-position labels (§3) --
+
+T = 3
+SEQ = (L.dense(W), L.relu, L.dense(C))  # applied to every position of (B, T, D)
+
+
+def sequence_split(feedback, num_classes=C):
+    return sgjax.split_at(SEQ, (2,), feedback=feedback, loss=losses.softmax_cross_entropy,
+                          optimizer=optax.adam(LR), input_shape=(T, D), batch_size=B,
+                          num_classes=num_classes)
+
+
+def test_integer_labels_per_position_reach_a_per_position_cdni_predictor():
+    split = sequence_split(F.synthetic(P.mlp((5,), conditioned=True, per_position=True)))
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
+    y = jax.random.randint(jax.random.key(2), (B, T), 0, C)
+    split.check_batch(x, y)
+    chex.assert_shape(split.label_fn(y), (B, T, C))
+    states = split.init(jax.random.key(0))
+    new1, h, _, _ = split.stages[0].update(states[0], x, y, None)
+    new2, _, target, info = split.stages[1].update(states[1], h, y, None)
+    chex.assert_shape([target.grad, target.labels], [(B, T, W), (B, T, C)])
+    fitted, fit_info = split.stages[0].fit(new1, target)
+    assert np.isfinite(float(info["loss"])) and np.isfinite(float(fit_info["sg_loss"]))
+    kernel = L.params_of(fitted.feedback.variables)[0]["kernel"]
+    chex.assert_shape(kernel, (W + C, 5))  # one model for every position: no T in it
+
+
+def test_bad_per_position_labels_are_named():
+    split = sequence_split(F.backprop())
+    with pytest.raises(ValueError, match=rf"must have shape \(batch, {T}\), got \({B},\)"):
+        split.check_batch(jnp.zeros((B, T, D)), jnp.zeros((B,), jnp.int32))
+    with pytest.raises(ValueError, match=rf"num_classes={C + 1} but the network outputs "
+                                         rf"shape \({T}, {C}\).*{C + 1} on its last axis"):
+        sequence_split(F.backprop(), num_classes=C + 1)
+    # per-position labels cannot condition activations whose positions are gone
+    pooled = (L.dense(W), L.elementwise(lambda h: h.mean(1)), L.dense(T * C),
+              L.elementwise(lambda h: h.reshape(h.shape[0], T, C)))
+    with pytest.raises(ValueError, match=rf"conditioned on labels of shape \({T}, {C}\).*"
+                                         rf"activations there have shape \({W},\)"):
+        sgjax.split_at(pooled, (2,), feedback=F.synthetic(P.linear(conditioned=True)),
+                       loss=losses.softmax_cross_entropy, optimizer=optax.adam(LR),
+                       input_shape=(T, D), batch_size=B, num_classes=C)
+
+
+# ---------------------------------------------------- stochastic layers (§3) --
+
+
+def test_stochastic_layers_get_a_stage_rng_and_parameters_stay_as_before():
+    dropout = L.from_flax(nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
+    net = (L.dense(W), dropout, L.dense(W), L.dense(C))
+    same = (L.dense(W), L.identity, L.dense(W), L.dense(C))
+    split, ref = make(net, (2,), F.synthetic(P.linear())), make(same, (2,), F.synthetic(
+        P.linear()))
+    states, ref_states = split.init(jax.random.key(3)), ref.init(jax.random.key(3))
+    chex.assert_trees_all_equal(flat(states, "params"), flat(ref_states, "params"))
+    chex.assert_trees_all_equal(states[0].feedback, ref_states[0].feedback)
+    assert states[1].rng == () and ref_states[0].rng == ()  # only where a layer draws
+    np.testing.assert_array_equal(jax.random.key_data(states[0].rng), jax.random.key_data(
+        jax.random.fold_in(jax.random.split(jax.random.key(3), 2)[0], split_module.RNG_STREAM)))
+
+    x = jnp.ones((B, D))
+    stage = split.stages[0]
+    h0 = stage.forward(states[0], x)
+    np.testing.assert_array_equal(h0, stage.forward_pass(states[0], x)[0])  # same masks
+    keys = split_module.stage_rngs(states[0], 2)
+    a = L.dense(W).apply({"params": states[0].params[0]}, x)[0]
+    np.testing.assert_array_equal(h0, dropout.apply({}, a, train=True, rng=keys[1])[0])
+    new, h_update, _, _ = stage.update(states[0], x, jnp.zeros((B,), jnp.int32))
+    np.testing.assert_array_equal(h_update, h0)
+    assert int(new.step) == 1 and new.rng is states[0].rng
+    assert not np.array_equal(stage.forward(new, x) == 0, h0 == 0)  # next step: new masks
+    np.testing.assert_array_equal(stage.apply(states[0], x), a)  # inference: no dropout
+
+
+def test_stochastic_stages_under_vmap_eval_shape_and_cond():
+    """What the trainers do with a stage state (vmap over seeds, abstract evaluation for
+    placeholders, ``lax.cond`` for a stage that skips) works with its rng."""
+    dropout = L.from_flax(nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
+    split = make((L.dense(W), dropout, L.dense(C)), (2,), F.synthetic(P.linear()))
+    stage = split.stages[0]
+    x, y = jnp.ones((B, D)), jnp.zeros((B,), jnp.int32)
+    states = jax.vmap(split.init)(jax.random.split(jax.random.key(0), 2))
+    h = jax.vmap(stage.forward, (0, None))(states[0], x)
+    assert not np.array_equal(h[0] == 0, h[1] == 0)  # each seed its own masks
+    state = split.init(jax.random.key(0))[0]
+    shapes = jax.eval_shape(stage.update, state, x, y, None)
+    chex.assert_trees_all_equal_shapes_and_dtypes(shapes[0], state)
+
+    def skip_or_run(active):
+        return jax.lax.cond(active, lambda s: stage.update(s, x, y, None)[0],
+                            lambda s: s, state)
+
+    assert int(jax.jit(skip_or_run)(True).step) == 1
