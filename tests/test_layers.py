@@ -321,3 +321,13 @@ def test_built_in_layers_are_deterministic_and_serial_passes_rng_to_stochastic_c
 def test_from_flax_rejects_non_modules(bad):
     with pytest.raises(TypeError, match="flax.linen or flax.nnx Module"):
         L.from_flax(bad)
+
+
+@pytest.mark.parametrize("module", [nn.Embed(10, 4), nnx.Embed(10, 4, rngs=nnx.Rngs(0))],
+                         ids=["linen", "nnx"])
+def test_input_dtype_lets_init_trace_a_token_embedding(module):
+    layer = L.from_flax(module, input_dtype=jnp.int32)
+    shape, v = layer.init(jax.random.key(0), (7,))
+    assert shape == (7, 4)
+    h, _ = layer.apply(v, jnp.arange(14).reshape(2, 7) % 10)
+    chex.assert_shape(h, (2, 7, 4))
