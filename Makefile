@@ -49,7 +49,7 @@ MIN_TESTS := tests/test_layers.py tests/test_losses_metrics.py tests/test_optim.
 	tests/test_predictors.py tests/test_feedback.py tests/test_split.py tests/test_train.py \
 	tests/test_semantics.py tests/test_recurrent.py tests/test_multirate.py \
 	tests/test_unlock.py tests/test_step_cost.py tests/test_bench_reference.py \
-	tests/test_multidevice.py
+	tests/test_multidevice.py tests/test_contract.py tests/test_models.py
 MIN_DESELECT := not experiment and not quick_is and not r_squared and not input_fit
 
 test-min:  ## the library tests at the lowest declared jax/flax/optax/numpy (own venv, .venv-min)
@@ -78,11 +78,15 @@ notebooks:  ## execute every notebook at the smoke preset
 list:  ## list the experiments with their measured quick wall time
 	$(PY) -m experiments list
 
-reproduce-all:  ## every experiment at PRESET (default quick; PRESET=smoke checks wiring)
-	$(PY) -m experiments run all --preset $(PRESET) --out $(OUT)
+# SET='steps=200 lr=1e-3': --set overrides of the preset's config (python -m experiments run
+# --help); each cell's identity and table.md record them.
+SET_ARGS = $(foreach s,$(SET),--set '$(s)')
 
-reproduce-%:  ## one experiment, e.g. make reproduce-table1 (PRESET=quick by default)
-	$(PY) -m experiments run $* --preset $(PRESET) --out $(OUT)
+reproduce-all:  ## every experiment at PRESET (default quick; PRESET=smoke checks wiring)
+	$(PY) -m experiments run all --preset $(PRESET) --out $(OUT) $(SET_ARGS)
+
+reproduce-%:  ## one experiment, e.g. make reproduce-table1 (PRESET=quick by default; SET='steps=200')
+	$(PY) -m experiments run $* --preset $(PRESET) --out $(OUT) $(SET_ARGS)
 
 reports:  ## copy the finished quick runs under OUT into reports/ (no rerun)
 	$(PY) -m experiments report --results $(OUT)
