@@ -1,6 +1,11 @@
 """The command line: ``python -m experiments list | names | show NAME | run NAME|all |
 report [NAME ...] | device OUT | import-device DIR``.
 
+``run NAME`` runs the ``quick`` preset unless ``--preset`` names another;
+``--set KEY=VALUE`` (repeatable) changes one field of that preset's config
+(:mod:`experiments.framework.overrides`): the changed config is part of every cell's
+identity, and ``table.md`` and each record's command name the overrides.
+
 ``run NAME --preset paper --jobs N --time-limit MINUTES`` runs N cells at once (a process
 each, sharing the accelerator) and stops cleanly in MINUTES: running cells keep a partial
 record (curve so far, ``partial``, ``last_step``) and a checkpoint; rerunning resumes them.
@@ -30,6 +35,9 @@ from collections.abc import Sequence
 from experiments import data, device, framework, registry
 from experiments.framework import CheckpointError, UsageError, running
 
+DEFAULT_PRESET = "quick"
+"""The preset ``run`` uses without ``--preset`` (as ``make reproduce-NAME`` does)."""
+
 RUN_FAILURES = (data.DatasetNotFoundError, data.CorruptDatasetError, CheckpointError,
                 FloatingPointError)
 """Errors a run reports as one ``error:`` line and exit status 1."""
@@ -47,7 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     run = sub.add_parser("run", help="run an experiment (or 'all') at a preset")
     run.add_argument("name", help="experiment name, or 'all'")
-    run.add_argument("--preset", required=True, help="smoke, quick or paper")
+    run.add_argument("--preset", default=DEFAULT_PRESET,
+                     help="smoke, quick or paper (default %(default)s)")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE",
+                     help="change one field of the preset's config (repeatable; dotted keys "
+                          "for nested configs, e.g. --set steps=200 --set train.lr=1e-3); "
+                          "the changed config is part of each cell's identity")
     run.add_argument(
         "--out",
         default=framework.DEFAULT_OUT,
@@ -82,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     cell.add_argument("name")
     cell.add_argument("cell")
     cell.add_argument("--preset", required=True)
+    cell.add_argument("--set", dest="overrides", action="append", default=[])
     cell.add_argument("--out", default=framework.DEFAULT_OUT)
     cell.add_argument("--seed", type=int, default=0)
     cell.add_argument("--fresh", action="store_true")
@@ -172,12 +187,14 @@ def _show(exp: framework.Experiment) -> int:
     return 0
 
 
-def _plan(reg: registry.Registry, name: str, preset: str, only: Sequence[str]):
-    """[(experiment, only-patterns)] to run; raises UsageError before anything runs."""
+def _plan(reg: registry.Registry, name: str, preset: str, only: Sequence[str],
+          overrides: Sequence[str] = ()):
+    """[(experiment, only-patterns)] to run, each experiment with the ``--set`` overrides
+    applied to its ``preset`` config; raises UsageError before anything runs."""
     if name != "all":
         exp = reg.get(name)
         framework.select_cells(exp, preset, only)
-        return [(exp, only)]
+        return [(framework.with_overrides(exp, preset, overrides), only)]
     lacking = [e.name for e in reg.experiments.values() if preset not in e.presets]
     if lacking:
         raise UsageError(
@@ -190,7 +207,7 @@ def _plan(reg: registry.Registry, name: str, preset: str, only: Sequence[str]):
         mine = [p for p in only if any(fnmatch.fnmatchcase(i, p) for i in ids)]
         used.update(mine)
         if mine or not only:
-            plan.append((exp, mine))
+            plan.append((framework.with_overrides(exp, preset, overrides), mine))
     if unused := [p for p in only if p not in used]:
         raise UsageError(f"--only {' '.join(unused)} matches no cell of any experiment")
     return plan
@@ -215,7 +232,7 @@ def _run(reg: registry.Registry, args: argparse.Namespace) -> int:
     framework.check_interval(args.checkpoint_interval)
     args.jobs = running.check_jobs(args.jobs)
     args.time_limit = running.check_time_limit(args.time_limit)
-    plan = _plan(reg, args.name, args.preset, args.only)
+    plan = _plan(reg, args.name, args.preset, args.only, args.overrides)
     framework.check_out_dir(args.out)
     return _sigterm_as_interrupt(_run_plan, reg, args, plan)
 
@@ -263,7 +280,7 @@ def _cell(reg: registry.Registry, args: argparse.Namespace) -> int:
     """A worker of ``run --jobs N``: one cell in this process, its record, no reports.
     Exit status 0 (finished), :data:`running.TIME_LIMIT_EXIT` (partial) or as ``run``."""
     running.die_with_parent()
-    exp = reg.get(args.name)
+    exp = framework.with_overrides(reg.get(args.name), args.preset, args.overrides)
     cell = next((c for c in framework.select_cells(exp, args.preset, [args.cell])
                  if c.id == args.cell), None)
     if cell is None:

@@ -10,6 +10,7 @@ adds to it (an experiment under development, the tests' toy experiment).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import os
 import traceback
@@ -57,10 +58,14 @@ class Registry:
         return list(self.experiments)
 
     def get(self, name: str) -> Experiment:
-        """The experiment called ``name``, or a :class:`UsageError` listing the valid names."""
+        """The experiment called ``name``, or a :class:`UsageError` naming the closest
+        valid name ("did you mean …") and listing them all."""
         if name in self.experiments:
             return self.experiments[name]
-        msg = f"unknown experiment {name!r}; valid experiments: {', '.join(self.names()) or '—'}"
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        msg = (f"unknown experiment {name!r}{hint}; valid experiments: "
+               f"{', '.join(self.names()) or '—'}")
         if self.failures:
             msg += (
                 "\n(these modules failed to import and may define it: "

@@ -43,7 +43,8 @@ configs as data), :mod:`~experiments.framework.checkpoints` (atomic ``.npz`` che
 :mod:`~experiments.framework.context` (what a running cell gets: :class:`RunContext`),
 :mod:`~experiments.framework.store` (finished cells on disk, identity, provenance),
 :mod:`~experiments.framework.running` (:func:`run_experiment`),
-:mod:`~experiments.framework.verdicts` (claims checked against results) and
+:mod:`~experiments.framework.verdicts` (claims checked against results),
+:mod:`~experiments.framework.overrides` (``--set KEY=VALUE`` on a preset's config) and
 :mod:`~experiments.framework.reports` (tables, CSV, figures, ``reports/`` and its index).
 """
 
@@ -66,6 +67,7 @@ from experiments.framework.declare import (
     reproduce_command,
     to_jsonable,
 )
+from experiments.framework.overrides import override, with_overrides
 from experiments.framework.reports import (
     REPORTS_DIR,
     RunSummary,
@@ -107,5 +109,6 @@ __all__ = [
     "measured_time_s",
     "plot_curves", "provenance", "publish_report", "render_table", "report_dir",
     "rerender_reports", "reproduce_command",
-    "run_experiment", "select_cells", "to_jsonable", "write_index", "write_reports",
+    "run_experiment", "select_cells", "to_jsonable", "with_overrides", "write_index",
+    "write_reports", "override",
 ]

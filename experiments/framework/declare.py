@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -185,6 +186,9 @@ class Experiment:
     ``figures(results, config)`` returns ``{name: matplotlib Figure}``, saved as
     ``<name>.png``; ``None`` plots every logged curve
     (:func:`experiments.framework.default_figures`).
+    ``overrides`` maps a preset to the ``--set KEY=VALUE`` texts already applied to its
+    config (:func:`experiments.framework.with_overrides` fills it; leave it empty): they
+    are repeated in each record's command and in ``table.md``.
     """
 
     name: str
@@ -199,6 +203,7 @@ class Experiment:
     preset_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     claims: Sequence[Claim] | Callable[[str], Sequence[Claim]] = ()
     metric_curve: str = "test_error"
+    overrides: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not SAFE_ID.match(self.name) or self.name == "all":
@@ -279,17 +284,20 @@ class CellResult:
 
 
 def reproduce_command(
-    name: str, preset: str, *, seed: int = 0, only: Sequence[str] = (), make: bool = False
+    name: str, preset: str, *, seed: int = 0, only: Sequence[str] = (), make: bool = False,
+    overrides: Sequence[str] = (),
 ) -> str:
-    """The exact command that reproduces ``name`` at ``preset``."""
+    """The exact command that reproduces ``name`` at ``preset`` (with the ``--set``
+    ``overrides``, ``KEY=VALUE`` texts)."""
     if make:
-        return f"make reproduce-{name} PRESET={preset}"
+        cmd = f"make reproduce-{name} PRESET={preset}"
+        return cmd + (f" SET={shlex.quote(' '.join(overrides))}" if overrides else "")
     cmd = f"python -m experiments run {name} --preset {preset}"
     if seed:
         cmd += f" --seed {seed}"
     if only:
         cmd += " --only " + " ".join(only)
-    return cmd
+    return cmd + "".join(f" --set {shlex.quote(o)}" for o in overrides)
 
 
 def to_jsonable(obj: Any) -> Any:

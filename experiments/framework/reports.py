@@ -138,12 +138,13 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
     verdicts = V.check_all(exp, preset, found)
     per_cell = V.cell_verdicts(verdicts)
     lines = [SMOKE_BANNER, ""] if preset == "smoke" else []
+    how = {"name": exp.name, "preset": preset, "overrides": exp.overrides.get(preset, ())}
     lines += [
         f"# {exp.name}: {exp.title}",
         "",
         f"- Paper: {exp.paper}",
-        f"- Preset: `{preset}`; reproduce with `{reproduce_command(exp.name, preset)}` "
-        f"or `{reproduce_command(exp.name, preset, make=True)}`",
+        f"- Preset: `{preset}`; reproduce with `{reproduce_command(**how)}` "
+        f"or `{reproduce_command(**how, make=True)}`",
         f"- Metric: {exp.metric}; diff = ours − paper",
         f"- Cells: {len(_finished(found))}/{len(found)} done"
         f"{f', {n_partial} partial' if n_partial else ''}"
@@ -159,6 +160,10 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
         lines.append(f"- Notes: {exp.notes}")
     if exp.preset_notes.get(preset):
         lines.append(f"- Preset `{preset}`: {exp.preset_notes[preset]}")
+    if exp.overrides.get(preset):
+        lines.append(f"- Overrides: {', '.join(f'`{o}`' for o in exp.overrides[preset])} "
+                     f"(`--set`): the cells ran with the `{preset}` config changed so, and "
+                     "are not its results")
     if verdicts:
         counts = {s: sum(v.status == s for v in verdicts) for s in V.STATUSES}
         lines.append("- Verdicts: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import difflib
 import fnmatch
 import json
 import math
@@ -80,8 +81,10 @@ DEFAULT_OUT = "results"
 def select_cells(exp: Experiment, preset: str, only: Sequence[str] = ()) -> tuple[Cell, ...]:
     """The cells of ``preset`` whose id matches one of the ``only`` globs (all if empty)."""
     if preset not in exp.presets:
+        close = difflib.get_close_matches(preset, list(exp.presets), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(
-            f"unknown preset {preset!r} for experiment {exp.name!r}; "
+            f"unknown preset {preset!r} for experiment {exp.name!r}{hint}; "
             f"valid presets: {', '.join(exp.presets)}"
         )
     cells = exp.cells_for(preset)
@@ -399,7 +402,8 @@ def record_fields(exp: Experiment, preset: str, cell: Cell, seed: int,
         **identity,
         "code_version": code_version(),
         **describe_machine(),
-        "command": reproduce_command(exp.name, preset, seed=seed),
+        "command": reproduce_command(exp.name, preset, seed=seed,
+                                     overrides=exp.overrides.get(preset, ())),
     }
 
 
@@ -496,7 +500,8 @@ def make_record(exp: Experiment, preset: str, cell: Cell, seed: int, identity: M
         "code_version": code_version(),
         **describe_machine(),
         "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "command": reproduce_command(exp.name, preset, seed=seed),
+        "command": reproduce_command(exp.name, preset, seed=seed,
+                                     overrides=exp.overrides.get(preset, ())),
     }
 
 
@@ -509,6 +514,11 @@ def experiment_module(exp: Experiment) -> str:
     for name, module in list(sys.modules.items()):
         if getattr(module, "EXPERIMENT", None) is exp:
             return name
+    if exp.overrides:  # a copy with --set overrides: its module declares the original
+        for name, module in list(sys.modules.items()):
+            declared = getattr(module, "EXPERIMENT", None)
+            if isinstance(declared, Experiment) and declared.name == exp.name:
+                return name
     raise UsageError(f"--jobs > 1: experiment {exp.name!r} is not the EXPERIMENT of an "
                      "imported module, so worker processes cannot load it; run it with "
                      "--jobs 1")
@@ -537,9 +547,12 @@ def worker_env(exp: Experiment, jobs: int) -> dict[str, str]:
 
 def worker_command(exp: Experiment, preset: str, cell: Cell, *, out: Path, seed: int,
                    fresh: bool, interval: float, limits: Deadlines | None) -> list[str]:
-    """``python -m experiments cell NAME CELL ...``: one cell in its own process."""
+    """``python -m experiments cell NAME CELL ...``: one cell in its own process (with the
+    experiment's ``--set`` overrides)."""
     cmd = [sys.executable, "-m", "experiments", "cell", exp.name, cell.id, "--preset", preset,
            "--out", str(out), "--seed", str(seed), "--checkpoint-interval", repr(interval)]
+    for assignment in exp.overrides.get(preset, ()):
+        cmd += ["--set", assignment]
     if limits is not None:
         cmd += ["--deadline", repr(limits.soft), "--hard-deadline", repr(limits.hard)]
     return cmd + (["--fresh"] if fresh else [])
