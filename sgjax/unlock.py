@@ -116,11 +116,19 @@ def mlp(hidden: Sequence[int] = (1024,), *, batch_norm: bool = True) -> InputMod
         unflatten = L.elementwise(lambda h: h.reshape(h.shape[0], *h_shape))
         return L.serial(L.flatten, *blocks, L.dense(math.prod(h_shape)), unflatten)
 
+    built: dict[tuple, L.Layer] = {}  # the layers of each activation shape, built once
+
+    def layer(h_shape):
+        h_shape = tuple(h_shape)
+        if h_shape not in built:
+            built[h_shape] = build(h_shape)
+        return built[h_shape]
+
     def init(key, x_shape, h_shape):
-        return build(tuple(h_shape)).init(key, tuple(x_shape))[1]
+        return layer(h_shape).init(key, tuple(x_shape))[1]
 
     def apply(variables, x, h_shape, *, train=False):
-        return build(tuple(h_shape)).apply(variables, x, train=train)
+        return layer(h_shape).apply(variables, x, train=train)
 
     return InputModel(init, apply, name)
 
