@@ -185,6 +185,7 @@ def test_notebook_is_stored_with_outputs_of_a_real_run(path):
 # -------------------------------------------------------------------- smoke run --
 
 
+@pytest.mark.notebooks  # minutes: `make test-notebooks`, not the default `make test`
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_runs_at_smoke_scale(path, monkeypatch):
     monkeypatch.setenv(PRESET_ENV, "smoke")
