@@ -21,7 +21,8 @@ DEVICE_PY := $(if $(wildcard $(PY)),$(PY),python3)
 DEVICE_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),paper)
 DATA_SRC ?= $(or $(SGJAX_DATA_DIR),../shared/data)
 
-.PHONY: install test test-min test-slow lint bench notebooks reproduce-all reports list help \
+.PHONY: install test test-min test-slow test-notebooks lint bench notebooks reproduce-all \
+	reports list help \
 	device-paper device-import device-data
 
 help:  ## list the targets
@@ -32,7 +33,7 @@ install:  ## create .venv and install sgjax (editable) with the experiments and 
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[experiments,dev]'
 
-test:  ## the default test suite (fast; slow tests excluded)
+test:  ## the default test suite (a few minutes; slow tests and notebook runs excluded)
 	$(PY) -m pytest
 
 # The declared floors (pyproject's dependencies), pinned exactly, with the test tools of their
@@ -72,8 +73,10 @@ bench:  ## step-time benchmarks: DNI MNIST FCN shape, then recurrent DNI on the 
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/recurrent_step_time.py
 
-notebooks:  ## execute every notebook at the smoke preset
-	$(PY) -m pytest tests/test_notebooks.py
+test-notebooks:  ## execute every notebook at the smoke preset (minutes; not in make test)
+	$(PY) -m pytest -m notebooks tests/test_notebooks.py
+
+notebooks: test-notebooks  ## the same as test-notebooks
 
 list:  ## list the experiments with their measured quick wall time
 	$(PY) -m experiments list
