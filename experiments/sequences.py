@@ -36,10 +36,11 @@ task is made harder: Copy ``N += 1``; Repeat Copy alternately ``N += 1`` and ``R
 
 Penn Treebank, character level
 ------------------------------
-:func:`load_ptb` reads ``ptb.char.{train,valid,test}.txt`` (Mikolov's character-level
-PTB: one sentence per line, characters separated by spaces, ``_`` between words) from
-``$SGJAX_DATA_DIR/ptb/``; every line ends with an end-of-line symbol. :func:`ptb_streams`
-cuts a split into ``B`` contiguous streams, read ``T`` characters at a time.
+:func:`load_ptb` reads Mikolov's character-level PTB (one sentence per line, its characters,
+``_`` between words, then an end-of-line symbol), derived from the word files
+``ptb.{train,valid,test}.txt`` that :func:`experiments.data.fetch` downloads and checks on first
+use. :func:`ptb_streams` cuts a split into ``B`` contiguous streams, read ``T`` characters at
+a time.
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.data import DATA_DIR_ENV, DatasetNotFoundError, default_data_dirs
+from experiments.data import fetch
 
 __all__ = [
     "BITS_THRESHOLD", "CopyTask", "Level", "PTB", "PTB_FILES", "StreamState",
     "copy_chunk", "copy_step", "episode_length", "init_stream", "load_ptb", "next_level",
-    "ptb_streams", "t_task",
+    "ptb_streams", "read_ptb", "t_task",
 ]
 
 BITS_THRESHOLD = 0.15
@@ -193,8 +194,9 @@ def copy_chunk(task: CopyTask, state: StreamState, level: jax.Array, T: int):
 # --------------------------------------------------------------------------- Penn Treebank
 
 PTB_SUBDIR = "ptb"
-PTB_FILES = {split: f"ptb.char.{split}.txt" for split in ("train", "valid", "test")}
+PTB_FILES = {split: f"ptb.{split}.txt" for split in ("train", "valid", "test")}
 EOS = "<eos>"
+WORD_BOUNDARY = "_"
 
 
 class PTB(NamedTuple):
@@ -211,50 +213,51 @@ class PTB(NamedTuple):
         return len(self.vocab)
 
 
-def _ptb_dirs(data_dir) -> tuple[list[Path], str]:
-    if data_dir is not None:
-        return [Path(data_dir).expanduser()], "the data_dir argument"
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return [Path(env).expanduser()], f"${DATA_DIR_ENV}"
-    return default_data_dirs(), f"the default locations (${DATA_DIR_ENV} is not set)"
-
-
 def _read_chars(path: Path) -> list[str]:
+    """The character-level symbols of one PTB word file, exactly those of Mikolov's
+    ``ptb.char.*.txt``: every non-empty line's words spelled out with ``_`` between them,
+    then ``<eos>``."""
     symbols = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            chars = line.split()
-            if chars:
-                symbols += chars + [EOS]
+            words = line.split()
+            if words:
+                symbols += [*WORD_BOUNDARY.join(words), EOS]
     return symbols
 
 
-def load_ptb(data_dir: str | os.PathLike | None = None, *, limit: int | None = None) -> PTB:
-    """Read character-level PTB from ``<data_dir>/ptb/`` (default ``$SGJAX_DATA_DIR``,
-    else the default data locations of :mod:`experiments.data`).
+def load_ptb(data_dir: str | os.PathLike | None = None, *, limit: int | None = None,
+             download: bool = True) -> PTB:
+    """Character-level Penn Treebank from ``<data_dir>/ptb/ptb.{train,valid,test}.txt``
+    (default data directory: ``$SGJAX_DATA_DIR``, else ``~/.cache/sgjax/data``), downloaded
+    and checked by :func:`experiments.data.fetch` on first use.
 
-    The vocabulary is the sorted set of training symbols (``<eos>`` included); ``limit``
-    keeps only the first ``limit`` symbols of every split. Raises
-    :class:`~experiments.data.DatasetNotFoundError` naming where it looked.
+    Mikolov's character-level set is these word files spelled out (``_`` between words), so
+    the symbols are the same as those of his ``ptb.char.*.txt`` (:func:`read_ptb`).
+    ``download=False`` never uses the network. Raises
+    :class:`~experiments.data.DatasetNotFoundError` naming the files and where to put them.
     """
-    dirs, how = _ptb_dirs(data_dir)
-    for d in dirs:
-        base = d / PTB_SUBDIR
-        if all((base / f).is_file() for f in PTB_FILES.values()):
-            break
-    else:
-        looked = " and ".join(str(d / PTB_SUBDIR) for d in dirs)
-        raise DatasetNotFoundError(
-            f"Penn Treebank (character level) not found: looked for "
-            f"{', '.join(PTB_FILES.values())} in {looked} (directories from {how}).\n"
-            f"Fix it: put Mikolov's character-level PTB files in <dir>/{PTB_SUBDIR}/ and "
-            f"export {DATA_DIR_ENV}=<dir> (e.g. {DATA_DIR_ENV}=../shared/data), or pass "
-            "data_dir=<dir>. The files are ptb.char.{train,valid,test}.txt from "
-            "simple-examples.tgz (http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
-            ", directory data/)."
-        )
-    splits = {k: _read_chars(base / f) for k, f in PTB_FILES.items()}
+    paths = fetch("ptb", data_dir=data_dir, download=download)
+    return read_ptb({split: paths[f] for split, f in PTB_FILES.items()}, limit=limit)
+
+
+def read_ptb(files: dict[str, Path] | str | os.PathLike, *, limit: int | None = None) -> PTB:
+    """Read PTB word files into character-level symbol streams (no checksum: see
+    :func:`load_ptb`).
+
+    Args:
+        files: ``{"train": path, "valid": path, "test": path}``, or a directory holding
+            ``ptb.{train,valid,test}.txt``.
+        limit: keep only the first ``limit`` symbols of every split.
+
+    Returns:
+        A :class:`PTB`; the vocabulary is the sorted set of training symbols (``<eos>`` and
+        ``_`` included; 50 for the real files), each split an int32 array of indices into it.
+    """
+    if not isinstance(files, dict):
+        base = Path(files)
+        files = {split: base / f for split, f in PTB_FILES.items()}
+    splits = {k: _read_chars(Path(files[k])) for k in PTB_FILES}
     vocab = tuple(sorted(set(splits["train"])))
     index = {c: i for i, c in enumerate(vocab)}
     unknown = sorted(set(splits["valid"] + splits["test"]) - set(vocab))
@@ -262,7 +265,8 @@ def load_ptb(data_dir: str | os.PathLike | None = None, *, limit: int | None = N
         raise ValueError(f"PTB valid/test contain symbols not in train: {unknown[:10]}")
     arrays = {k: np.fromiter((index[c] for c in v), np.int32, len(v))[:limit]
               for k, v in splits.items()}
-    return PTB(arrays["train"], arrays["valid"], arrays["test"], vocab, str(base))
+    return PTB(arrays["train"], arrays["valid"], arrays["test"], vocab,
+               str(Path(files["train"]).parent))
 
 
 def ptb_streams(symbols: np.ndarray, batch_size: int, T: int) -> np.ndarray:
