@@ -351,7 +351,8 @@ def _manual_fix(name: str, root: Path) -> str:
     """The manual fallback: which files to fetch from where and where to put them."""
     files = FILES[name]
     folder = root / Path(files[0].path).parent
-    wanted = ", ".join(f"{f.urls[0]} ({f.size} bytes, SHA-256 {f.sha256})" for f in files)
+    wanted = ", ".join(f"{f.urls[0] if f.urls else f.path} ({f.size} bytes, SHA-256 {f.sha256})"
+                       for f in files)
     return (f"Fix it: download {wanted} and put them in {folder}/ (files already there with "
             f"the right SHA-256 are used without network access); or export {DATA_DIR_ENV}="
             f"<a directory holding {Path(files[0].path).parent}/>; or export {DATA_URL_ENV}="

@@ -1,14 +1,13 @@
-"""Tests for experiments/data.py. Fast, no network; real data is read from SGJAX_DATA_DIR or the
-default ``shared/data`` lookup (tests that need it are skipped when it is absent)."""
+"""Tests for experiments/data.py's readers and local files. Fast, no network (downloads are
+tested in test_download.py); real data is read from $SGJAX_DATA_DIR or the default data
+directory, and tests that need it are skipped when it is absent."""
 
 from __future__ import annotations
 
 import gzip
 import io
 import os
-import sys
 import tarfile
-import types
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +41,20 @@ def mnist_root() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Never write to the user's ~/.cache/sgjax from tests."""
+def _isolated_cache_and_no_downloads(tmp_path_factory, monkeypatch):
+    """Never write to the user's ~/.cache/sgjax from tests, and never download: the only
+    mirror is a closed port on 127.0.0.1."""
     monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path_factory.mktemp("sgjax-cache")))
+    monkeypatch.setenv(data.DATA_URL_ENV, "http://127.0.0.1:9")
+
+
+def _register_local(monkeypatch, root: Path, name: str) -> None:
+    """Make the files now in ``root`` dataset ``name``'s registry (their sizes and hashes)."""
+    files = tuple(
+        data.RemoteFile(str(p.relative_to(root)), p.stat().st_size, data.sha256sum(p),
+                        (f"https://mirror.invalid/{p.relative_to(root)}",))
+        for p in sorted((root / name).iterdir()))
+    monkeypatch.setitem(data.FILES, name, files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +107,7 @@ def test_env_var_and_default_lookup(mnist_root, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV)
     if mnist_root.resolve() not in data.default_data_dirs():
         pytest.skip(f"{mnist_root} is not one of the default locations")
-    ds = data.load("mnist", source="local", train_limit=3, test_limit=3)
+    ds = data.load("mnist", download=False, train_limit=3, test_limit=3)
     assert ds.y_train.tolist() == MNIST_TRAIN_FIRST_LABELS[:3]
 
 
@@ -115,56 +125,58 @@ def test_limits_zero_and_validation(mnist_root):
 # --------------------------------------------------------------------------------------------
 
 
-def test_unknown_name_and_source():
+def test_unknown_name():
     with pytest.raises(ValueError, match=r"'imagenet'.*mnist, cifar10"):
         data.load("imagenet")
-    with pytest.raises(ValueError, match=r"'s3'"):
-        data.load("mnist", source="s3")
+    with pytest.raises(ValueError, match=r"'imagenet'.*mnist, cifar10, ptb"):
+        data.fetch("imagenet")
 
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("mnist", "train-images-idx3-ubyte.gz"), ("cifar10", "cifar10-jpeg")],
+    [("mnist", "mnist/train-images-idx3-ubyte.gz"), ("cifar10", "cifar10/cifar-10-python.tar.gz")],
 )
-def test_missing_dataset_message(name, expected, tmp_path, monkeypatch):
+@pytest.mark.parametrize("download", [False, True])
+def test_missing_dataset_message(name, expected, download, tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-    with pytest.raises(data.DatasetNotFoundError) as info:
-        data.load(name, source="local")
+    error = data.DownloadError if download else data.DatasetNotFoundError
+    with pytest.raises(error) as info:
+        data.load(name, download=download, progress=False)
     assert isinstance(info.value, FileNotFoundError)
     msg = str(info.value)
-    for part in (data.DATA_DIR_ENV, expected, str(tmp_path), "pip install tensorflow", "data_dir"):
+    assert msg.startswith(f"Dataset {name!r} not found: {tmp_path / expected} is missing")
+    for part in (data.DATA_DIR_ENV, data.DATA_URL_ENV, *(f.urls[0] for f in data.FILES[name]),
+                 f"put them in {(tmp_path / expected).parent}/"):
         assert part in msg, (part, msg)
+    assert ("download=False" in msg) is not download
+    assert "shared" not in msg and "tensorflow" not in msg
 
 
-def test_default_location_is_per_user_and_the_error_says_how_to_get_the_files(
-        tmp_path, monkeypatch):
+def test_default_location_is_per_user(tmp_path, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.default_data_dirs() == [tmp_path / ".cache" / "sgjax" / "data"]
-    with pytest.raises(data.DatasetNotFoundError) as info:
-        data.load("mnist", source="local")
-    msg = str(info.value)
-    assert str(tmp_path / ".cache" / "sgjax" / "data" / "mnist") in msg
-    assert all(url in msg for url in data.MNIST_URLS) and "pip install tensorflow" in msg
-    with pytest.raises(data.DatasetNotFoundError, match="tensorflow_datasets"):
-        data.load("cifar10", source="local")
-    assert data.expected_label("cifar10") == "CIFAR-10"  # no local tar: tfds would be used
-    _write_fake_mnist(tmp_path / ".cache" / "sgjax" / "data" / "mnist")
-    assert data.load("mnist", source="local").num_train == 6
+    default = tmp_path / ".cache" / "sgjax" / "data"
+    assert data.default_data_dirs() == [default] and data.data_dir() == default
+    with pytest.raises(data.DatasetNotFoundError, match=str(default / "mnist")):
+        data.load("mnist", download=False)
+    assert data.expected_label("cifar10") == "CIFAR-10"  # nothing local: the original
+    _write_fake_mnist(default / "mnist")
+    _register_local(monkeypatch, default, "mnist")
+    assert data.load("mnist", download=False).num_train == 6
 
 
-def test_missing_dataset_auto_without_tensorflow(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(data, "_tensorflow_available", lambda: False)
-    with pytest.raises(data.DatasetNotFoundError, match="tensorflow is not installed"):
-        data.load("mnist")
-
-
-def test_explicit_data_dir_never_falls_back_to_tfds(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_tensorflow_available", lambda: True)
-    monkeypatch.setattr(data, "_load_tfds", lambda *a: pytest.fail("tfds must not be used"))
-    with pytest.raises(data.DatasetNotFoundError, match="data_dir"):
-        data.load("mnist", data_dir=tmp_path)
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
+def test_corrupt_local_file_is_never_used(damage, tmp_path, monkeypatch):
+    _write_fake_mnist(tmp_path / "mnist")
+    _register_local(monkeypatch, tmp_path, "mnist")
+    bad = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[:-40] if damage == "truncated" else raw[:-1] + bytes([raw[-1] ^ 1]))
+    with pytest.raises(data.DatasetNotFoundError,
+                       match=f"{bad} is corrupt or truncated.*download=False"):
+        data.load("mnist", data_dir=tmp_path, download=False)
+    with pytest.raises(data.DownloadError, match=r"Dataset 'mnist' is corrupt: .*127.0.0.1:9"):
+        data.load("mnist", data_dir=tmp_path, progress=False)
 
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:
@@ -181,8 +193,9 @@ def _write_fake_mnist(d: Path, n_train: int = 6, n_test: int = 4) -> None:
         _write_idx(d / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
 
 
-def test_idx_roundtrip(tmp_path):
+def test_idx_roundtrip(tmp_path, monkeypatch):
     _write_fake_mnist(tmp_path / "mnist")
+    _register_local(monkeypatch, tmp_path, "mnist")
     ds = data.load("mnist", data_dir=tmp_path)
     assert ds.x_train.shape == (6, 28, 28, 1) and ds.y_test.tolist() == [0, 1, 2, 3]
 
@@ -192,7 +205,7 @@ def test_idx_truncated_gzip(tmp_path):
     bad = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
     bad.write_bytes(bad.read_bytes()[:-40])
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*corrupt or truncated"):
-        data.load("mnist", data_dir=tmp_path)
+        data.read_mnist_dir(tmp_path)
 
 
 def test_idx_not_gzip(tmp_path):
@@ -219,7 +232,7 @@ def test_mnist_inconsistent_counts(tmp_path):
     _write_fake_mnist(tmp_path / "mnist")
     _write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", np.arange(3))
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz has 3 labels"):
-        data.load("mnist", data_dir=tmp_path)
+        data.read_mnist_dir(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,54 +360,29 @@ def test_cifar_real_tar(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# tensorflow_datasets path
+# Penn Treebank: character-level streams from the word files
 # --------------------------------------------------------------------------------------------
 
 
-def test_tfds_path_with_fake_module(monkeypatch):
-    """Exercises split strings and dtype conversion without TensorFlow."""
-    calls = []
+def test_ptb_from_word_files(tmp_path, monkeypatch):
+    from experiments import sequences
 
-    def fake_load(name, *, split, batch_size, as_supervised):
-        calls.append((name, split, batch_size, as_supervised))
-        n = 7 if split.startswith("train") else 3
-        return np.zeros((n, 32, 32, 3), np.uint8) + 255, np.arange(n, dtype=np.int64)
-
-    fake = types.SimpleNamespace(load=fake_load, as_numpy=lambda t: t)
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-    monkeypatch.setattr(data, "_tensorflow_available", lambda: True)
-    ds = data.load("cifar10", source="tfds", train_limit=7)
-    assert calls == [("cifar10", "train[:7]", -1, True), ("cifar10", "test", -1, True)]
-    assert ds.source == "tfds" and ds.label == "CIFAR-10"
-    assert ds.x_train.dtype == np.float32 and ds.x_train.max() == 1.0
-    assert ds.y_train.dtype == np.int32 and ds.y_test.tolist() == [0, 1, 2]
-
-
-def test_tfds_auto_fallback_when_no_local_files(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(data, "_tensorflow_available", lambda: True)
-    monkeypatch.setattr(data, "_load_tfds", lambda name, *limits: ("tfds", name, limits))
-    assert data.load("mnist", test_limit=4) == ("tfds", "mnist", (None, 4))
-
-
-def test_tfds_source_without_tensorflow(monkeypatch):
-    monkeypatch.setattr(data, "_tensorflow_available", lambda: False)
-    with pytest.raises(ImportError, match="pip install tensorflow"):
-        data.load("mnist", source="tfds")
-
-
-@pytest.mark.parametrize(("name", "shape"), [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
-def test_tfds_mock_data(name, shape, monkeypatch):
-    pytest.importorskip("tensorflow", reason="tfds needs TensorFlow to build datasets")
-    tfds = pytest.importorskip("tensorflow_datasets")
-    # mock_data has no split metadata (0 examples), so batch_size=-1 would batch by
-    # sys.maxsize, which aborts the process in recent TensorFlow; real prepared data has it.
-    monkeypatch.setattr(tfds.core.splits.SplitDict, "total_num_examples", property(lambda self: 8))
-    with tfds.testing.mock_data(num_examples=8):
-        ds = data.load(name, source="tfds")
-    assert ds.x_train.shape == (8, *shape) and ds.x_train.dtype == np.float32
-    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
-    assert ds.y_train.dtype == np.int32 and ds.source == "tfds"
+    with pytest.raises(data.DatasetNotFoundError, match=r"ptb/ptb.train.txt is missing"):
+        sequences.load_ptb(tmp_path, download=False)
+    (tmp_path / "ptb").mkdir()
+    texts = {"train": " ab c \n\n b a\n", "valid": " a c\n", "test": "b\n"}
+    for split, text in texts.items():
+        (tmp_path / "ptb" / f"ptb.{split}.txt").write_text(text)
+    _register_local(monkeypatch, tmp_path, "ptb")
+    ptb = sequences.load_ptb(tmp_path, download=False)
+    assert ptb.vocab == ("<eos>", "_", "a", "b", "c") and ptb.source == str(tmp_path / "ptb")
+    # "ab c" -> a b _ c <eos>; the empty line is skipped; "b a" -> b _ a <eos>
+    assert ptb.train.tolist() == [2, 3, 1, 4, 0, 3, 1, 2, 0]
+    assert ptb.valid.tolist() == [2, 1, 4, 0] and ptb.test.tolist() == [3, 0]
+    assert sequences.read_ptb(tmp_path / "ptb", limit=2).train.tolist() == [2, 3]
+    (tmp_path / "ptb" / "ptb.test.txt").write_text("z\n")
+    with pytest.raises(ValueError, match="not in train"):
+        sequences.read_ptb(tmp_path / "ptb")
 
 
 # --------------------------------------------------------------------------------------------
