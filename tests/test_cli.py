@@ -282,3 +282,21 @@ def test_set_errors_in_a_subprocess_are_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == ("error: toy (quick): --set scal: unknown key 'scal' (did you mean "
                            "'scale'?); valid keys: steps, scale\n")
+
+
+@pytest.mark.parametrize("again, start, steps", [
+    (["--set", "steps=4"], 2, 4),  # the same overrides: resumes from its checkpoint
+    (["--set", "steps=3"], 0, 3),  # other overrides: starts again
+    ([], 0, 5),  # the preset's own config: starts again
+])
+def test_a_stopped_cell_resumes_only_under_the_same_overrides(tmp_path, monkeypatch, again,
+                                                              start, steps):
+    args = ["run", "toy", "--out", str(tmp_path), "--only", "a-x"]
+    monkeypatch.setattr(toy, "INTERRUPT_AT", 2)
+    assert main([*args, "--set", "steps=4"]) == 130
+    assert _record(tmp_path, "quick")["partial"] is True
+    monkeypatch.setattr(toy, "INTERRUPT_AT", None)
+    assert main([*args, *again]) == 0
+    assert toy.STARTS["a-x"] == start
+    record = _record(tmp_path, "quick")
+    assert record["config"]["steps"] == steps and record["metric"] == 1 - 0.5 ** steps
