@@ -49,6 +49,7 @@ import importlib.util
 import io
 import os
 import pickle
+import sys
 import tarfile
 import warnings
 import zlib
@@ -320,9 +321,13 @@ def _download(name: str, f: RemoteFile, root: Path, problem: str, how: str,
     import requests
 
     path = root / f.path
-
+    logger = pooch.get_logger()
     failures = []
     for url in file_urls(f):
+        # Our own line, on the stderr of the moment: pooch's logger keeps the stderr of when
+        # pooch was imported (under pytest's capture, a closed stream).
+        print(f"downloading {url} to {path}", file=sys.stderr)
+        logger.disabled, was_disabled = True, logger.disabled
         try:
             pooch.retrieve(
                 url, known_hash=f"sha256:{f.sha256}", fname=path.name, path=path.parent,
@@ -340,6 +345,8 @@ def _download(name: str, f: RemoteFile, root: Path, problem: str, how: str,
                             "(it was deleted)")
         except OSError as e:
             failures.append(f"{url}: cannot write {path.parent} ({e})")
+        finally:
+            logger.disabled = was_disabled
     first = (f"Dataset {name!r} not found" if problem.endswith(" is missing")
              else f"Dataset {name!r} is corrupt")
     raise DownloadError(
