@@ -32,7 +32,7 @@ run (``paper``) lives in ``reports/<name>/<preset>/`` (``make reports``)."""
 
 REPORT_PRESET = "quick"
 FIGURE_DPI = 120
-REPORT_DPI = 72  # committed PNGs stay small (and get a 256-colour palette)
+REPORT_DPI = 150  # legible legends; a 256-colour palette keeps each PNG well under 300 kB
 
 SMOKE_BANNER = ("**Smoke preset: these numbers are not results. It checks the wiring in "
                 "seconds; run `quick` (the default of `make reproduce-NAME`) or `paper` for "
@@ -483,10 +483,13 @@ def _read_provenance(directory: Path) -> dict[str, Any] | None:
 
 
 def rerender_report(exp: Experiment, preset: str = REPORT_PRESET,
-                    reports_root: str | os.PathLike | None = None) -> Path | None:
+                    reports_root: str | os.PathLike | None = None, *,
+                    figures: bool = False) -> Path | None:
     """Rewrite the committed report's ``table.md`` (and the Markdown its figure function
-    renders, where the report has ``cells/``) from what is committed; nothing is rerun
-    and the figures are left as they are. ``None`` if there is no such report."""
+    renders, where the report has ``cells/``) from what is committed; nothing is rerun.
+    ``figures``: redraw its PNGs too (at :data:`REPORT_DPI`, from the records under
+    ``cells/``); otherwise they are left as they are, as are those of a report without
+    ``cells/``. ``None`` if there is no such report."""
     dest = report_dir(exp.name, preset, reports_root)
     if not (dest / "results.csv").is_file() and not (dest / "cells").is_dir():
         return None
@@ -497,21 +500,24 @@ def rerender_report(exp: Experiment, preset: str = REPORT_PRESET,
     atomic_write(dest / "table.md", lambda f: f.write(table))
     results = _finished(found)
     if has_records and results:
-        _save_figures(exp, preset, results, dest, REPORT_DPI, text_only=True)
+        _save_figures(exp, preset, results, dest, REPORT_DPI, shrink=True,
+                      text_only=not figures)
     return dest
 
 
 def rerender_reports(reports_root: str | os.PathLike | None = None,
-                     experiments: Sequence[Experiment] | None = None) -> list[Path]:
+                     experiments: Sequence[Experiment] | None = None, *,
+                     figures: bool = False) -> list[Path]:
     """Re-render every committed report (each experiment's ``quick`` report and any other
     preset's under it) and ``reports/README.md`` from what is committed, without rerunning;
-    ``experiments`` defaults to the registered ones. Returns the files written."""
+    ``experiments`` defaults to the registered ones; ``figures``: redraw the PNGs of each
+    report that has ``cells/`` (:func:`rerender_report`). Returns the files written."""
     if experiments is None:
         experiments = _registered()
     written = []
     for exp in experiments:
         for preset in exp.presets:
-            dest = rerender_report(exp, preset, reports_root)
+            dest = rerender_report(exp, preset, reports_root, figures=figures)
             if dest is not None:
                 written.append(dest / "table.md")
     written.append(write_index(reports_root, experiments))
