@@ -125,6 +125,14 @@ def test_limits_zero_and_validation(mnist_root):
 # --------------------------------------------------------------------------------------------
 
 
+def test_readme_lists_every_file_with_its_size_and_hash():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for files in data.FILES.values():
+        for f in files:
+            rows = [line for line in readme.splitlines() if line.startswith(f"| `{f.path}` |")]
+            assert len(rows) == 1 and f"| {f.size} | `{f.sha256}` |" in rows[0], f.path
+
+
 def test_unknown_name():
     with pytest.raises(ValueError, match=r"'imagenet'.*mnist, cifar10"):
         data.load("imagenet")
