@@ -35,6 +35,7 @@ from typing import Any
 import sgjax
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework.reports import log_axis, mark_paper, paper_legend_entry
 
 MODELS = ("dni-linear", "cdni-linear", "dni-mlp")
 COLUMNS = {"dni-linear": "DNI, linear SG", "cdni-linear": "cDNI, linear SG",
@@ -153,38 +154,46 @@ def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
 
 _STYLE = {"dni-linear": dict(color="tab:blue", ls="--"),
           "cdni-linear": dict(color="tab:green", ls="--"),
-          "dni-mlp": dict(color="tab:blue", ls="-")}
+          "dni-mlp": dict(color="tab:purple", ls="-")}
+_BUDGET_MARKER = {"dni-linear": "s", "cdni-linear": "s", "dni-mlp": "o"}
 
 
 def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
-    """``fig12``: test error during training, one panel per depth, one line per model
-    (budget cells dotted, their x axis their own steps)."""
+    """``fig12``: test error during training (log scale: the curves span 2-20 %), one panel
+    per depth, one line per model (budget cells dotted with markers, their x axis their own
+    steps); Table 1's number for the cell, where there is one, as a star."""
     from matplotlib.figure import Figure
 
     extra = [r for r in results if "steps" in r.cell.params]
     results = [r for r in results if "steps" not in r.cell.params]
     by = {(r.cell.params["depth"], r.cell.params["model"]): r for r in results}
     depths = sorted({d for d, _ in by})
-    fig = Figure(figsize=(3.2 * max(len(depths), 1) + 0.4, 3.4), layout="constrained")
-    axes = fig.subplots(1, max(len(depths), 1), squeeze=False)[0]
+    fig = Figure(figsize=(4.2 * max(len(depths), 1) + 0.4, 5.0), layout="constrained")
+    axes = fig.subplots(1, max(len(depths), 1), squeeze=False, sharey=True)[0]
     for ax, d in zip(axes, depths):
         for m in MODELS:
             r = by.get((d, m))
             if r is not None and "test_error" in r.curves:
-                ax.plot(*r.curves["test_error"], label=f"{COLUMNS[m]} ({r.metric:.2f} %)",
+                steps, values = r.curves["test_error"]
+                paper = "" if r.cell.paper is None else f", Table 1: {r.cell.paper:g} %"
+                ax.plot(steps, values, label=f"{COLUMNS[m]} ({r.metric:.2f} %{paper})",
                         **_STYLE[m])
+                mark_paper(ax, steps[-1], r.cell.paper, _STYLE[m]["color"])
         for r in extra:
             p = r.cell.params
             if p["depth"] == d and "test_error" in r.curves:
-                ax.plot(*r.curves["test_error"], lw=1, alpha=0.8,
-                        label=f"{COLUMNS[p['model']]}, {p['steps']:,} ({r.metric:.2f} %)",
+                ax.plot(*r.curves["test_error"], lw=1, markersize=3,
+                        marker=_BUDGET_MARKER[p["model"]],
+                        label=f"{COLUMNS[p['model']]}, {p['steps']:,} steps "
+                              f"({r.metric:.2f} %)",
                         **{**_STYLE[p["model"]], "ls": ":"})
-        ax.set_ylim(0, 20)
+        log_axis(ax)
         ax.set_title(f"{d} layers", fontsize="small")
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="xx-small")
-    axes[0].set_ylabel("test error (%)")
+        ax.grid(alpha=0.3, which="both")
+        paper_legend_entry(ax, "paper, Table 1 (★)")
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    axes[0].set_ylabel("test error (%, log scale)")
     claims = "; ".join(f"{c}: {v}" for c, v in verdicts(results).items())
     fig.suptitle(f"DNI Fig. 12: linear synthetic gradient models, MNIST FCNs\n{claims}",
                  fontsize="small")

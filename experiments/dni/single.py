@@ -50,6 +50,7 @@ import numpy as np
 import sgjax
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework.reports import log_axis, mark_paper, paper_legend_entry
 
 DEPTH = 6
 POSITIONS = (1, 2, 3, 4, 5)
@@ -174,8 +175,14 @@ def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
 
 
 def _curve(ax, r: CellResult | None, name: str, **style) -> None:
+    """``r``'s curve ``name``, its final number in the legend, and the paper's number
+    (where it gives one) as a star at the last step."""
     if r is not None and name in r.curves:
-        ax.plot(*r.curves[name], label=f"{style.pop('label')} ({r.metric:.2f} %)", **style)
+        steps, values = r.curves[name]
+        paper = "" if r.cell.paper is None else f", paper {r.cell.paper:g} %"
+        ax.plot(steps, values, label=f"{style.pop('label')} ({r.metric:.2f} %{paper})",
+                **style)
+        mark_paper(ax, steps[-1], r.cell.paper, style["color"])
 
 
 def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
@@ -193,20 +200,21 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         ks = [k for k in ks if any((kind, k) in by for kind in kinds)]
         if not ks:
             continue
-        fig = Figure(figsize=(2.9 * len(ks) + 0.4, 3.2), layout="constrained")
-        axes = fig.subplots(1, len(ks), squeeze=False)[0]
+        fig = Figure(figsize=(3.4 * len(ks) + 0.4, 4.4), layout="constrained")
+        axes = fig.subplots(1, len(ks), squeeze=False, sharey=True)[0]
         for ax, k in zip(axes, ks):
             _curve(ax, by.get(("bprop", 0)), "test_error", color="0.45", label="Bprop")
             for kind in kinds:
                 color = "tab:red" if kind == "none" else "tab:blue"
                 _curve(ax, by.get((kind, k)), "test_error", color=color,
                        label="no gradient" if kind == "none" else "DNI")
-            ax.set_ylim(0, 10)
+            log_axis(ax)
             ax.set_title(f"k = {k}", fontsize="small")
             ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="xx-small")
-        axes[0].set_ylabel("test error (%)")
+            ax.grid(alpha=0.3, which="both")
+            paper_legend_entry(ax)
+            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
+        axes[0].set_ylabel("test error (%, log scale)")
         claims = "; ".join(f"{c}: {v}" for c, v in judged.items() if "cosine" not in c
                            and "sign" not in c)
         fig.suptitle(f"DNI Fig. 9 {title}, 6-layer MNIST FCN\n{claims}", fontsize="small")
@@ -224,10 +232,11 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
             ax.set_title(q.replace("_", " "), fontsize="small")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[0].set_yscale("log")
+        log_axis(axes[0])
+        axes[0].set_title("l2 error (log scale)", fontsize="small")
         axes[1].axhline(0, color="k", lw=0.8)
         axes[2].axhline(0.5, color="k", lw=0.8, ls=":")
-        axes[0].legend(fontsize="xx-small")
+        axes[0].legend(fontsize="x-small")
         claims = "; ".join(f"{c}: {v}" for c, v in judged.items() if "cosine" in c
                            or "sign" in c)
         fig.suptitle(f"DNI Fig. 10: synthetic vs true gradient, single DNI\n{claims}",

@@ -258,6 +258,38 @@ def plot_curves(
     return fig
 
 
+PAPER_MARKER = dict(marker="*", markersize=10, linestyle="none", markeredgecolor="k",
+                    markeredgewidth=0.6, zorder=5)
+"""How a figure marks a number the paper gives: a star in the curve's colour."""
+
+
+def mark_paper(ax, x: float, value: float | None, color: Any, *, label: str | None = None
+               ) -> None:
+    """The paper's ``value`` as a :data:`PAPER_MARKER` star at ``x`` (usually the curve's
+    last step) in ``color``; nothing when the paper gives no number (``value`` None)."""
+    if value is not None:
+        ax.plot([x], [value], color=color, label=label, **PAPER_MARKER)
+
+
+def paper_legend_entry(ax, text: str = "paper (★)") -> None:
+    """One grey star in ``ax``'s legend explaining the :func:`mark_paper` stars."""
+    ax.plot([], [], color="0.6", label=text, **PAPER_MARKER)
+
+
+def log_axis(ax, axis: str = "y") -> None:
+    """A log scale whose ticks read as plain numbers (``2``, ``5``, ``10``, ``20``, not
+    ``2×10⁰``): for curves whose ranges differ by an order of magnitude (every curve stays
+    on the plot)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    getattr(ax, f"set_{axis}scale")("log")
+    target = getattr(ax, f"{axis}axis")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(plain)
+    target.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
 def default_figures(results: Sequence[CellResult], config: Any) -> dict[str, Any]:
     """One figure per logged curve name (``curves-<name>``), all cells overlaid."""
     names = sorted({k for r in results for k in r.curves})
