@@ -333,6 +333,7 @@ def _download(name: str, f: RemoteFile, root: Path, problem: str, how: str,
                 url, known_hash=f"sha256:{f.sha256}", fname=path.name, path=path.parent,
                 downloader=pooch.HTTPDownloader(progressbar=progress, timeout=_DOWNLOAD_TIMEOUT_S),
             )
+            path.chmod(0o644)  # pooch's temporary file was private (0600)
             return
         except requests.HTTPError as e:
             failures.append(f"{url}: HTTP {e.response.status_code} {e.response.reason}")
