@@ -74,6 +74,7 @@ from experiments import data, training
 from experiments.blog import weight_gradients as wg
 from experiments.dni import fcn
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework.reports import log_axis, mark_paper, paper_legend_entry
 
 METHODS = ("backprop", "stale", "synthetic")
 ARMS = ("post", "edit")
@@ -494,11 +495,13 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
                     ax.fill_between(steps, np.min(seeds, 0), np.max(seeds, 0),
                                     color=colors[m], alpha=0.2, lw=0)
                 n = len(seeds)
+                caption = (f"; caption {CAPTION_VALUES[m]:.1f} %" if m in CAPTION_VALUES
+                           else "")
                 ax.plot(steps, mean, color=colors[m],
-                        label=f"{COLUMNS[m]} ({r.metric:.2f} %, mean of {n})")
-                if m in CAPTION_VALUES:
-                    ax.plot([steps[-1]], [CAPTION_VALUES[m]], marker="*", ms=10,
-                            color=colors[m], ls="none")
+                        label=f"{COLUMNS[m]} ({r.metric:.2f} %, mean of {n}{caption})")
+                if m in CAPTION_VALUES:  # side by side: the two values are 0.1 apart
+                    shift = 0.03 * (steps[-1] - steps[0]) * (m == "synthetic")
+                    mark_paper(ax, steps[-1] + shift, CAPTION_VALUES[m], colors[m])
             elif "test_error" in r.curves:
                 steps, err = r.curves["test_error"]
                 ax.plot(steps, 100 - np.asarray(err), color=colors[m],
@@ -507,25 +510,31 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(bottom=50 if arm == "post" else None)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+        if arm == "post":
+            paper_legend_entry(ax, "the post's caption (★)")
+        ax.legend(fontsize="x-small", loc="lower right")
         ax.set_title(ROWS[arm] + ("\n★: the caption's 90.0 (stale) / 89.9 (synthetic)"
                                   if arm == "post" else ""), fontsize="small")
     figs["blog-accuracy"] = fig
     probed = [(m, by[f"post-{m}"]) for m in ("synthetic", "stale")
               if f"post-{m}" in by and "cosine_same_batch" in by[f"post-{m}"].curves]
     if probed:
-        fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+        fig = Figure(figsize=(8.0, 5.0), layout="constrained")
         ax = fig.add_subplot()
         for m, r in probed:
-            for key, ls in (("cosine_same_batch", "-"), ("cosine_population", "--"),
-                            ("cosine_target_W2", ":")):
+            for key, ls, words in (
+                    ("cosine_same_batch", "-", "vs the same batch's true gradient"),
+                    ("cosine_population", "--", "vs the true gradient of 10k examples"),
+                    ("cosine_target_W2", ":", "W2's vs the last refit target")):
                 if key in r.curves:
-                    ax.plot(*r.curves[key], color=colors[m], ls=ls, label=f"{m}: {key}")
+                    ax.plot(*r.curves[key], color=colors[m], ls=ls,
+                            label=f"{COLUMNS[m]}: {words}")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("step")
         ax.set_ylabel("cosine (mean over seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncols=2)
         ax.set_title("the post's arm: applied gradient vs the true gradient of the same batch "
                      "(—),\nof 10k training examples (--), W2 vs the last refit target (⋯)",
                      fontsize="small")
@@ -546,36 +555,59 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
                     f"EDIT: true dL/dh1, step {em['heatmap_step']} "
                     f"(cos {em['heatmap_cosine']:.2f})")]
     if panels:
-        fig = Figure(figsize=(3.2 * len(panels), 3.2), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(panels)))
-        for ax, (arr, title) in zip(axes, panels):
+        rows = [row for row in ([p for p in panels if p[1].startswith("post")],
+                                [p for p in panels if p[1].startswith("EDIT")]) if row]
+        width = max(len(row) for row in rows)
+        fig = Figure(figsize=(4.0 * width, 3.3 * len(rows) + 0.4), layout="constrained")
+        grid = fig.subplots(len(rows), width, squeeze=False)
+        axes = []
+        for row, row_axes in zip(rows, grid):
+            axes += list(row_axes[:len(row)])
+            for ax in row_axes[len(row):]:
+                ax.set_visible(False)
+        for ax, (arr, title) in zip(axes, [p for row in rows for p in row]):
             lim = float(np.max(np.abs(arr))) or 1.0
-            ax.imshow(arr, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-            ax.set_title(title, fontsize="x-small")
+            im = ax.imshow(arr, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto",
+                           interpolation="nearest")
+            fig.colorbar(im, ax=ax, shrink=0.85, format="%.1e").ax.tick_params(
+                labelsize="x-small")
+            ax.set_title(title, fontsize="small")
             ax.set_xlabel("hidden unit" if title.startswith("post") else "unit")
             ax.set_ylabel("class" if title.startswith("post") else "example")
+        fig.suptitle("Synthetic vs true gradients at the end of training\n(each panel has "
+                     "its own colour scale: ± its largest magnitude, colour bar beside it)",
+                     fontsize="small")
         figs["blog-heatmaps"] = fig
     timed = [(i, by[i].metrics["us_per_step"]) for i in (f"{a}-{m}" for a in ARMS
                                                           for m in METHODS)
              if i in by and "us_per_step" in by[i].metrics]
     if timed:
-        fig = Figure(figsize=(9.0, 3.4), layout="constrained")
+        fig = Figure(figsize=(11.0, 4.2), layout="constrained")
         axes = fig.subplots(1, 2)
-        axes[0].bar([i for i, _ in timed], [v for _, v in timed],
-                    color=[colors[i.split("-", 1)[1]] for i, _ in timed])
-        axes[0].set_yscale("log")
-        axes[0].set_ylabel("µs per step (compiled scan)")
-        axes[0].tick_params(axis="x", labelsize="x-small", rotation=30)
+        names = {"backprop": "backprop", "stale": "stale", "synthetic": "synthetic"}
+        bars = axes[0].bar(
+            [f"{'EDIT' if i.startswith('edit') else 'post'}:\n{names[i.split('-', 1)[1]]}"
+             for i, _ in timed], [v for _, v in timed],
+            color=[colors[i.split("-", 1)[1]] for i, _ in timed])
+        axes[0].bar_label(bars, labels=[f"{v:,.0f}" for _, v in timed], fontsize="x-small")
+        log_axis(axes[0])
+        axes[0].set_ylabel("µs per step (compiled scan, log scale)")
+        axes[0].set_title("time per training step", fontsize="small")
+        axes[0].tick_params(axis="x", labelsize="small")
         post_counts = wg.parameter_count((784, config.post.hidden, 10))
         counts = parameter_counts(config.edit)
-        axes[1].bar(["post: network", "post: SG model\n(weight grads)", "EDIT: network",
-                     "EDIT: SG models\n(activation grads)"],
-                    [post_counts["network"], post_counts["synthetic_model"],
-                     counts["network"], counts["sg_ours_activation_grads"]],
-                    color=["0.45", "tab:red", "0.45", "tab:blue"])
+        values = [post_counts["network"], post_counts["synthetic_model"], counts["network"],
+                  counts["sg_ours_activation_grads"]]
+        bars = axes[1].bar(["post:\nnetwork", "post: SG model\n(weight grads)",
+                            "EDIT:\nnetwork", "EDIT: SG models\n(activation grads)"],
+                           values, color=["0.45", "tab:red", "0.45", "tab:blue"])
+        axes[1].bar_label(bars, labels=[f"{v:,}" for v in values], fontsize="x-small")
         axes[1].set_yscale("log")
-        axes[1].set_ylabel("parameters")
-        axes[1].tick_params(axis="x", labelsize="x-small")
+        axes[1].set_ylabel("parameters (log scale)")
+        axes[1].set_title("parameter counts", fontsize="small")
+        axes[1].tick_params(axis="x", labelsize="small")
+        for ax in axes:
+            ax.margins(y=0.15)
         figs["blog-runtime"] = fig
     return figs
 
