@@ -6,7 +6,7 @@ PRESET ?= quick
 OUT    ?= results
 
 # The offline datasets, when the repository sits next to a shared/data folder (otherwise
-# the loader looks in ~/.cache/sgjax/data, then tensorflow-datasets).
+# the loader uses ~/.cache/sgjax/data, downloading what is missing on first use).
 ifneq ($(wildcard ../shared/data/mnist),)
 export SGJAX_DATA_DIR ?= $(abspath ../shared/data)
 endif
@@ -102,9 +102,9 @@ device-import:  ## unpack what device-paper wrote (FILES=<dir>) into results/, p
 	@test -n "$(FILES)" || { echo "error: give the folder the device's files came back to: make device-import FILES=<dir>" >&2; exit 2; }
 	$(PY) -m experiments import-device $(FILES)
 
-device-data:  ## copy MNIST and character-level PTB into .device-data/ (git-ignored) to carry to the accelerator
+device-data:  ## copy MNIST and the PTB word files into .device-data/ (git-ignored) to carry to the accelerator
 	mkdir -p .device-data/mnist .device-data/ptb
 	cp $(DATA_SRC)/mnist/*.gz .device-data/mnist/
-	cp $(DATA_SRC)/ptb/ptb.char.*.txt .device-data/ptb/
+	cp $(DATA_SRC)/ptb/ptb.train.txt $(DATA_SRC)/ptb/ptb.valid.txt $(DATA_SRC)/ptb/ptb.test.txt .device-data/ptb/
 	@x=$$(git rev-parse --git-common-dir)/info/exclude; grep -qx '/.device-data/' $$x 2>/dev/null || echo '/.device-data/' >> $$x
 	@du -sh .device-data
