@@ -276,15 +276,24 @@ def paper_legend_entry(ax, text: str = "paper (★)") -> None:
     ax.plot([], [], color="0.6", label=text, **PAPER_MARKER)
 
 
+def _compact(v: float) -> str:
+    """A tick label: ``0.5``, ``20``, ``5000``, ``20k``, ``1.5M``."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
+        if abs(v) >= size:
+            scale = 1e3 if suffix == "k" else size
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
 def log_axis(ax, axis: str = "y") -> None:
-    """A log scale whose ticks read as plain numbers (``2``, ``5``, ``10``, ``20``, not
-    ``2×10⁰``): for curves whose ranges differ by an order of magnitude (every curve stays
+    """A log scale whose ticks read as plain numbers (``2``, ``5``, ``10``, ``20k``, ``1M``,
+    not ``2×10⁰``): for curves whose ranges differ by an order of magnitude (every curve stays
     on the plot)."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     getattr(ax, f"set_{axis}scale")("log")
     target = getattr(ax, f"{axis}axis")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = FuncFormatter(lambda v, _: _compact(v))
     target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     target.set_major_formatter(plain)
     target.set_minor_formatter(FuncFormatter(lambda v, _: ""))
