@@ -61,6 +61,7 @@ import sgjax
 from experiments import training
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework.reports import log_axis
 
 
 class Arm(NamedTuple):
@@ -371,7 +372,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     from matplotlib.figure import Figure
 
     by = {r.cell.id: r for r in results}
-    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    fig = Figure(figsize=(15, 8), layout="constrained")
     axes = fig.subplots(2, 3)
     for arm, r in by.items():
         color = _COLORS.get(arm, "k")
@@ -379,12 +380,13 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         for ax, name in ((axes[0, 0], "test_error"), (axes[0, 1], "loss")):
             if name in r.curves:
                 ax.plot(*r.curves[name], color=color, label=label, lw=1.2)
-    axes[0, 0].set_ylabel("test error (%)")
-    axes[0, 1].set_ylabel("training loss (interval mean)")
-    finals = [r.metric for r in results]
-    if finals:
-        axes[0, 0].set_ylim(0, max(finals) * 1.8 + 1)
-    axes[0, 0].legend(fontsize="xx-small", title="arm (err_rise)", title_fontsize="xx-small")
+    axes[0, 0].set_ylabel("test error (%, log scale)")
+    axes[0, 1].set_ylabel("training loss (interval mean, log scale)")
+    for ax in axes[0, :2]:
+        log_axis(ax)
+    if axes[0, 0].lines:
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper",
+                   fontsize="x-small", title="arm (err_rise)", title_fontsize="x-small")
     arms = [a for a in ARMS if a in by]
     axes[0, 2].barh(range(len(arms)), [by[a].metrics.get("err_rise", np.nan) for a in arms],
                     color=[_COLORS.get(a, "k") for a in arms])
@@ -418,7 +420,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
                     axes[1, 2].plot(*c, color=cmap[k], ls=ls, lw=0.9)
         axes[1, 0].set_ylabel("‖SG‖ / ‖target‖ (solid),\n‖target‖ / ‖true gradient‖ (dashed)")
         axes[1, 0].axhline(1.0, color="k", lw=0.6)
-        axes[1, 0].set_yscale("log")
+        log_axis(axes[1, 0])
         axes[1, 1].set_ylabel("cos(SG, bootstrapped target) (solid),\n"
                               "cos(SG, true gradient) (dashed)")
         axes[1, 1].axhline(0.0, color="k", lw=0.6)
@@ -426,7 +428,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
                               "(solid: dni, dotted: dni-true-target, dash-dot: cdni)")
         axes[1, 2].axhline(0.0, color="k", lw=0.6)
         for ax in axes[1]:
-            ax.legend(fontsize="xx-small")
+            ax.legend(fontsize="x-small")
     for ax in axes.ravel():
         ax.grid(alpha=0.3)
     for ax in (*axes[0, :2], *axes[1]):

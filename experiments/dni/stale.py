@@ -216,7 +216,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
           if not is_probe(r.cell)}
     depths = sorted({d for d, _ in by})
     judged = verdicts(results)
-    fig = Figure(figsize=(3.3 * max(len(depths), 1), 3.4), layout="constrained")
+    fig = Figure(figsize=(3.3 * max(len(depths), 1), 3.8), layout="constrained")
     axes = fig.subplots(1, max(len(depths), 1), squeeze=False)[0]
     for ax, depth in zip(axes, depths):
         stale = by.get((depth, "stale"))
@@ -228,14 +228,17 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
             r = by.get((depth, m))
             if r is not None:
                 ax.axhline(r.metric, color=color, label=f"{COLUMNS[m]} (ours)")
-        for color, v in zip(("tab:red", "tab:orange", "tab:green"), PAPER[depth]):
-            ax.axhline(v, color=color, ls=":", lw=1)
+        for color, v, name in zip(("tab:red", "tab:orange", "tab:green"), PAPER[depth],
+                                  ("No Bprop", "Stale", "cDNI")):
+            ax.axhline(v, color=color, ls=":", lw=1.2, label=f"{name} (paper)")
         verdict = judged.get(depth, {}).get("verdict", "")
         ax.set_title(f"{depth} layers {('— ' + verdict) if verdict else ''}", fontsize="small")
         ax.set_xlabel("decay rate")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final test error (%)")
-    axes[0].legend(fontsize="x-small")
+    if axes[0].lines:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=6,
+                   fontsize="x-small")
     fig.suptitle("DNI §3.1: stale activation gradients (EMA) vs No Bprop and cDNI "
                  "(dotted: paper)", fontsize="medium")
     out = {"stale-sweep": fig}
@@ -281,7 +284,9 @@ def _optimizer_figure(results: Sequence[CellResult], main: Mapping[tuple[int, st
         ax.set_title(f"{depth} layers", fontsize="small")
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("final test error (%)")
-    axes[0].legend(fontsize="x-small")
+    if axes[0].lines:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=6,
+                   fontsize="x-small")
     fig.suptitle("Stale vs No Bprop under each optimizer (preset steps unless marked; "
                  "÷10 at 60 %/80 %)",
                  fontsize="medium")
