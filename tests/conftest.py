@@ -58,3 +58,11 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), item.location[1] or 0,
                            f"Skipped: needs real data: {found.group(1)}")
+
+
+@pytest.fixture(autouse=True)
+def _no_public_mirrors(monkeypatch):
+    """Tests never download from the internet: a dataset that is missing or corrupt would
+    otherwise be fetched from the public mirrors. Every download goes to a closed local
+    port (a test that serves files sets its own ``SGJAX_DATA_URL``)."""
+    monkeypatch.setenv("SGJAX_DATA_URL", "http://127.0.0.1:9")

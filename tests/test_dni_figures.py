@@ -196,9 +196,9 @@ def test_population_members_equal_single_runs(sequential):
     batch_fn = training.uniform_batches(8, keyed=True)
     keys = jax.random.split(jax.random.key(2), 3)
     steps = jnp.arange(3)
-    pop, _ = sparse._chunk_runner(population_step, batch_fn, True)(state, steps,
+    pop, _ = sparse.chunk_runner(population_step, batch_fn, True)(state, steps,
                                                                    data=((xs, ys), keys))
-    one = sparse._chunk_runner(step, batch_fn, False)
+    one = sparse.chunk_runner(step, batch_fn, False)
     for i in range(3):
         member = jax.tree.map(lambda a, i=i: a[i], state)
         alone, _ = one(member, steps, data=((xs, ys), keys[i]))

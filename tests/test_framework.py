@@ -262,8 +262,9 @@ def _ctx(tmp_path, seed=0, name="c"):
         fingerprint={"cell": name})
 
 
-def _toy_step(state, x):
-    """Counts steps and accumulates the batch; reports both."""
+def _toy_step(state, batch):
+    """Counts steps and accumulates the batch ``(x,)``; reports both."""
+    (x,) = batch
     new = {"n": state["n"] + 1, "s": state["s"] + x}
     return new, {"loss": x, "n": new["n"].astype(jnp.float32), "vector": jnp.zeros(2)}
 
@@ -366,13 +367,20 @@ def test_bad_data_directory_is_one_error_line(tmp_path, monkeypatch, capsys, cas
         assert "train-labels-idx1-ubyte.gz" in line and "corrupt or truncated" in line
     else:
         assert "Dataset 'mnist' not found" in line and str(root) in line
-        assert "SGJAX_DATA_DIR" in line and "pip install tensorflow" in line
+        assert "SGJAX_DATA_DIR" in line and "SGJAX_DATA_URL" in line
     assert "cell 'a-x'" in line
 
 
 def test_good_data_directory_runs(tmp_path, monkeypatch):
+    from experiments import data
+
     monkeypatch.setattr(toy, "LOAD_DATA", "mnist")
-    monkeypatch.setenv("SGJAX_DATA_DIR", str(_fake_mnist(tmp_path / "data")))
+    root = _fake_mnist(tmp_path / "data")
+    # the fake files are what the loader must accept: register their sizes and hashes
+    monkeypatch.setitem(data.FILES, "mnist", tuple(
+        data.RemoteFile(f"mnist/{p.name}", p.stat().st_size, data.sha256sum(p), ())
+        for p in sorted((root / "mnist").iterdir())))
+    monkeypatch.setenv("SGJAX_DATA_DIR", str(root))
     assert run(tmp_path / "out") == 0
 
 

@@ -18,7 +18,8 @@ import sgjax
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = {"jax", "flax", "optax", "numpy"}
-EXPERIMENTS_ONLY = ("tensorflow_datasets", "tensorflow", "matplotlib", "tqdm", "PIL", "pandas")
+EXPERIMENTS_ONLY = ("tensorflow_datasets", "tensorflow", "matplotlib", "tqdm", "PIL", "pandas",
+                    "pooch", "requests")
 
 # Runs in a fresh interpreter: imports each statement's module in turn and reports which of
 # EXPERIMENTS_ONLY are in sys.modules after each.
@@ -73,7 +74,7 @@ def test_runtime_dependencies_are_the_library_only():
     meta = pyproject()["project"]
     assert {requirement_name(r) for r in meta["dependencies"]} == RUNTIME
     extra = {requirement_name(r) for r in meta["optional-dependencies"]["experiments"]}
-    assert extra == {"tensorflow-datasets", "matplotlib", "tqdm", "pillow"}
+    assert extra == {"pooch", "matplotlib", "tqdm", "pillow"}
 
 
 def test_version_is_single_sourced():

@@ -121,15 +121,16 @@ def test_ptb_streams_and_missing_data(tmp_path):
     assert w[0, :, 1].tolist() == [11, 12, 13, 14]
     with pytest.raises(ValueError, match="cannot fill"):
         S.ptb_streams(seq, 20, 3)
-    with pytest.raises(DatasetNotFoundError, match="ptb.char.train.txt") as info:
-        S.load_ptb(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="ptb.train.txt") as info:
+        S.load_ptb(tmp_path, download=False)
     assert str(tmp_path / "ptb") in str(info.value) and "SGJAX_DATA_DIR" in str(info.value)
     (tmp_path / "ptb").mkdir()
-    for split, text in (("train", "a b _ c\nb a\n"), ("valid", "a c\n"), ("test", "b\n")):
-        (tmp_path / "ptb" / f"ptb.char.{split}.txt").write_text(text)
-    ptb = S.load_ptb(tmp_path)
+    # the word files; the character stream spells each word, "_" between words, <eos>
+    for split, text in ((" train", " a c \n b a\n"), ("valid", " a c \n"), ("test", " b \n")):
+        (tmp_path / "ptb" / f"ptb.{split.strip()}.txt").write_text(text)
+    ptb = S.read_ptb(tmp_path / "ptb")
     assert ptb.vocab == ("<eos>", "_", "a", "b", "c")
-    assert ptb.train.tolist() == [2, 3, 1, 4, 0, 3, 2, 0] and ptb.test.tolist() == [3, 0]
+    assert ptb.train.tolist() == [2, 1, 4, 0, 3, 1, 2, 0] and ptb.test.tolist() == [3, 0]
 
 
 def _result(cid, T, bpc, seconds):
