@@ -36,6 +36,7 @@ from typing import Any
 import sgjax
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework.reports import log_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +198,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     curves of every cell (right)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    fig = Figure(figsize=(13, 7.6), layout="constrained")
     left, right = fig.subplots(1, 2)
     groups: dict[tuple[str, int, float], list[CellResult]] = {}
     for r in results:
@@ -218,19 +219,21 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
                     r.cell.params["steps"] / max(x.cell.params["steps"] for x in rs)),
                     label=f"{LABELS[method]} {depth}L {r.cell.params['steps'] // 1000}k, "
                           f"{lr:g}")
-    left.set_xscale("log")
-    left.set_xlabel("training steps (budget)")
+    log_axis(left, "x")
+    left.set_xlabel("training steps (budget, log scale)")
     left.set_ylabel("final test error (%)")
     left.set_title("DNI and No Bprop vs budget (dotted: paper, 500k)", fontsize="small")
-    right.set_ylim(0, 35)
+    log_axis(right)
     right.set_xlabel("step")
+    right.set_ylabel("test error (%, log scale)")
     right.set_title("test error during training", fontsize="small")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="xx-small")
+    for ax, ncols in ((left, 2), (right, 3)):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncols=ncols)
     claims = "\n".join(f"{c}: {v}" for c, v in verdicts(results).items())
     fig.suptitle(f"Does the gap to the paper close with budget?\n{claims}",
-                 fontsize="x-small")
+                 fontsize="small")
     return {"budget": fig}
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework.reports import log_if_spread
 
 METHODS = ("bprop", "dni", "cdni")
 
@@ -152,7 +153,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     by = {(r.cell.params["dataset"], r.cell.params["kind"], r.cell.params["depth"],
            r.cell.params["method"]): r for r in results}
     nets = [n for n in config.networks if any(n + (m,) in by for m in METHODS)]
-    fig = Figure(figsize=(4.2 * max(len(nets), 1), 3.6), layout="constrained")
+    fig = Figure(figsize=(4.8 * max(len(nets), 1), 4.4), layout="constrained")
     axes = fig.subplots(1, max(len(nets), 1), squeeze=False)[0]
     for ax, n in zip(axes, nets):
         for m in METHODS:
@@ -165,10 +166,13 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
             if "test_error" in r.curves:
                 ax.plot(*r.curves["test_error"], ls=":", label=f"{table1.COLUMNS[m]} test",
                         **_STYLE[m])
-        ax.set_title(f"{table1.dataset_label(n[0])} {n[1].upper()} {n[2]}", fontsize="small")
+        log = log_if_spread(ax)
+        ax.set_title(f"{table1.dataset_label(n[0])} {n[1].upper()} {n[2]}"
+                     + (" (log scale)" if log else ""), fontsize="small")
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="xx-small")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncols=3)
     axes[0].set_ylabel("error (%)")
     claims = "; ".join(f"{c}: {v}" for c, v in verdicts(results).items())
     fig.suptitle(f"DNI Fig. 13: training (solid) and test (dotted) error\n{claims}",

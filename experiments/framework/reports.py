@@ -299,6 +299,21 @@ def log_axis(ax, axis: str = "y") -> None:
     target.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
+def log_if_spread(ax, spread: float = 10.0, axis: str = "y") -> bool:
+    """:func:`log_axis` when the positive data of ``ax``'s lines span more than ``spread``
+    (largest / smallest), so that a curve near zero is not flattened by one far above it.
+    Returns whether the axis became logarithmic."""
+    import numpy as np
+
+    values = [np.asarray(getattr(line, f"get_{axis}data")(), float) for line in ax.lines]
+    values = np.concatenate([v.ravel() for v in values]) if values else np.zeros(0)
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values) or values.max() / values.min() <= spread:
+        return False
+    log_axis(ax, axis)
+    return True
+
+
 def default_figures(results: Sequence[CellResult], config: Any) -> dict[str, Any]:
     """One figure per logged curve name (``curves-<name>``), all cells overlaid."""
     names = sorted({k for r in results for k in r.curves})
