@@ -343,7 +343,10 @@ def fit_diagnostics(synthetic: jax.Array, target: jax.Array, model_state: Any = 
     from the ``(B, *h_shape)`` prediction ``SG(h)`` used for a batch and the target it is
     then fitted to (both per example, as the model regresses them):
 
-    * ``sg_norm`` / ``target_norm``: mean over examples of ``‖SG(h_i)‖`` / ``‖t_i‖``;
+    * ``sg_norm`` / ``target_norm``: mean over examples of ``‖SG(h_i)‖`` / ``‖t_i‖``
+      (the model's own prediction, before a wrapper such as :func:`scaled` or
+      :func:`warmup` changes what is consumed; the recurrent and multi-rate trainers'
+      ``sg_norm`` is the substitute they consumed);
     * ``sg_cosine``: mean over examples of their cosine (0 where either is zero);
     * ``sg_bn_mean`` / ``sg_bn_var`` (only if ``model_state`` holds batch-norm
       statistics): the mean absolute running mean and the mean running variance over
