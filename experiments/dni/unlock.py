@@ -76,6 +76,7 @@ from experiments import training
 from experiments.dni import fcn, sparse, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
 from experiments.framework import verdicts as V
+from experiments.framework.reports import log_axis
 
 METHODS = ("dni", "cdni")
 SCHEDULES = ("unlock", "fwdlocked")
@@ -426,12 +427,12 @@ def _curve_at(r: CellResult, p_value: float) -> tuple[list[int], np.ndarray]:
 
 def _decorate(ax, title: str) -> None:
     ax.axhline(PAPER_ERROR, color="k", ls=":", lw=1, label="paper: 2 %")
-    ax.set_yscale("log")
+    log_axis(ax)
     ax.set_xlabel("iteration (global step)")
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel("test error (%, log scale)")
     ax.grid(alpha=0.3, which="both")
     ax.set_title(title, fontsize="small")
-    ax.legend(fontsize="xx-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def _input_fit_figure(results: Sequence[CellResult]):
@@ -441,7 +442,7 @@ def _input_fit_figure(results: Sequence[CellResult]):
     from matplotlib.figure import Figure
 
     unlocked = [r for r in results if r.metrics.get("input_r2_curve")]
-    fig = Figure(figsize=(4.2 * max(len(unlocked), 1), 3.4), layout="constrained")
+    fig = Figure(figsize=(4.8 * max(len(unlocked), 1), 4.0), layout="constrained")
     axes = fig.subplots(1, max(len(unlocked), 1), squeeze=False)[0]
     for ax, r in zip(axes, unlocked):
         steps = [int(s) for s in r.metrics["input_r2_curve"]]
@@ -451,12 +452,12 @@ def _input_fit_figure(results: Sequence[CellResult]):
                 ax.plot(steps, r2[:, m, cut], color=f"C{cut}",
                         ls="-" if np.isclose(p_value, CLAIM_P) else ":",
                         label=f"I_{cut}(x) ≈ h_{cut}, p={p_value:g}: {r2[-1, m, cut]:.2f}")
-        ax.set_ylim(max(min(-0.1, float(np.min(r2))), -1.0), 1.0)
+        ax.set_ylim(min(-0.1, float(np.min(r2)) - 0.05), 1.0)
         ax.set_xlabel("iteration (global step)")
         ax.set_ylabel("R² vs connected h_i (held-out)")
         ax.set_title(f"{r.cell.id}: test error {r.metric:.2f} %", fontsize="small")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="xx-small")
+        ax.legend(fontsize="x-small")
     fig.suptitle("Synthetic inputs' fit: 1 − SSE/SST against the connected network's "
                  "activation, inference mode", fontsize="small")
     return fig
@@ -480,8 +481,9 @@ def _budget_figure(results: Sequence[CellResult], judged: dict[str, V.Verdict]):
             if steps:
                 ax.plot(steps, errs, color=f"C{i}", lw=lw, marker="o", ms=2,
                         label=f"{n:,} steps, p={p_value:g}")
-        for b in r.metrics.get("lr_boundaries") or ():
-            ax.axvline(b, color=f"C{i}", lw=0.6, ls="--")
+        for j, b in enumerate(r.metrics.get("lr_boundaries") or ()):
+            ax.axvline(b, color=f"C{i}", lw=0.6, ls="--",
+                       label=f"{n:,} steps: learning-rate drops" if j == 0 else None)
         v = judged.get(f"co-learns-fcn{FIG5_DEPTH}-cdni"
                        + ("" if "steps" not in r.cell.params else f"-{n / 1000:g}k"))
         if v is not None and v.status != V.NOT_RUN:
