@@ -289,14 +289,14 @@ def log_axis(ax, axis: str = "y") -> None:
     """A log scale whose ticks read as plain numbers (``2``, ``5``, ``10``, ``20k``, ``1M``,
     not ``2×10⁰``): for curves whose ranges differ by an order of magnitude (every curve stays
     on the plot)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
+    from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator
 
     getattr(ax, f"set_{axis}scale")("log")
     target = getattr(ax, f"{axis}axis")
-    plain = FuncFormatter(lambda v, _: _compact(v))
     target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    target.set_major_formatter(plain)
-    target.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    target.set_major_formatter(FuncFormatter(lambda v, _: _compact(v)))
+    # within less than a decade some minor ticks are labelled too (plain numbers)
+    target.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def log_if_spread(ax, spread: float = 10.0, axis: str = "y") -> bool:

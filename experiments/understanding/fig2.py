@@ -54,6 +54,7 @@ import optax
 import sgjax
 from experiments import training
 from experiments.framework import Cell, Claim, Experiment
+from experiments.framework.reports import log_axis, log_if_spread
 from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
 CONDITIONINGS = ("cond", "nolabel", "labelonly")
@@ -366,7 +367,8 @@ def _fidelity_figure(results, config):
     conds = [c for c in config.conditionings
              if any(r.cell.params["conditioning"] == c for r in results)]
     combos = [(lo, ds) for lo in config.losses for ds in config.datasets]
-    fig = Figure(figsize=(3.2 * len(combos), 2.6 * max(len(conds), 1)), layout="constrained")
+    fig = Figure(figsize=(3.2 * len(combos), 2.6 * max(len(conds), 1) + 0.5),
+                 layout="constrained")
     axes = fig.subplots(max(len(conds), 1), len(combos), squeeze=False, sharey=True)
     for i, cond in enumerate(conds):
         for j, (lo, ds) in enumerate(combos):
@@ -382,7 +384,7 @@ def _fidelity_figure(results, config):
                     style = "-" if p["placement"] == "single" else "--"
                     ax.plot(steps, [s["fidelity"][k] for s in snaps], style, marker="o",
                             ms=3, label=f"{p['placement']}: SG after h{layer}")
-            ax.set_xscale("log")
+            log_axis(ax, "x")
             ax.set_ylim(-1.05, 1.05)
             ax.axhline(0, color="grey", lw=0.5)
             ax.set_title(f"{COND_LABELS[cond]}\n{LOSS_LABELS[lo]}, {ds}", fontsize=8)
@@ -390,8 +392,10 @@ def _fidelity_figure(results, config):
                 ax.set_xlabel("step")
             if j == 0:
                 ax.set_ylabel("corr(true L, SG-implied L)")
-            if ax.lines and i == 0 and j == len(combos) - 1:
-                ax.legend(fontsize=6)
+    first = next((ax for ax in axes.ravel() if ax.lines), None)
+    if first is not None:
+        fig.legend(*first.get_legend_handles_labels(), loc="outside lower center",
+                   ncols=len(first.lines), fontsize="small")
     return fig
 
 
@@ -400,8 +404,8 @@ def _loss_figure(results, config):
 
     conds = [c for c in config.conditionings
              if any(r.cell.params["conditioning"] == c for r in results)]
-    fig = Figure(figsize=(3.2 * len(config.losses) * len(config.datasets), 2.6 * len(conds)),
-                 layout="constrained")
+    fig = Figure(figsize=(3.2 * len(config.losses) * len(config.datasets),
+                          2.6 * len(conds) + 0.5), layout="constrained")
     combos = [(lo, ds) for lo in config.losses for ds in config.datasets]
     axes = fig.subplots(max(len(conds), 1), len(combos), squeeze=False)
     for i, cond in enumerate(conds):
@@ -412,13 +416,17 @@ def _loss_figure(results, config):
                 if (p["conditioning"], p["loss"], p["dataset"]) == (cond, lo, ds) \
                         and "loss" in r.curves:
                     ax.plot(*r.curves["loss"], label=PLACEMENT_LABELS[p["placement"]])
-            ax.set_yscale("log")
-            ax.set_title(f"{COND_LABELS[cond]}\n{LOSS_LABELS[lo]}, {ds}", fontsize=8)
+            log = log_if_spread(ax, 3.0)
+            ax.set_title(f"{COND_LABELS[cond]}\n{LOSS_LABELS[lo]}, {ds}"
+                         + (" (log scale)" if log else ""), fontsize=8)
             ax.set_xlabel("step")
+            ax.grid(alpha=0.3, which="both")
             if j == 0:
                 ax.set_ylabel("training loss")
-            if ax.lines:
-                ax.legend(fontsize=7)
+    first = next((ax for ax in axes.ravel() if ax.lines), None)
+    if first is not None:
+        fig.legend(*first.get_legend_handles_labels(), loc="outside lower center",
+                   ncols=len(first.lines), fontsize="small")
     return fig
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from experiments.framework import Cell, Claim, Experiment
+from experiments.framework.reports import log_axis
 from experiments.understanding import PAPER, nets
 
 METHODS = ("backprop", "sg_single")
@@ -81,7 +82,7 @@ def _curves_figure(results, config, curve, ylabel, title):
     for i, act in enumerate(acts):
         for j, d in enumerate(depths):
             ax = axes[i, j]
-            ax.set_yscale("log")
+            log_axis(ax)
             ax.set_title(f"{act}, {d} hidden layers", fontsize=9)
             if i == len(acts) - 1:
                 ax.set_xlabel("step")

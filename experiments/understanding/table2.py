@@ -60,6 +60,7 @@ import optax
 import sgjax
 from experiments import training
 from experiments.framework import Cell, Claim, Experiment
+from experiments.framework.reports import log_axis
 from experiments.understanding import PAPER as PAPER_TITLE
 from experiments.understanding import SG_EXAMPLE_SCALE
 
@@ -339,7 +340,7 @@ def _curves_figure(results: Sequence):
                                    ("sg_loss", "SG", "tab:orange")):
             if name in r.curves:
                 ax.plot(*r.curves[name], label=label, color=color)
-        ax.set_yscale("log")
+        log_axis(ax)
         ax.set_title(f"{r.cell.row} / {r.cell.column}"
                      + (" (different)" if r.metrics.get("different") else ""), fontsize=8)
         ax.tick_params(labelsize=7)
