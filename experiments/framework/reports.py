@@ -242,19 +242,20 @@ def plot_curves(
     """A matplotlib Figure with ``curve`` of every result that logged it, one line each."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    fig = Figure(figsize=(8.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for r in results:
         if curve in r.curves:
             ax.plot(*r.curves[curve],
                     label=label(r) if label else f"{r.cell.row} / {r.cell.column}")
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel or curve)
+    ax.set_ylabel((ylabel or curve) + (" (log scale)" if logy else ""))
     if logy:
-        ax.set_yscale("log")
+        log_axis(ax)
+    ax.grid(alpha=0.3, which="both")
     ax.set_title(title or curve)
-    if ax.lines:
-        ax.legend(fontsize="small")
+    if ax.lines:  # beside the plot: it covers no curve
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
@@ -289,14 +290,25 @@ def log_axis(ax, axis: str = "y") -> None:
     """A log scale whose ticks read as plain numbers (``2``, ``5``, ``10``, ``20k``, ``1M``,
     not ``2×10⁰``): for curves whose ranges differ by an order of magnitude (every curve stays
     on the plot)."""
-    from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     getattr(ax, f"set_{axis}scale")("log")
     target = getattr(ax, f"{axis}axis")
+
+    def minor(v: float, _) -> str:
+        """Within less than a decade the 1-2-5 ticks are too few: label 3, 4, 6 (and within
+        a factor 3 every minor tick)."""
+        lo, hi = sorted(target.get_view_interval())
+        if v <= 0 or lo <= 0 or hi / lo >= 10:
+            return ""
+        coefficient = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+        return _compact(v) if hi / lo < 3 or coefficient in (3, 4, 6) else ""
+
     target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     target.set_major_formatter(FuncFormatter(lambda v, _: _compact(v)))
-    # within less than a decade some minor ticks are labelled too (plain numbers)
-    target.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    target.set_minor_formatter(FuncFormatter(minor))
 
 
 def log_if_spread(ax, spread: float = 10.0, axis: str = "y") -> bool:

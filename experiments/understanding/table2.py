@@ -60,7 +60,7 @@ import optax
 import sgjax
 from experiments import training
 from experiments.framework import Cell, Claim, Experiment
-from experiments.framework.reports import log_axis
+from experiments.framework.reports import log_if_spread
 from experiments.understanding import PAPER as PAPER_TITLE
 from experiments.understanding import SG_EXAMPLE_SCALE
 
@@ -325,7 +325,8 @@ def _table_figure(results: Sequence, config: Config):
 
 
 def _curves_figure(results: Sequence):
-    """Mean training loss of backprop and SG per cell (log scale)."""
+    """Mean training loss of backprop and SG per cell (log scale where the curves span
+    more than a factor 3)."""
     from matplotlib.figure import Figure
 
     results = sorted(results, key=lambda r: (r.cell.params["model"], r.cell.params["dataset"],
@@ -333,19 +334,22 @@ def _curves_figure(results: Sequence):
     n = len(results)
     cols = 4
     rows = max(1, -(-n // cols))
-    fig = Figure(figsize=(3.2 * cols, 2.4 * rows), layout="constrained")
+    fig = Figure(figsize=(3.2 * cols, 2.4 * rows + 0.6), layout="constrained")
     for i, r in enumerate(results):
         ax = fig.add_subplot(rows, cols, i + 1)
         for name, label, color in (("bp_loss", "backprop", "tab:blue"),
                                    ("sg_loss", "SG", "tab:orange")):
             if name in r.curves:
                 ax.plot(*r.curves[name], label=label, color=color)
-        log_axis(ax)
+        log = log_if_spread(ax, 3.0)
         ax.set_title(f"{r.cell.row} / {r.cell.column}"
-                     + (" (different)" if r.metrics.get("different") else ""), fontsize=8)
-        ax.tick_params(labelsize=7)
+                     + (" (different)" if r.metrics.get("different") else "")
+                     + (", log scale" if log else ""), fontsize=8)
+        ax.tick_params(labelsize=7, which="both")
+        ax.grid(alpha=0.3, which="both")
         if i == 0:
-            ax.legend(fontsize=7)
+            fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center", ncols=2,
+                       fontsize="small", title="mean training loss")
     return fig
 
 
