@@ -237,7 +237,7 @@ def _rule_figure(results: Sequence, config: Config, rule: str):
     results = sorted([r for r in results if r.cell.params["mu_rule"] == rule],
                      key=lambda r: r.cell.params["S"])
     n = len(results)
-    fig = Figure(figsize=(15, 3.0 * n + 0.6), layout="constrained")
+    fig = Figure(figsize=(13, 2.8 * n + 0.6), layout="constrained")
     axes = fig.subplots(n, 4, squeeze=False)
     clip = lambda v: np.clip(np.abs(v), FLOOR, None)  # noqa: E731
     for row, r in zip(axes, results):
@@ -249,18 +249,18 @@ def _rule_figure(results: Sequence, config: Config, rule: str):
         ax.plot(t, clip(c["bp_w_err"]).T, color="tab:blue", lw=0.8, alpha=0.5, ls="--")
         ax.plot([], [], color="tab:orange", label="SG (Theorem 1)")
         ax.plot([], [], color="tab:blue", ls="--", label="backprop (μ = 0.5 b/‖B‖²)")
-        ax.set_title(f"{name}: ‖W − W*‖∞", fontsize=9)
+        ax.set_title(f"{name}\n‖W − W*‖∞", fontsize=9)
         ax.legend(fontsize=7)
         ax = row[1]
         ax.plot(t, clip(c["loss_gap"]).T, color="tab:orange", lw=0.8, alpha=0.7)
         ax.plot(t, clip(c["bp_loss_gap"]).T, color="tab:blue", lw=0.8, alpha=0.5, ls="--")
-        ax.set_title(f"{name}: L − L*", fontsize=9)
+        ax.set_title(f"{name}\nL − L*", fontsize=9)
         ax = row[2]
         for key, symbol, color in (("alpha", "α", "tab:red"), ("beta", "β", "tab:green"),
                                    ("gamma", "γ", "tab:purple")):
             ax.plot(t, clip(c[key]).T, color=color, lw=0.8, alpha=0.6)
             ax.plot([], [], color=color, label=f"|{symbol}|")
-        ax.set_title(f"{name}: SG parameters (start −1, −1, 0)", fontsize=9)
+        ax.set_title(f"{name}\nSG parameters (start −1, −1, 0)", fontsize=9)
         ax.legend(fontsize=7)
         ax = row[3]
         ax.plot(t, clip(c["lyapunov"]).T, color="k", lw=0.8, alpha=0.6)
@@ -268,7 +268,7 @@ def _rule_figure(results: Sequence, config: Config, rule: str):
         ax.plot([], [], color="k", label="‖f‖ + ‖ξ‖ (the proof's norm)")
         ax.plot([], [], color="tab:cyan", label="‖ξ‖ = ‖SG − ∂L/∂p‖")
         ups = r.metrics["lyapunov_increase_frac"]
-        ax.set_title(f"{name}: ‖f‖ + ‖ξ‖ rose on {100 * ups:.2g} % of steps", fontsize=9)
+        ax.set_title(f"{name}\n‖f‖ + ‖ξ‖ rose on {100 * ups:.2g} % of steps", fontsize=9)
         ax.legend(fontsize=7)
         for ax in row:
             ax.set_xscale("log")
