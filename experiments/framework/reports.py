@@ -341,6 +341,15 @@ def _shrink_png(path: Path) -> None:
     small.save(path, optimize=True)
 
 
+def save_report_png(fig, path: str | os.PathLike, dpi: int = REPORT_DPI) -> Path:
+    """Save a matplotlib Figure as a committed report's PNG: :data:`REPORT_DPI`, 256-colour
+    palette (for a figure drawn outside an experiment's ``figures``)."""
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    _shrink_png(path)
+    return path
+
+
 def _save_figures(exp: Experiment, preset: str, results, directory: Path, dpi: int,
                   shrink: bool = False, *, text_only: bool = False):
     """Save what ``exp.figures`` returns: a matplotlib Figure as ``<name>.png``, a string

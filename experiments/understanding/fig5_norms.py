@@ -30,6 +30,7 @@ import numpy as np
 
 import sgjax
 from experiments import training
+from experiments.framework.reports import save_report_png
 from experiments.understanding import SG_EXAMPLE_SCALE, fig5, nets
 
 ORDERS = ("bn_relu", "relu_bn")
@@ -116,7 +117,7 @@ def plot(out: pathlib.Path) -> None:
 
     data = json.loads((out / "fig5-norms.json").read_text())
     runs = data["runs"]
-    fig = Figure(figsize=(4.2 * len(runs), 3.2), layout="constrained")
+    fig = Figure(figsize=(6.2 * len(runs), 4.2), layout="constrained")
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     for ax, (order, r) in zip(axes, runs.items()):
         steps = sorted(r["norms"], key=int)
@@ -126,15 +127,20 @@ def plot(out: pathlib.Path) -> None:
             ax.plot(np.arange(1, len(sq) + 1), sq / sq.max(), marker=".", ms=3,
                     color=cmap(i / max(len(steps) - 1, 1)),
                     label=f"step {st}: err {r['test_error'][st]:.2f}%")
-        ax.set_title(order.replace("_", " → "), fontsize=9)
+        ax.set_title(_ORDER_WORDS.get(order, order.replace("_", " → ")), fontsize=10)
         ax.set_xlabel("hidden layer")
         ax.set_ylabel("‖W‖² / max")
         ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5),
+                  title="test error", title_fontsize="x-small")
     wd = data["config"]["weight_decay"]
     fig.suptitle(f"Backprop, 20 hidden layers of 128, L2 {wd:g}, Adam 1e-4: normalised "
                  "squared kernel norms over training", fontsize=9)
-    fig.savefig(out / "fig5-norms.png", dpi=110)
+    save_report_png(fig, out / "fig5-norms.png")
+
+
+_ORDER_WORDS = {"bn_relu": "dense → BN → ReLU (sgjax)", "relu_bn": "dense → ReLU → BN"}
 
 
 def main(argv=None):
