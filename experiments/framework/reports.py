@@ -288,7 +288,8 @@ def _compact(v: float) -> str:
 
 def log_axis(ax, axis: str = "y") -> None:
     """A log scale whose ticks read as plain numbers (``2``, ``5``, ``10``, ``20k``, ``1M``,
-    not ``2×10⁰``): for curves whose ranges differ by an order of magnitude (every curve stays
+    not ``2×10⁰``; 1-2-5 ticks, 1-3 over two or three decades, decades beyond): call it
+    after plotting. For curves whose ranges differ by an order of magnitude (every curve stays
     on the plot)."""
     import math
 
@@ -306,9 +307,19 @@ def log_axis(ax, axis: str = "y") -> None:
         coefficient = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
         return _compact(v) if hi / lo < 3 or coefficient in (3, 4, 6) else ""
 
-    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = sorted(getattr(ax, f"get_{axis}lim")())
+    decades = math.log10(hi / lo) if lo > 0 else 0.0  # ticks thin out as the span grows
+    subs = (1.0, 2.0, 5.0) if decades < 1.6 else (1.0, 3.0) if decades < 3.2 else (1.0,)
+    target.set_major_locator(LogLocator(base=10, subs=subs))
     target.set_major_formatter(FuncFormatter(lambda v, _: _compact(v)))
     target.set_minor_formatter(FuncFormatter(minor))
+
+
+def compact_ticks(ax, axis: str = "x") -> None:
+    """Tick labels ``20k``, ``100k``, ``1M`` on a linear axis (long step counts overlap)."""
+    from matplotlib.ticker import FuncFormatter
+
+    getattr(ax, f"{axis}axis").set_major_formatter(FuncFormatter(lambda v, _: _compact(v)))
 
 
 def log_if_spread(ax, spread: float = 10.0, axis: str = "y") -> bool:

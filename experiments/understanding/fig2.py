@@ -54,7 +54,7 @@ import optax
 import sgjax
 from experiments import training
 from experiments.framework import Cell, Claim, Experiment
-from experiments.framework.reports import log_axis, log_if_spread
+from experiments.framework.reports import compact_ticks, log_axis, log_if_spread
 from experiments.understanding import PAPER, SG_EXAMPLE_SCALE
 
 CONDITIONINGS = ("cond", "nolabel", "labelonly")
@@ -311,13 +311,15 @@ def _surface_figure(results, config, cond, loss):
     datasets = [d for d in config.datasets if (d, "single") in by or (d, "every") in by]
     if not datasets:
         return None
-    n_every = config.hidden
-    ncols = 1 + 2 + 1 + 1 + n_every  # labels | single: true, SG | spacer | every: true, SGs
+    every = any(p == "every" for _, p in by)  # columns only for the placements that ran
+    n_every = config.hidden if every else 0
+    # labels | single: true, SG | spacer | every: true, SGs
+    ncols = 1 + 2 + ((1 + 1 + n_every) if every else 0)
     n_snap = len(snapshot_steps(config))
     nrows = len(datasets) * n_snap
     fig = Figure(figsize=(1.15 * ncols + 1.0, 1.2 * nrows + 1.0), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False,
-                        gridspec_kw={"width_ratios": [1, 1, 1, 0.25] + [1] * (1 + n_every)})
+    ratios = [1, 1, 1] + ([0.25] + [1] * (1 + n_every) if every else [])
+    axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw={"width_ratios": ratios})
     side = config.grid
     for ax in axes.ravel():
         ax.set_xticks([])
@@ -354,11 +356,19 @@ def _surface_figure(results, config, cond, loss):
                 for j, k in enumerate(order):
                     show(axes[row, col0 + 1 + j], snap["implied"][k],
                          f"SG after h{layers[k]}\nr={snap['fidelity'][k]:+.2f}")
+    where = ("left: single SG; right: SG between every two layers" if every
+             else "single SG")
     fig.suptitle(f"{COND_LABELS[cond]}, {LOSS_LABELS[loss]}: true loss vs loss implied by "
-                 "the linear SG over the 2-D input grid\n(left: single SG; right: SG between "
-                 "every two layers; each image independently colour-scaled; r = Pearson "
-                 "correlation with the true loss)", fontsize=9)
+                 f"the linear SG over the 2-D input grid\n({where}; each image independently "
+                 "colour-scaled; r = Pearson correlation with the true loss)", fontsize=9)
     return fig
+
+
+def _combos(results, config) -> list[tuple[str, str]]:
+    """The (loss, dataset) panels that have a cell among ``results`` (a preset that ran
+    only some of them draws no empty panels)."""
+    ran = {(r.cell.params["loss"], r.cell.params["dataset"]) for r in results}
+    return [(lo, ds) for lo in config.losses for ds in config.datasets if (lo, ds) in ran]
 
 
 def _fidelity_figure(results, config):
@@ -366,7 +376,7 @@ def _fidelity_figure(results, config):
 
     conds = [c for c in config.conditionings
              if any(r.cell.params["conditioning"] == c for r in results)]
-    combos = [(lo, ds) for lo in config.losses for ds in config.datasets]
+    combos = _combos(results, config)
     fig = Figure(figsize=(3.2 * len(combos), 2.6 * max(len(conds), 1) + 0.5),
                  layout="constrained")
     axes = fig.subplots(max(len(conds), 1), len(combos), squeeze=False, sharey=True)
@@ -404,9 +414,8 @@ def _loss_figure(results, config):
 
     conds = [c for c in config.conditionings
              if any(r.cell.params["conditioning"] == c for r in results)]
-    fig = Figure(figsize=(3.2 * len(config.losses) * len(config.datasets),
-                          2.6 * len(conds) + 0.5), layout="constrained")
-    combos = [(lo, ds) for lo in config.losses for ds in config.datasets]
+    combos = _combos(results, config)
+    fig = Figure(figsize=(3.2 * len(combos), 2.6 * len(conds) + 0.5), layout="constrained")
     axes = fig.subplots(max(len(conds), 1), len(combos), squeeze=False)
     for i, cond in enumerate(conds):
         for j, (lo, ds) in enumerate(combos):
@@ -417,6 +426,7 @@ def _loss_figure(results, config):
                         and "loss" in r.curves:
                     ax.plot(*r.curves["loss"], label=PLACEMENT_LABELS[p["placement"]])
             log = log_if_spread(ax, 3.0)
+            compact_ticks(ax)
             ax.set_title(f"{COND_LABELS[cond]}\n{LOSS_LABELS[lo]}, {ds}"
                          + (" (log scale)" if log else ""), fontsize=8)
             ax.set_xlabel("step")
