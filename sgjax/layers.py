@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import flax
 import flax.errors
 import flax.linen as nn
 import jax
@@ -143,6 +144,13 @@ def from_flax(
     not draw. The module passed in is never modified.
     """
     if isinstance(module, nnx.Module):
+        if not hasattr(nnx, "view"):
+            raise RuntimeError(
+                f"from_flax({type(module).__name__}): flax.nnx modules need flax >= 0.12.4 "
+                f"(nnx.view switches training/inference mode); this is flax "
+                f"{flax.__version__}: upgrade it (pip install 'flax>=0.12.4') or pass "
+                "nnx.bridge.to_linen(...) modules"
+            )
         return _from_nnx(module, call or (lambda m, x, train: m(x)), input_dtype)
     if not isinstance(module, nn.Module):
         raise TypeError(

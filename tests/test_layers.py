@@ -13,6 +13,9 @@ from flax import nnx
 
 from sgjax import layers as L
 
+needs_nnx_view = pytest.mark.skipif(
+    not hasattr(nnx, "view"), reason="flax.nnx modules need flax >= 0.12.4 (nnx.view)")
+
 B = 4
 
 
@@ -181,6 +184,7 @@ class NnxBlock(nnx.Module):
         return self.dropout(self.norm(self.linear(x)))
 
 
+@needs_nnx_view
 def test_nnx_linear_is_a_pure_layer():
     module = nnx.Linear(3, 5, rngs=nnx.Rngs(0))
     layer = L.from_flax(module)
@@ -199,6 +203,7 @@ def test_nnx_linear_is_a_pure_layer():
                                rtol=1e-5)
 
 
+@needs_nnx_view
 def test_nnx_batch_norm_train_vs_eval_and_module_untouched():
     module = NnxBlock(3, 4, 0.0, rngs=nnx.Rngs(0))
     layer = L.from_flax(module)
@@ -219,6 +224,7 @@ def test_nnx_batch_norm_train_vs_eval_and_module_untouched():
     np.testing.assert_array_equal(module.norm.mean.get_value(), jnp.zeros(4))
 
 
+@needs_nnx_view
 def test_nnx_dropout_gets_its_rng_while_training_and_none_at_inference():
     module = NnxBlock(3, 64, 0.5, rngs=nnx.Rngs(0))
     layer = L.from_flax(module)
@@ -251,12 +257,14 @@ class AlwaysNoisy(nnx.Module):
         return x + jax.random.normal(self.rngs.noise(), x.shape)
 
 
+@needs_nnx_view
 def test_nnx_module_that_draws_at_inference_is_rejected():
     layer = L.from_flax(AlwaysNoisy(nnx.Rngs(noise=0)))
     with pytest.raises(ValueError, match="at inference"):
         layer.init(jax.random.key(0), (3,))
 
 
+@needs_nnx_view
 def test_nnx_wrong_input_shape_is_named():
     layer = L.from_flax(nnx.Linear(3, 5, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"inputs of shape \(4,\)"):
@@ -331,3 +339,9 @@ def test_input_dtype_lets_init_trace_a_token_embedding(module):
     assert shape == (7, 4)
     h, _ = layer.apply(v, jnp.arange(14).reshape(2, 7) % 10)
     chex.assert_shape(h, (2, 7, 4))
+
+
+def test_nnx_on_a_flax_without_nnx_view_is_one_clear_error(monkeypatch):
+    monkeypatch.delattr(nnx, "view", raising=False)
+    with pytest.raises(RuntimeError, match=r"need flax >= 0\.12\.4"):
+        L.from_flax(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))

@@ -20,6 +20,9 @@ from sgjax import layers as L
 from sgjax import losses
 from sgjax import predictors as P
 
+needs_nnx_view = pytest.mark.skipif(
+    not hasattr(nnx, "view"), reason="flax.nnx modules need flax >= 0.12.4 (nnx.view)")
+
 B, D, C, W = 16, 8, 4, 16
 STEPS = 5
 LR = 1e-2
@@ -552,6 +555,7 @@ def test_bad_per_position_labels_are_named():
 # ---------------------------------------------------- stochastic layers (§3) --
 
 
+@needs_nnx_view
 def test_stochastic_layers_get_a_stage_rng_and_parameters_stay_as_before():
     dropout = L.from_flax(nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
     net = (L.dense(W), dropout, L.dense(W), L.dense(C))
@@ -579,6 +583,7 @@ def test_stochastic_layers_get_a_stage_rng_and_parameters_stay_as_before():
     np.testing.assert_array_equal(stage.apply(states[0], x), a)  # inference: no dropout
 
 
+@needs_nnx_view
 def test_stochastic_stages_under_vmap_eval_shape_and_cond():
     """What the trainers do with a stage state (vmap over seeds, abstract evaluation for
     placeholders, ``lax.cond`` for a stage that skips) works with its rng."""
