@@ -166,9 +166,9 @@ def test_table2_figures_show_the_default_reading_and_readings_png_compares():
     paper = _result("ptb-dni-T3-paper", 3, [4.0, 3.6, 3.4], [1.0, 2.0, 3.0])
     figs = T2.figures([consumed, paper], T2.QUICK)
     top = figs["fig14"].axes[0]
-    assert [line.get_label() for line in top.lines] == ["DNI T=3 (2.600)"]
+    assert [line.get_label() for line in top.lines] == ["DNI, T = 3 (2.600; paper 1.36)"]
     labels = [line.get_label() for line in figs["readings"].axes[2].lines]
-    assert labels == ["DNI T=3 consumed (2.600)", "DNI T=3 paper (3.400)"]
+    assert labels == ["DNI, T = 3, consumed reading (2.600)", "DNI, T = 3, paper reading (3.400)"]
     assert "readings" not in T2.figures([consumed], T2.QUICK)
 
 
