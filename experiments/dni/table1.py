@@ -80,6 +80,7 @@ from typing import Any
 import sgjax
 from experiments import data, training
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework.reports import log_if_spread
 
 DATASETS = ("mnist", "cifar10")
 KINDS = ("fcn", "cnn")
@@ -410,29 +411,26 @@ def _block_figure(by: Mapping, dataset: str, kind: str, methods: Sequence[str], 
     from matplotlib.figure import Figure
 
     depths = [d for d in DEPTHS[kind] if any((dataset, kind, d, m) in by for m in methods)]
-    fig = Figure(figsize=(3.2 * max(len(depths), 1) + 0.4, 3.4), layout="constrained")
+    fig = Figure(figsize=(max(3.6 * len(depths) + 0.4, 6.0), 4.4), layout="constrained")
     axes = fig.subplots(1, max(len(depths), 1), squeeze=False)[0]
     for ax, depth in zip(axes, depths):
-        finals = []
         for m in methods:
             r = by.get((dataset, kind, depth, m))
             if r is None or "test_error" not in r.curves:
                 continue
             steps, err = r.curves["test_error"]
-            ax.plot(steps, err, label=f"{COLUMNS[m]} ({r.metric:.2f} %)", **_STYLE[m])
-            finals.append(float(err[-1]))
             paper = r.cell.paper
+            ax.plot(steps, err, **_STYLE[m], label=f"{COLUMNS[m]} ({r.metric:.2f} %"
+                    + ("" if paper is None else f"; paper {paper:g} %") + ")")
             if paper is not None:
                 ax.axhline(paper, lw=0.8, alpha=0.6, **{**_STYLE[m], "ls": "--"})
-        ax.set_title(f"{depth} layers")
+        log = log_if_spread(ax)  # every curve on the plot, early errors included
+        ax.set_title(f"{depth} layers" + (" (log scale)" if log else ""))
         ax.set_xlabel("step")
-        if finals:  # zoom on the end of training: the early error is off the chart
-            top = max(max(finals) * 2.0, max(finals) + 1.0)
-            ax.set_ylim(0, top)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
     axes[0].set_ylabel("test error (%)")
-    fig.suptitle(title + " (dashed: paper's final error)", fontsize="medium")
+    fig.suptitle(title + "\n(dashed: the paper's final error)", fontsize="medium")
     return fig
 
 
