@@ -22,13 +22,15 @@ notebooks at ``--preset`` (default ``small``) and records it in the notebook met
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
-import io
-import json
 import os
+import re
 import subprocess
 import sys
 import time
+import tomllib
+import types
 import urllib.request
 from pathlib import Path
 
@@ -66,17 +68,87 @@ def test_there_are_notebooks():
 
 # ------------------------------------------------------------------ install cell --
 
+INSTALL_CELL = '''\
+# Install sgjax when it is not importable (on Colab, or in a fresh environment); with sgjax
+# installed (`make install` in a clone) this cell does nothing. It installs, in this order:
+#   1. $SGJAX_PIP_SPEC, any pip requirement for sgjax: a local checkout path, or
+#      "sgjax[experiments] @ git+<repository>@<branch or commit>" (on Colab, set it with %env);
+#   2. on Colab, the default branch of REPOSITORY.
+# REPOSITORY is pyproject.toml's [project.urls] Repository; `python tests/test_notebooks.py
+# --install-cells` writes this cell into every notebook.
+import importlib.util
+import os
+import subprocess
+import sys
 
-class _FakeResponse(io.BytesIO):
-    """What ``urllib.request.urlopen`` returns, holding a JSON body."""
+REPOSITORY = "{url}"
+
+if importlib.util.find_spec("sgjax") is None:
+    SGJAX_PIP_SPEC = os.environ.get("SGJAX_PIP_SPEC")
+    if not SGJAX_PIP_SPEC and "google.colab" in sys.modules:
+        SGJAX_PIP_SPEC = f"sgjax[experiments] @ git+{{REPOSITORY}}"
+    if not SGJAX_PIP_SPEC:
+        raise RuntimeError(
+            "sgjax is not installed and this is not Colab: set the environment variable "
+            "SGJAX_PIP_SPEC to a pip requirement for sgjax (a local checkout path, or "
+            f"'sgjax[experiments] @ git+{{REPOSITORY}}') and run this cell again")
+    print("pip install", SGJAX_PIP_SPEC)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", SGJAX_PIP_SPEC])
+    importlib.invalidate_caches()'''
+"""The first code cell of every notebook; ``{url}`` is :func:`repository_url`."""
 
 
-def _run_install_cell(path, monkeypatch, *, importable, pip_spec=None, colab_path=None):
+def repository_url() -> str:
+    """pyproject.toml's ``[project.urls] Repository``: the one place the URL is written."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["urls"]["Repository"]
+
+
+def install_cell() -> str:
+    return INSTALL_CELL.format(url=repository_url())
+
+
+def colab_url(path: Path, ref: str = "main") -> str:
+    """Where Colab opens ``path`` from GitHub (colab.research.google.com/github/...)."""
+    repo = repository_url().removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{repo}/blob/{ref}/notebooks/{path.name}"
+
+
+def write_install_cells() -> None:
+    """Write :func:`install_cell` into the first code cell of every notebook."""
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        _code_cells(nb)[0].source = install_cell()
+        nbformat.write(nb, path)
+
+
+def test_repository_url_is_a_github_repository():
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repository_url()), (
+        "pyproject.toml's [project.urls] Repository must be https://github.com/OWNER/REPO")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_install_cell_is_generated_from_pyproject(path):
+    source = _code_cells(nbformat.read(path, as_version=4))[0].source
+    assert source == install_cell(), (
+        f"{path.name}: the first code cell differs from pyproject.toml's repository URL "
+        "and tests/test_notebooks.py's INSTALL_CELL: run `python tests/test_notebooks.py "
+        "--install-cells`")
+
+
+def test_readme_opens_every_notebook_in_colab():
+    readme = (ROOT / "README.md").read_text()
+    missing = [p.name for p in NOTEBOOKS if f"({colab_url(p)})" not in readme]
+    assert not missing, f"README.md has no 'Open in Colab' link {colab_url(NOTEBOOKS[0])} " \
+                        f"for {missing}"
+
+
+def _run_install_cell(path, monkeypatch, *, importable, pip_spec=None, colab=False):
     """Execute the first code cell of ``path`` with the world faked.
 
     ``importable``: whether ``find_spec("sgjax")`` finds it; ``pip_spec``: the value of
-    ``$SGJAX_PIP_SPEC`` (unset if ``None``); ``colab_path``: the ``path`` Colab's Jupyter
-    server reports for the open notebook (not on Colab if ``None``).
+    ``$SGJAX_PIP_SPEC`` (unset if ``None``); ``colab``: whether ``google.colab`` is
+    imported, as it is in every Colab kernel.
     Returns the argument lists of every subprocess the cell started.
     """
     source = _code_cells(nbformat.read(path, as_version=4))[0].source
@@ -91,24 +163,20 @@ def _run_install_cell(path, monkeypatch, *, importable, pip_spec=None, colab_pat
         return subprocess.CompletedProcess(args, 0)
 
     def urlopen(url, *args, **kwargs):
-        url = getattr(url, "full_url", url)
-        if colab_path is None:
-            raise AssertionError(f"the install cell fetched {url} outside Colab")
-        assert url.endswith("/api/sessions"), url
-        body = [{"name": path.name, "path": colab_path, "kernel": {"name": "python3"}}]
-        return _FakeResponse(json.dumps(body).encode())
+        raise AssertionError(f"the install cell fetched {getattr(url, 'full_url', url)}")
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     for name in ("check_call", "run", "call"):
         monkeypatch.setattr(subprocess, name, record)
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    for var, value in ((PIP_SPEC_ENV, pip_spec),
-                       ("COLAB_JUPYTER_IP", None if colab_path is None else "172.28.0.12"),
-                       ("KMP_TARGET_PORT", None if colab_path is None else "9000")):
-        if value is None:
-            monkeypatch.delenv(var, raising=False)
-        else:
-            monkeypatch.setenv(var, value)
+    if colab:
+        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    else:
+        monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    if pip_spec is None:
+        monkeypatch.delenv(PIP_SPEC_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PIP_SPEC_ENV, pip_spec)
     exec(compile(source, f"{path.name}, first code cell", "exec"), {"__name__": "__main__"})
     return calls
 
@@ -117,46 +185,36 @@ def _pip_installs(calls):
     return [c[c.index("install") + 1:] for c in calls if "pip" in c and "install" in c]
 
 
-GITHUB = "https%3A%2F%2Fgithub.com%2Facme%2Fsg-jax%2Fblob%2F{ref}%2Fnotebooks%2F{name}"
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-@pytest.mark.parametrize("pip_spec,colab", [(None, None), ("/src/sgjax", "github")],
+@pytest.mark.parametrize("pip_spec,colab", [(None, False), ("/src/sgjax", True)],
                          ids=["plain", "spec-and-colab"])
 def test_install_cell_does_nothing_when_sgjax_is_importable(path, pip_spec, colab,
                                                             monkeypatch):
-    colab_path = colab and "fileId=" + GITHUB.format(ref="main", name=path.name)
     assert _run_install_cell(path, monkeypatch, importable=True, pip_spec=pip_spec,
-                             colab_path=colab_path) == []
+                             colab=colab) == []
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-@pytest.mark.parametrize("ref", ["main", "fix/notebooks"])
-def test_install_cell_installs_the_github_repo_colab_opened(path, ref, monkeypatch):
-    colab_path = "fileId=" + GITHUB.format(ref=ref.replace("/", "%2F"), name=path.name)
-    calls = _run_install_cell(path, monkeypatch, importable=False, colab_path=colab_path)
+def test_install_cell_installs_the_repository_on_colab(path, monkeypatch):
+    calls = _run_install_cell(path, monkeypatch, importable=False, colab=True)
     installs = _pip_installs(calls)
     assert len(installs) == 1, calls
-    assert f"git+https://github.com/acme/sg-jax@{ref}" in installs[0], installs
+    assert f"sgjax[experiments] @ git+{repository_url()}" in installs[0], installs
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-@pytest.mark.parametrize("colab_path", [None, "fileId=" + GITHUB.format(ref="main", name="x")],
-                         ids=["local", "colab"])
-def test_install_cell_prefers_the_pip_spec_variable(path, colab_path, monkeypatch):
+@pytest.mark.parametrize("colab", [False, True], ids=["local", "colab"])
+def test_install_cell_prefers_the_pip_spec_variable(path, colab, monkeypatch):
     calls = _run_install_cell(path, monkeypatch, importable=False, pip_spec="/src/sgjax[dev]",
-                              colab_path=colab_path)
+                              colab=colab)
     installs = _pip_installs(calls)
     assert len(installs) == 1 and "/src/sgjax[dev]" in installs[0], calls
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-@pytest.mark.parametrize("colab_path", [None, "fileId=1a2B3c_DriveFileId"],
-                         ids=["local", "colab-drive"])
-def test_install_cell_without_a_source_names_the_variable(path, colab_path, monkeypatch):
-    with pytest.raises(Exception, match=PIP_SPEC_ENV) as info:
-        _run_install_cell(path, monkeypatch, importable=False, colab_path=colab_path)
-    assert not isinstance(info.value, AssertionError), info.value
+def test_install_cell_outside_colab_without_a_spec_names_the_variable(path, monkeypatch):
+    with pytest.raises(RuntimeError, match=PIP_SPEC_ENV):
+        _run_install_cell(path, monkeypatch, importable=False)
 
 
 # --------------------------------------------------------------- stored outputs --
@@ -180,6 +238,190 @@ def test_notebook_is_stored_with_outputs_of_a_real_run(path):
     outputs = [o for c in _code_cells(nb) for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"], f"{path.name} stores an error"
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no plot"
+
+
+# ---------------------------------------------------------------- no local paths --
+
+LOCAL_PATH = re.compile(
+    r"(?<![\w.~$])/(?:work|home|tmp|Users|root|opt|usr|var|private|mnt|content|srv|scratch)/"
+    r"|site-packages|dist-packages|(?<![\w.])\.venv\b|\b[A-Za-z]:\\\\?")
+"""What betrays a machine in a stored output: an absolute path, a venv or an installation."""
+
+
+def _output_text(output) -> str:
+    """The text a reader sees of one output (images excluded)."""
+    if output.output_type == "stream":
+        return output.text
+    if output.output_type == "error":
+        return "\n".join([output.ename, output.evalue, *output.traceback])
+    return "\n".join(v if isinstance(v, str) else "\n".join(v)
+                     for k, v in output.get("data", {}).items() if k.startswith("text/"))
+
+
+def local_paths(nb) -> list[str]:
+    """Every line of ``nb``'s stored outputs that names a local path."""
+    return [line for cell in _code_cells(nb) for output in cell.outputs
+            for line in _output_text(output).splitlines() if LOCAL_PATH.search(line)]
+
+
+@pytest.mark.parametrize("text,local", [
+    ("Dataset(name='mnist', source='/work/shared/data/mnist')", True),
+    ("/home/ada/sgjax/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning", True),
+    ("written to /tmp/tmpx1/run.json", True),
+    ("  File \"/Users/ada/miniconda3/lib/python3.12/warnings.py\", line 3", True),
+    ("C:\\Users\\ada\\sgjax\\notebooks", True),
+    ("/opt/conda/lib/python3.11/dist-packages/jax/_src/xla_bridge.py:1: UserWarning", True),
+    ("MNIST: 60000 training and 10000 test images of shape (28, 28, 1), 10 classes", False),
+    ("MNIST from $SGJAX_DATA_DIR/mnist, 1.2e-03 s/step, loss/step 0.31, T = 3 / 5", False),
+    ("sgjax 0.3.0, outputs from commit 0123456789abcdef0123456789abcdef01234567", False),
+], ids=lambda v: str(v)[:24])
+def test_local_path_detector(text, local):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text=text)])])
+    assert bool(local_paths(nb)) == local
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_stored_outputs_name_no_local_path(path):
+    found = local_paths(nbformat.read(path, as_version=4))
+    assert not found, (f"{path.name}: stored outputs name local paths (print a short "
+                       f"description instead, silence the warning at its source): {found}")
+
+
+# ----------------------------------------------------------- outputs of the code --
+
+PROVENANCE_CELL = '''\
+# Where these outputs come from: the sgjax version and the git commit of the checkout sgjax
+# was imported from ("unknown" outside one, e.g. on Colab). tests/test_notebooks.py checks
+# that the stored outputs are not older than the code this notebook imports.
+import subprocess
+import sys
+from pathlib import Path
+
+from sgjax import __file__ as sgjax_file
+from sgjax import __version__ as sgjax_version
+
+CHECKOUT = Path(sgjax_file).resolve().parents[1]
+
+
+def git(*args):
+    return subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+try:
+    if Path(git("rev-parse", "--show-toplevel")) != CHECKOUT:
+        raise ValueError("sgjax is not imported from a git checkout")
+    COMMIT = git("rev-parse", "HEAD")
+    imported = [str(Path(m.__file__).resolve().relative_to(CHECKOUT))  # what this kernel ran
+                for name, m in list(sys.modules.items())
+                if name.split(".")[0] in ("sgjax", "experiments") and getattr(m, "__file__", None)]
+    if git("status", "--porcelain", "--untracked-files=no", "--", *imported):
+        COMMIT += " with uncommitted changes"
+except (OSError, ValueError, subprocess.CalledProcessError):
+    COMMIT = "unknown"
+print(f"sgjax {sgjax_version}, outputs from commit {COMMIT}")'''
+"""The last code cell of every notebook (written by ``--install-cells`` too)."""
+
+RECORDED = re.compile(r"outputs from commit (\w+)( with uncommitted changes)?")
+
+
+def write_provenance_cells() -> None:
+    """Make :data:`PROVENANCE_CELL` the last code cell of every notebook."""
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        last = _code_cells(nb)[-1]
+        if "outputs from commit" in last.source:
+            last.source = PROVENANCE_CELL
+        else:
+            nb.cells.append(nbformat.v4.new_code_cell(PROVENANCE_CELL))
+        nbformat.write(nb, path)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_last_cell_records_the_commit(path):
+    assert _code_cells(nbformat.read(path, as_version=4))[-1].source == PROVENANCE_CELL, (
+        f"{path.name}: the last code cell must be PROVENANCE_CELL: run "
+        "`python tests/test_notebooks.py --install-cells`")
+
+
+def imported_files(nb) -> list[str]:
+    """The files of ``sgjax`` and ``experiments`` that ``nb``'s code imports, transitively,
+    relative to the repository root: ``sgjax/`` whole, ``experiments`` module by module."""
+    files, todo = set(), []
+
+    def add(module: str) -> None:
+        parts = module.split(".")
+        if parts[0] == "sgjax":
+            files.add("sgjax")
+        elif parts[0] == "experiments":
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/ and a/b/ first
+                base = ROOT.joinpath(*parts[:i])
+                for f in (base / "__init__.py", base.with_suffix(".py")):
+                    if f.is_file() and str(f.relative_to(ROOT)) not in files:
+                        files.add(str(f.relative_to(ROOT)))
+                        todo.append(f)
+
+    def visit(tree: ast.AST, package: list[str]) -> None:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    add(alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative to the package of the importing file
+                    base = ".".join(package[:len(package) - node.level + 1] + [base]).strip(".")
+                add(base)
+                for alias in node.names:  # `from experiments import data` imports a module
+                    add(f"{base}.{alias.name}")
+
+    source = "\n".join(line for c in _code_cells(nb) for line in c.source.splitlines()
+                       if not line.lstrip().startswith(("%", "!")))
+    visit(ast.parse(source), [])
+    while todo:
+        f = todo.pop()
+        visit(ast.parse(f.read_text()), list(f.relative_to(ROOT).parent.parts))
+    return sorted(files)
+
+
+def test_imported_files_follow_imports_into_experiments():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import sgjax\nfrom experiments import data\nfrom experiments.dni import fcn")])
+    files = imported_files(nb)
+    assert {"sgjax", "experiments/__init__.py", "experiments/data.py",
+            "experiments/dni/__init__.py", "experiments/dni/fcn.py"} <= set(files), files
+    assert len(files) > 5, f"fcn's own imports are not followed: {files}"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_stored_outputs_are_not_older_than_the_code_they_import(path):
+    try:
+        _git("rev-parse", "--git-dir")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout (or no git)")
+    nb = nbformat.read(path, as_version=4)
+    outputs = "".join(_output_text(o) for o in _code_cells(nb)[-1].outputs)
+    recorded = RECORDED.search(outputs)
+    assert recorded and not recorded[2] and len(recorded[1]) == 40, (
+        f"{path.name} records no clean commit ({outputs.strip()!r}): commit the code, then "
+        f"`python tests/test_notebooks.py {path.stem}`")
+    try:
+        _git("cat-file", "-e", f"{recorded[1]}^{{commit}}")
+    except subprocess.CalledProcessError:
+        pytest.skip(f"commit {recorded[1]} is not in this clone (shallow?)")
+    files = imported_files(nb)
+    last = _git("log", "-1", "--format=%H", "--", *files)
+    fresh = subprocess.run(["git", "merge-base", "--is-ancestor", last, recorded[1]],
+                           cwd=ROOT).returncode == 0
+    assert fresh, (f"{path.name}'s outputs come from {recorded[1][:10]}, older than "
+                   f"{last[:10]}, the last change to what it imports "
+                   f"(`git log {recorded[1][:10]}..{last[:10]} -- {' '.join(files)}`): "
+                   f"re-run `python tests/test_notebooks.py {path.stem}`")
 
 
 # -------------------------------------------------------------------- smoke run --
@@ -228,7 +470,14 @@ def main(argv=None) -> None:
     parser.add_argument("names", nargs="*", help="notebook stems (default: all)")
     parser.add_argument("--preset", default="small", help="value of $" + PRESET_ENV)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--install-cells", action="store_true",
+                        help="only write the first (install) and last (commit) code cell of "
+                             "every notebook from pyproject.toml's repository URL")
     args = parser.parse_args(argv)
+    if args.install_cells:
+        write_install_cells()
+        write_provenance_cells()
+        return
     paths = [NOTEBOOK_DIR / f"{Path(n).stem}.ipynb" for n in args.names] or NOTEBOOKS
     for path in paths:
         wall = store(path, args.preset, args.timeout)
