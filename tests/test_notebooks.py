@@ -453,9 +453,16 @@ def store(path: Path, preset: str, timeout: int) -> float:
     os.environ[PRESET_ENV] = preset
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend makes the PNGs
     nb = nbformat.read(path, as_version=4)
+    before = _git("rev-parse", "HEAD")
     start = time.perf_counter()
     _client(nb, timeout).execute()
     wall = time.perf_counter() - start
+    recorded = RECORDED.search("".join(_output_text(o) for o in _code_cells(nb)[-1].outputs))
+    if recorded and recorded[1] != before and _git("log", "--format=%h", f"{before}..{recorded[1]}",
+                                                   "--", *imported_files(nb)):
+        # the last cell records HEAD at the end: commits during the run must not count
+        raise RuntimeError(f"{path.name}: the code it imports was committed to during the run "
+                           f"({before[:10]}..{recorded[1][:10]}): run it again")
     nb.metadata.pop("widgets", None)
     nb.metadata["sgjax"] = {"preset": preset, "wall_s": round(wall),
                             "command": f"python tests/test_notebooks.py {path.stem} "
