@@ -111,8 +111,8 @@ def _rdm_figure(results, config, methods, title):
 
     by = {r.cell.params["method"]: r for r in results}
     methods = [m for m in methods if m in by]
-    if not methods:
-        return None
+    if not methods or any(load_rdms(by[m]) is None for m in methods):
+        return None  # the RDM files are gone (not committed): no figure rather than blanks
     depth = config.net.depth
     cmap = matplotlib.colormaps["RdYlBu_r"]
     fig = Figure(figsize=(0.75 * depth + 4.5, 0.8 * len(methods) + 1.2),
