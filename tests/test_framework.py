@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _toy(monkeypatch):
-    monkeypatch.setenv(registry.ENV_ONLY, "toy_experiment")
-    monkeypatch.delenv(registry.ENV_EXTRA, raising=False)
-    toy.CALLS.clear()
-    toy.STARTS.clear()
-    monkeypatch.setattr(toy, "DIVERGE", False)
-    monkeypatch.setattr(toy, "INTERRUPT_AT", None)
-    monkeypatch.setattr(toy, "LOAD_DATA", None)
+    toy.isolate(monkeypatch)
 
 
 def run(tmp_path, *args):

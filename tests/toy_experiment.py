@@ -1,4 +1,4 @@
-"""A tiny deterministic experiment used only by tests/test_framework.py.
+"""A tiny deterministic experiment used by tests/test_framework.py and tests/test_cli.py.
 
 Each cell moves ``w`` halfway to ``params["target"]`` per step; the metric is the final ``w``
 times ``config.scale``. Module-level switches let tests make it diverge or be interrupted.
@@ -21,6 +21,20 @@ DIVERGE = False  # make the loss NaN at the first step
 INTERRUPT_AT: int | None = None  # interrupt the run after checkpointing this step...
 INTERRUPT_WITH = "sigint"  # ...as Ctrl-C does ("sigint") or as `kill` does ("sigterm")
 LOAD_DATA: str | None = None  # load this dataset (experiments.data.load) first, like a real cell
+
+
+def isolate(monkeypatch) -> None:
+    """Make the registry see only this experiment and reset its switches and records (the
+    body of the autouse fixture of every test file that runs it)."""
+    from experiments import registry
+
+    monkeypatch.setenv(registry.ENV_ONLY, "toy_experiment")
+    monkeypatch.delenv(registry.ENV_EXTRA, raising=False)
+    CALLS.clear()
+    STARTS.clear()
+    module = globals()
+    for name, value in (("DIVERGE", False), ("INTERRUPT_AT", None), ("LOAD_DATA", None)):
+        monkeypatch.setitem(module, name, value)
 
 
 @dataclasses.dataclass(frozen=True)
