@@ -405,7 +405,9 @@ class Runner:
 
     def step(self, state, batch):
         """One tick on ``batch = Batch(x, y)``. Returns the new state and the info of the
-        stages that ran (arrays are not awaited: dispatch is asynchronous)."""
+        stages that ran (arrays are not awaited: dispatch is asynchronous). While a
+        pipelined Runner fills (its first ``K − 1`` ticks) no batch has reached the top
+        stage, and ``info["loss"]`` is NaN."""
         b = as_batch(batch, "Runner step")
         if self.schedule == "sync":
             return _sync_tick(self.stages, state, b.x, b.y)
@@ -425,6 +427,8 @@ class Runner:
                 inbox[k + 1] = (h, message[1])
             if k > 0:
                 pending[k - 1] = below
+        if "loss" not in infos[K - 1]:  # filling: no batch has reached the top stage yet
+            infos[K - 1] = {"loss": jnp.full((), jnp.nan, jnp.float32)}
         return (PipeState(TrainState(tuple(new), tuple(pending)), tuple(inbox)),
                 merge_infos(infos))
 
