@@ -224,6 +224,23 @@ def default_data_dirs() -> list[Path]:
     return [Path.home() / ".cache" / "sgjax" / "data"]
 
 
+def shown_path(path: str | os.PathLike[str] | None) -> str | None:
+    """``path`` as printed for a reader: under the data directory as
+    ``$SGJAX_DATA_DIR/<relative>``, under the home directory as ``~/<relative>``, else its
+    last two components; never a machine's absolute path (printed outputs, e.g. of the
+    notebooks, are committed)."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    for root, name in ((data_dir(), f"${DATA_DIR_ENV}"), (Path.home(), "~")):
+        try:
+            rel = path.resolve().relative_to(root.expanduser().resolve())
+        except (ValueError, OSError):
+            continue
+        return f"{name}/{rel}" if str(rel) != "." else name
+    return str(Path(*path.parts[-2:])) if len(path.parts) > 1 else str(path)
+
+
 def data_dir(directory: str | os.PathLike[str] | None = None) -> Path:
     """The data directory: ``directory`` if given, else ``$SGJAX_DATA_DIR``, else
     ``~/.cache/sgjax/data``. It need not exist yet (downloads create it)."""
@@ -326,7 +343,7 @@ def _download(name: str, f: RemoteFile, root: Path, problem: str, how: str,
     for url in file_urls(f):
         # Our own line, on the stderr of the moment: pooch's logger keeps the stderr of when
         # pooch was imported (under pytest's capture, a closed stream).
-        print(f"downloading {url} to {path}", file=sys.stderr)
+        print(f"downloading {url} to {shown_path(path)}", file=sys.stderr)
         logger.disabled, was_disabled = True, logger.disabled
         try:
             pooch.retrieve(
@@ -441,7 +458,7 @@ class Dataset:
         return (
             f"Dataset(name={self.name!r}, label={self.label!r}, "
             f"x_train={self.x_train.shape}, x_test={self.x_test.shape}, "
-            f"num_classes={self.num_classes}, source={self.source!r})"
+            f"num_classes={self.num_classes}, source={shown_path(self.source)!r})"
         )
 
 

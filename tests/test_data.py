@@ -448,3 +448,14 @@ def test_epoch_batches():
     assert [len(b) for b in shuffled] == [4, 4]
     again = [b[1] for b in data.epoch_batches(x, y, 4, key_or_seed=(0, 1), drop_remainder=True)]
     assert [b.tolist() for b in again] == [b.tolist() for b in shuffled]
+
+
+def test_printed_paths_name_no_machine_directory(tmp_path, monkeypatch):
+    """A Dataset's repr and the download line show where data is relative to the data
+    directory or home, never an absolute path (printed outputs get committed)."""
+    monkeypatch.setenv("SGJAX_DATA_DIR", str(tmp_path / "d"))
+    assert data.shown_path(tmp_path / "d" / "mnist") == "$SGJAX_DATA_DIR/mnist"
+    assert data.shown_path(tmp_path / "d") == "$SGJAX_DATA_DIR"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.shown_path(tmp_path / "home" / "x" / "y") == "~/x/y"
+    assert data.shown_path("/opt/elsewhere/data/mnist") == "data/mnist"

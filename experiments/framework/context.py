@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars everywhere: tqdm.auto warns in a kernel without ipywidgets
 
 from experiments.framework.checkpoints import Checkpointer, atomic_write, is_prng_key
 from experiments.framework.declare import Cell, to_jsonable

@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars everywhere: tqdm.auto warns in a kernel without ipywidgets
 
 from experiments.framework.checkpoints import atomic_write
 from experiments.framework.context import (
