@@ -33,8 +33,12 @@ install:  ## create .venv and install sgjax (editable) with the experiments and 
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[experiments,dev]'
 
+# Test processes (pytest-xdist): XLA compiles on one thread, so two processes keep both
+# cores busy (the default suite: 7.4 min in one process, 5.3 min in two, same machine).
+TEST_JOBS ?= 2
+
 test:  ## the default test suite (a few minutes; slow tests and notebook runs excluded)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_JOBS)
 
 # The declared floors (pyproject's dependencies), pinned exactly, with the test tools of their
 # time; sgjax itself without dependencies, so nothing newer slips in.
