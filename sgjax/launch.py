@@ -27,9 +27,14 @@ sgjax.launch ...`` runs K CPU processes of one CPU device each, joined by gloo c
 Failure ends the run, never a silent hang: when a process exits non-zero or is killed, the
 launcher stops the others (SIGTERM, then SIGKILL after ``--grace`` seconds) and exits non-zero
 with one message naming that process and its exit code or signal; when the run exceeds
-``--timeout`` seconds, it stops all of them and says so; a process that never joins makes
-the others fail within ``--join-timeout`` seconds. The launcher exits 0 only when every
-process exits 0.
+``--timeout`` seconds, it stops all of them and says so; a process that exits before it
+joins ends the run at once (exit code 0 too, once the others give up waiting in
+:func:`initialize`: ``--join-timeout`` seconds plus a few). The launcher exits 0 only when
+every process exits 0. Under the launcher a joined process stops on SIGTERM (JAX's
+preemption notifier, which would take SIGTERM over as a cloud preemption notice, is undone).
+
+On one machine with several GPUs, each process sees all of them; give each its own with
+``initialize(local_device_ids=int(os.environ[sgjax.launch.ENV_PROCESS_ID]))``.
 
 On a cluster, do not use the launcher: start one process per host (or per accelerator) with
 the cluster's own tool, and the same :func:`initialize` call hands over to
@@ -74,6 +79,7 @@ __all__ = [
     "ENV_STATUS_DIR",
     "ProcessInfo",
     "LaunchResult",
+    "free_port",
     "initialize",
     "launch",
     "main",
@@ -91,7 +97,8 @@ ENV_STATUS_DIR = "SGJAX_LAUNCH_STATUS_DIR"
 DEFAULT_JOIN_TIMEOUT = 60
 DEFAULT_GRACE = 5.0
 # A peer that sends no heartbeat for this long is declared dead by the coordination service,
-# which then ends every process (jax >= 0.6 takes it as an argument; JAX's default is 100 s).
+# which then ends every process (newer than jax 0.5.0, where it is fixed; JAX's default is
+# 100 s).
 LOCAL_HEARTBEAT_TIMEOUT = 10
 
 
@@ -151,9 +158,11 @@ def _cluster_detected() -> bool:
 
 
 def _use_gloo_on_cpu() -> None:
-    """Cross-process collectives on CPU need an implementation: gloo is JAX's default from
-    jax 0.5.1 on; jax 0.5.0 defaults to none (collectives then fail). Set gloo only where the
-    value is still that default, the user did not choose, and CPU is a platform in use."""
+    """Cross-process collectives on CPU need an implementation: gloo is JAX's default in
+    recent versions (e.g. 0.10.2), but jax 0.5.0 defaults to none, and a multi-process CPU
+    computation then fails ("Multiprocess computations aren't implemented on the CPU backend").
+    Set gloo only where the value is that none, the user did not choose one
+    (``JAX_CPU_COLLECTIVES_IMPLEMENTATION``), and CPU is a platform in use."""
     import jax
 
     if os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
@@ -169,7 +178,7 @@ def _use_gloo_on_cpu() -> None:
 
 def _supported(kwargs: dict) -> dict:
     """Drop the keyword arguments this JAX's ``jax.distributed.initialize`` does not take
-    (``heartbeat_timeout_seconds`` and ``shutdown_timeout_seconds`` are jax >= 0.6)."""
+    (``heartbeat_timeout_seconds`` is newer than jax 0.5.0)."""
     import jax
 
     params = inspect.signature(jax.distributed.initialize).parameters
@@ -230,7 +239,6 @@ def initialize(**kwargs) -> ProcessInfo:
             process_id=_env_int(ENV_PROCESS_ID),
             initialization_timeout=join_timeout,
             heartbeat_timeout_seconds=LOCAL_HEARTBEAT_TIMEOUT,
-            shutdown_timeout_seconds=join_timeout,
         )
         args = {**_supported(args), **kwargs}
         status_dir = os.environ.get(ENV_STATUS_DIR)

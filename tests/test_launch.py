@@ -33,6 +33,8 @@ SCRIPT = textwrap.dedent("""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if mode == "never-joins" and pid == 1:
         sys.exit(5)
+    if mode == "never-joins-exit-0" and pid == 1:
+        sys.exit(0)
     import sgjax.launch
     info = sgjax.launch.initialize()
 
@@ -69,7 +71,8 @@ def child_env():
     return env
 
 
-def run(tmp_path, mode, k, *, cli, timeout=60, grace=launch.DEFAULT_GRACE):
+def run(tmp_path, mode, k, *, cli, timeout=60, grace=launch.DEFAULT_GRACE,
+        join_timeout=launch.DEFAULT_JOIN_TIMEOUT):
     """Launch SCRIPT as ``k`` processes, through ``python -m sgjax.launch`` (``cli``) or
     in this process through :func:`launch.launch` (2 s faster: no second import of sgjax).
     Returns (exit status, stdout, the launcher's last stderr line, seconds)."""
@@ -85,7 +88,8 @@ def run(tmp_path, mode, k, *, cli, timeout=60, grace=launch.DEFAULT_GRACE):
     else:
         out_io, err_io = io.StringIO(), io.StringIO()
         result = launch.launch([sys.executable, str(script), mode], k, timeout=timeout,
-                               grace=grace, env=child_env(), stdout=out_io, stderr=err_io)
+                               grace=grace, join_timeout=join_timeout, env=child_env(),
+                               stdout=out_io, stderr=err_io)
         status, out, err = result.returncode, out_io.getvalue(), err_io.getvalue()
         err += f"sgjax.launch: error: {result.message}\n" if status else ""
     last = err.strip().splitlines()[-1] if err.strip() else ""
@@ -121,6 +125,20 @@ def test_a_process_that_never_joins_ends_the_run(tmp_path):
         "stopped process(es) 0"), err[-3000:]
     assert status == 5
     assert elapsed < 45
+
+
+@pytest.mark.slow
+def test_a_process_that_exits_0_without_joining_ends_the_run(tmp_path):
+    # Process 0 gives up waiting for process 1 after the join timeout (plus ~8 s in jax
+    # 0.10.2, where the coordination service aborts it).
+    status, _, last, elapsed, err = run(tmp_path, "never-joins-exit-0", 2, cli=False,
+                                        join_timeout=3)
+    assert last.startswith("sgjax.launch: error: process 0 of 2 "), err[-3000:]
+    assert last.endswith(
+        " before it joined the others (process(es) 1 had exited with code 0 without joining: "
+        "does the script call sgjax.launch.initialize() in every process?)"), err[-3000:]
+    assert status != 0
+    assert elapsed < 30
 
 
 def test_timeout_stops_every_process(tmp_path):
