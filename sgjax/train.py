@@ -325,12 +325,68 @@ def fused(trainer: Any, *, batch_fn: Callable | None = None, donate: bool = Fals
     return jax.jit(run, donate_argnums=(0,) if donate else ())
 
 
+class Message(NamedTuple):
+    """What stage *k* sends up to stage *k + 1* on a pipelined tick: its output ``h``
+    ``(B, *out_shape)``, the labels ``y`` of the same batch, and ``valid`` (false while
+    the pipeline fills: no batch has reached stage *k* yet)."""
+
+    h: jax.Array
+    y: Any
+    valid: jax.Array
+
+
 class PipeState(NamedTuple):
-    """Pipelined state: ``inbox[k]`` is the ``(h, y)`` stage ``k`` will process
-    next (``None`` while the pipeline fills)."""
+    """Pipelined state, one structure from tick 0: ``inbox[k]`` is the
+    :class:`Message` stage ``k`` processes next (``None`` for stage 0, which reads the
+    batch; ``valid=False`` zeros while the pipeline fills)."""
 
     train: TrainState
-    inbox: tuple[Any, ...]
+    inbox: tuple[Message | None, ...]
+
+
+def _pipelined_stage(stage: Stage, state: StageState, message: Message | None,
+                     pending: Target | None, x, y):
+    """Stage *k*'s share of a pipelined tick: ``(state, up, down, info)``.
+
+    It reads only what it owns and what reached it on the previous tick: its input
+    ``message`` (the batch ``(x, y)`` for stage 0) and its ``pending`` target. It fits the
+    target, predicts for its input and updates (``Stage.update``); ``up`` is the
+    :class:`Message` for stage *k + 1* (``None`` at the top), ``down`` the target for
+    stage *k − 1* (``None`` at the bottom). A stage whose input is not valid yet (the
+    pipeline is filling) stays unchanged and sends invalid messages both ways; its
+    float info entries (the top stage's ``loss``) are NaN."""
+    if message is None:
+        new, h, down, info = stage.update(state, x, y, pending)
+        return new, Message(h, y, jnp.ones((), bool)), down, info
+
+    def run(state, h, y, pending):
+        return stage.update(state, h, y, pending)
+
+    shapes = jax.eval_shape(run, state, message.h, message.y, pending)
+
+    def skip(state, h, y, pending):
+        _, out, down, info = shapes
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (out, down))
+        nan = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(
+            s.dtype, jnp.inexact) else 0, s.dtype), info)
+        return (state, *zeros, nan)
+
+    new, h, down, info = jax.lax.cond(message.valid, run, skip, state, message.h,
+                                      message.y, pending)
+    return new, Message(h, message.y, message.valid), down, info
+
+
+def _pipelined_tick(stages: Sequence[Stage], ps: PipeState, x, y):
+    """One pipelined tick of every stage on one device (pure, jittable): each stage's
+    share (:func:`_pipelined_stage`) reads only the previous tick's messages, then the
+    messages move one interface (``up`` into the inbox above, ``down`` into the pending
+    target below)."""
+    out = [_pipelined_stage(s, st, m, p, x, y) for s, st, m, p in
+           zip(stages, ps.train.stages, ps.inbox, ps.train.pending)]
+    new, ups, downs, infos = zip(*out)
+    inbox = (None, *ups[:-1])
+    pending = (*downs[1:], None)
+    return PipeState(TrainState(tuple(new), pending), inbox), merge_infos(infos)
 
 
 def _placed(fn: Callable, device) -> Callable:
@@ -339,13 +395,28 @@ def _placed(fn: Callable, device) -> Callable:
     jitted = jax.jit(fn)
 
     def call(*args):
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+            raise ValueError(
+                "a sync Runner with stages on several devices dispatches one stage at a "
+                "time and cannot be traced (fused, jit, vmap): put its stages on one "
+                "device, or use schedule='pipelined', whose tick compiles across devices"
+            )
         return jitted(*jax.device_put(args, device))
 
     return call
 
 
+def _spread(K: int, devices: Sequence) -> list:
+    """``K`` stages over ``devices`` in contiguous, balanced groups (stage *k* on
+    ``devices[k * D // K]``)."""
+    D = len(devices)
+    return [devices[k * D // K] for k in range(K)]
+
+
 def _check_devices(devices, K: int) -> list:
     if devices is None:
+        if jax.process_count() > 1:  # launched as several processes: spread over all
+            return _check_devices(jax.devices(), K)
         return [jax.devices()[0]] * K
     devices = list(devices)
     bad = [d for d in devices if not isinstance(d, jax.Device)]
@@ -354,11 +425,10 @@ def _check_devices(devices, K: int) -> list:
             f"devices={devices!r}: {bad[0]!r} is not a jax.Device; pass devices from "
             "jax.devices() (e.g. jax.devices()[:2])"
         )
+    if not devices:
+        raise ValueError("devices=[]: give at least one jax.Device, or None")
     if len(devices) < K:
-        raise ValueError(
-            f"{K} stages but only {len(devices)} devices were given: give one device "
-            "per stage (a device may repeat), or use fewer cuts"
-        )
+        return _spread(K, devices)
     return devices[:K]
 
 
@@ -367,12 +437,26 @@ class Runner:
     (:class:`sgjax.trainer.Trainer`): ``init(key, batch)``, ``step(state, batch)``,
     ``apply(state, x)``.
 
-    ``schedule="sync"`` gives the same numbers as :func:`sync` on one device;
-    ``schedule="pipelined"`` overlaps the stages (see the module docstring for
-    its staleness). ``devices=None`` puts every stage on the default device.
-    Each stage's functions are jitted once (``Runner.stages``: the split's stages with
-    those placed functions); arguments are moved to the stage's device with
-    ``jax.device_put`` before each call.
+    ``devices``: one per stage (a device may repeat); fewer devices than stages are
+    shared in contiguous, balanced groups (``devices=jax.devices()`` spreads the stages
+    over every device there is); more are cut to the first ``K``. ``None``: every stage
+    on the default device, or, in a program launched as several processes
+    (:mod:`sgjax.launch`), spread over every process's devices.
+
+    ``schedule="pipelined"`` overlaps the stages (see the module docstring for its
+    staleness). Its ``step`` is one compiled program whatever the devices, and its state
+    keeps one structure from tick 0, so :func:`fused` compiles a chunk of ticks into one
+    dispatch. On one device that program is the plain tick (:func:`_pipelined_tick`); on
+    several it is :class:`sgjax.mesh.Pipeline`: one SPMD program over a ``stage`` mesh
+    axis in which each device runs only its own stages and the messages cross with
+    ``ppermute``. Launched as several processes, each process initialises and keeps only
+    the stages on its own devices; ``gather(state)`` brings every stage's state to every
+    process (for checkpoints), ``apply`` runs inference in place.
+
+    ``schedule="sync"`` gives the same numbers as :func:`sync`. On one device its step
+    is the jitted sync tick; on several, the stages run one after the other (every step
+    waits for the previous stage: there is nothing to overlap), dispatched one stage
+    function at a time (``Runner.stages``: the split's stages with placed functions).
     """
 
     def __init__(self, split: Split, *, schedule: str = "sync",
@@ -393,55 +477,101 @@ class Runner:
                 "update", "forward", "apply", "forward_pass", "backward_pass", "fit")})
             for s, d in zip(split.stages, devices)
         )
+        self._one_device = len(set(devices)) == 1
+        self._mesh = None
+        if jax.process_count() > 1:
+            owners = {d.process_index for d in devices}
+            if len(owners) < jax.process_count() or schedule != "pipelined":
+                raise ValueError(
+                    f"this program runs as {jax.process_count()} processes, but "
+                    + ("only the pipelined schedule spans processes: use "
+                       "Runner(split, schedule='pipelined')" if schedule != "pipelined" else
+                       f"the {K} stages are placed on devices of processes {sorted(owners)} "
+                       "only: every process must own at least one stage (use more cuts, "
+                       "or devices=None)")
+                )
+        if schedule == "pipelined":
+            tick = jax.jit(lambda ps, x, y: _pipelined_tick(split.stages, ps, x, y))
+        else:
+            tick = jax.jit(lambda ts, x, y: _sync_tick(split.stages, ts, x, y))
+        self._tick = tick
+        self._apply = jax.jit(split.apply)
 
     def init(self, key, batch):
-        ts = _init(self.split, key, batch, pending=self.schedule == "pipelined")
+        b = as_batch(batch, "init")
+        if self.schedule == "pipelined" and not self._one_device:
+            from sgjax.mesh import Pipeline
+
+            self.split.check_batch(b.x, b.y)
+            shapes = jax.eval_shape(lambda k: self._local_init(k, b.x, b.y), key)
+            if self._mesh is None:
+                self._mesh = Pipeline(self.split, self.devices, _pipelined_stage, shapes)
+            keys = jax.random.split(key, len(self.split.stages))
+            return self._mesh.init(keys, shapes)
+        ts = _init(self.split, key, b, pending=self.schedule == "pipelined")
         stages = tuple(jax.device_put(s, d) for s, d in zip(ts.stages, self.devices))
         pending = tuple(jax.device_put(p, d) for p, d in zip(ts.pending, self.devices))
         ts = TrainState(stages, pending)
         if self.schedule == "pipelined":
-            return PipeState(ts, (None,) * len(self.split.stages))
+            return PipeState(ts, jax.device_put(_empty_inbox(self.split, ts, b.x, b.y),
+                                                self.devices[0]))
         return ts
 
-    def step(self, state, batch):
-        """One tick on ``batch = Batch(x, y)``. Returns the new state and the info of the
-        stages that ran (arrays are not awaited: dispatch is asynchronous). While a
-        pipelined Runner fills (its first ``K − 1`` ticks) no batch has reached the top
-        stage, and ``info["loss"]`` is NaN."""
-        b = as_batch(batch, "Runner step")
-        if self.schedule == "sync":
-            return _sync_tick(self.stages, state, b.x, b.y)
-        return self._pipelined_tick(state, b.x, b.y)
+    def _local_init(self, key, x, y) -> PipeState:
+        ts = _init(self.split, key, Batch(x, y), pending=True)
+        return PipeState(ts, _empty_inbox(self.split, ts, x, y))
 
-    def _pipelined_tick(self, ps: PipeState, x, y):
-        ts, K = ps.train, len(self.split.stages)
-        new, pending, inbox = list(ts.stages), list(ts.pending), [None] * K
-        infos: list = [{}] * K
-        for k in range(K):
-            message = (x, y) if k == 0 else ps.inbox[k]
-            if message is None:
-                continue
-            new[k], h, below, infos[k] = self.stages[k].update(
-                ts.stages[k], message[0], message[1], ts.pending[k])
-            if k + 1 < K:
-                inbox[k + 1] = (h, message[1])
-            if k > 0:
-                pending[k - 1] = below
-        if "loss" not in infos[K - 1]:  # filling: no batch has reached the top stage yet
-            infos[K - 1] = {"loss": jnp.full((), jnp.nan, jnp.float32)}
-        return (PipeState(TrainState(tuple(new), tuple(pending)), tuple(inbox)),
-                merge_infos(infos))
+    def step(self, state, batch):
+        """One tick on ``batch = Batch(x, y)``. Returns the new state and the info of every
+        stage (arrays are not awaited: dispatch is asynchronous). While a pipelined Runner
+        fills (its first ``K − 1`` ticks) the stages no batch has reached yet stay
+        unchanged and report NaN (``info["loss"]`` is NaN)."""
+        b = as_batch(batch, "Runner step")
+        check_batch(self.split, b.x, b.y)
+        if self.schedule == "sync" and not self._one_device:
+            return _sync_tick(self.stages, state, b.x, b.y)
+        if self._mesh is not None and self.schedule == "pipelined":
+            from sgjax.mesh import MeshState
+
+            if not isinstance(state, MeshState):
+                raise TypeError("this Runner's state comes from its own init(key, batch)")
+            return self._mesh.step(state, b.x, b.y)
+        return self._tick(state, b.x, b.y)
+
+    def gather(self, state):
+        """Every stage's state as one device's :class:`PipeState` / :class:`TrainState`
+        (from every process, for checkpoints and evaluation; with stages in several
+        processes every process must call it)."""
+        if self._mesh is not None and self.schedule == "pipelined":
+            return self._mesh.gather(state)
+        return jax.device_get(state)
 
     def apply(self, state, x):
-        """Inference through all stages, moving activations between devices."""
+        """Inference through all stages, each on its own device."""
+        if self._mesh is not None and self.schedule == "pipelined":
+            return self._mesh.apply(state.stages, x)
         ts = state.train if isinstance(state, PipeState) else state
+        if self._one_device:
+            return self._apply(ts.stages, x)
         for k in range(len(self.split.stages)):
             x = self.stages[k].apply(ts.stages[k], x)
         return x
 
 
+def _empty_inbox(split: Split, ts: TrainState, x, y) -> tuple:
+    """``valid=False`` zero messages with the exact structure each stage above the
+    bottom will receive."""
+    inbox: list = [None]
+    h = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    for stage, state in zip(split.stages[:-1], ts.stages):
+        h = jax.eval_shape(stage.forward, state, h)
+        inbox.append(Message(jnp.zeros(h.shape, h.dtype), jnp.zeros_like(y),
+                             jnp.zeros((), bool)))
+    return tuple(inbox)
+
+
 __all__ = [
-    "Batch", "NonFiniteError", "PipeState", "Runner", "Schedule", "TrainState",
+    "Batch", "Message", "NonFiniteError", "PipeState", "Runner", "Schedule", "TrainState",
     "check_batch", "check_finite", "check_trainer", "fused", "merge_infos",
     "skipped_schedules", "stochastic", "sync", "unfitted_schedules",
 ]

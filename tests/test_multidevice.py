@@ -45,6 +45,7 @@ else:
     import jax.numpy as jnp
     import numpy as np
     import optax
+    import pytest
 
     import sgjax
     from sgjax import feedback as F
@@ -133,6 +134,15 @@ else:
         chex.assert_trees_all_close(jax.device_get(rs.stages), jax.device_get(ts.stages),
                                     rtol=1e-6, atol=1e-6)
 
+    def assert_rows_on(state, devices):
+        """Row j of every packed stage buffer lives on device j and nowhere else."""
+        for buf in state.stages.values():
+            assert buf.shape[0] == len(devices)
+            for shard in buf.addressable_shards:
+                j = shard.index[0].start
+                assert shard.device == devices[j], (j, shard.device)
+                assert shard.data.shape[0] == 1
+
     def placeholders(split, states, x, y):
         """``valid=False`` zero targets, made independently of sgjax.train."""
         inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
@@ -180,20 +190,20 @@ else:
         xs, ys = batches(T)
         runner = sgjax.Runner(split, schedule="pipelined", devices=devices)
         ps = runner.init(jax.random.key(0), (xs[0], ys[0]))
-        init = jax.device_get(ps.train.stages)
+        init = runner.gather(ps).train.stages
         for t in range(T):
             ps, info = runner.step(ps, (xs[t], ys[t]))
             if t < K - 1:
                 assert np.isnan(float(info["loss"]))  # no batch has reached the top yet
         assert np.isfinite(float(info["loss"]))
+        assert_rows_on(ps, devices)
+        gathered = runner.gather(ps)
         for k in range(K):
-            assert_on(ps.train.stages[k], devices[k])
-            assert int(ps.train.stages[k].step) == T - k
+            assert int(gathered.train.stages[k].step) == T - k
 
         states, targets = pipelined_reference(split, init, xs, ys)
-        chex.assert_trees_all_close(jax.device_get(ps.train.stages), states,
-                                    rtol=1e-6, atol=1e-6)
-        chex.assert_trees_all_close(jax.device_get(ps.train.pending[:-1]), targets[:-1],
+        chex.assert_trees_all_close(gathered.train.stages, states, rtol=1e-6, atol=1e-6)
+        chex.assert_trees_all_close(gathered.train.pending[:-1], targets[:-1],
                                     rtol=1e-6, atol=1e-6)
         # one batch staler than sync: the result differs from the sync schedule's
         ts = sched.init(jax.random.key(0), (xs[0], ys[0]))
@@ -202,9 +212,64 @@ else:
         assert not np.allclose(ts.stages[K - 2].params[0]["kernel"],
                                states[K - 2].params[0]["kernel"])
 
-    def test_too_few_devices():
-        split = make(F.none(), cuts=(1, 3))
-        import pytest
+    def test_fewer_devices_than_stages_are_shared_in_contiguous_groups():
+        split = make(F.none())  # 4 stages
+        runner = sgjax.Runner(split, schedule="pipelined", devices=jax.devices()[:2])
+        d = jax.devices()
+        assert runner.devices == [d[0], d[0], d[1], d[1]]
+        assert sgjax.Runner(split, devices=d[:1]).devices == [d[0]] * 4
 
-        with pytest.raises(ValueError, match="3 stages but only 1 devices"):
-            sgjax.Runner(split, devices=jax.devices()[:1])
+    PIPELINED = {"dni": lambda: make(F.synthetic(P.linear())),
+                 "cdni": lambda: make(F.synthetic(P.linear(conditioned=True))),
+                 "cdni-mixed": lambda: make([F.synthetic(P.linear(conditioned=True)),
+                                             F.none(), F.synthetic(P.mlp((8,)))])}
+    PLACEMENTS = {"1 device": lambda: jax.devices()[:1],
+                  "3 devices": lambda: jax.devices()[:3],  # stages 2, 3 share a device
+                  "4 devices": lambda: jax.devices()[::-1]}  # any order
+
+    @functools.cache
+    def one_device_run(kind, T=9):
+        """The pipelined Runner on one device, ``T`` ticks one by one: (states, infos)."""
+        split = PIPELINED[kind]()
+        runner = sgjax.Runner(split, schedule="pipelined")
+        xs, ys = batches(T, seed=3)
+        state = runner.init(jax.random.key(1), (xs[0], ys[0]))
+        infos = []
+        for t in range(T):
+            state, info = runner.step(state, (xs[t], ys[t]))
+            infos.append(info)
+        return runner.gather(state), jax.device_get(infos)
+
+    @pytest.mark.parametrize("placement", PLACEMENTS)
+    @pytest.mark.parametrize("kind", PIPELINED)
+    def test_pipelined_on_devices_equals_one_device_and_fuses(kind, placement):
+        """Stepped tick by tick and fused into one program (sgjax.fused), the pipelined
+        Runner on several devices gives the one-device numbers; inference too."""
+        T = 9
+        split = PIPELINED[kind]()
+        runner = sgjax.Runner(split, schedule="pipelined", devices=PLACEMENTS[placement]())
+        xs, ys = batches(T, seed=3)
+        expected, infos = one_device_run(kind, T)
+        state0 = runner.init(jax.random.key(1), (xs[0], ys[0]))
+        state = state0
+        for t in range(T):
+            state, info = runner.step(state, (xs[t], ys[t]))
+            np.testing.assert_allclose(info["loss"], infos[t]["loss"], rtol=1e-6)
+        chex.assert_trees_all_close(runner.gather(state), expected, rtol=1e-6, atol=1e-6)
+        fused_state, fused_info = sgjax.fused(runner)(state0, sgjax.Batch(xs, ys))
+        chex.assert_trees_all_close(runner.gather(fused_state), expected, rtol=1e-6,
+                                    atol=1e-6)
+        np.testing.assert_allclose(fused_info["loss"], [i["loss"] for i in infos],
+                                   rtol=1e-6)
+        assert np.isnan(fused_info["loss"][: len(split.stages) - 1]).all()
+        ts = expected.train.stages
+        np.testing.assert_allclose(runner.apply(state, xs[0]), split.apply(ts, xs[0]),
+                                   rtol=1e-6, atol=1e-6)
+
+    def test_sync_on_several_devices_cannot_be_traced():
+        split = make(F.none())
+        runner = sgjax.Runner(split, devices=jax.devices()[:2])
+        xs, ys = batches(2)
+        state = runner.init(jax.random.key(0), (xs[0], ys[0]))
+        with pytest.raises(ValueError, match="cannot be traced"):
+            sgjax.fused(runner)(state, sgjax.Batch(xs, ys))

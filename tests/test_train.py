@@ -309,8 +309,10 @@ def test_runner_update_locked_traces_once():
 
 def test_runner_rejects_bad_input():
     split = make()  # 3 stages
-    with pytest.raises(ValueError, match="3 stages but only 1 devices"):
-        sgjax.Runner(split, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"devices=\[\]"):
+        sgjax.Runner(split, devices=[])
+    with pytest.raises(TypeError, match="'cpu' is not a jax.Device"):
+        sgjax.Runner(split, devices=["cpu"])
     with pytest.raises(ValueError, match="schedule='async'"):
         sgjax.Runner(split, schedule="async")
     with pytest.raises(ValueError, match="pipelined schedule needs feedbacks that are not"):
