@@ -27,6 +27,7 @@ MODULES: tuple[str, ...] = (
     "experiments.dni.single",
     "experiments.dni.linear",
     "experiments.dni.underfit",
+    "experiments.dni.wallclock",
     "experiments.blog.birdseye",
     "experiments.dni.table2",
     "experiments.dni.two_networks",
