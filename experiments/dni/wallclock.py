@@ -112,7 +112,7 @@ PRESETS = {
     "quick": Config(depth=5, width=512, stages=(2, 4), steps=1_200, eval_every=100,
                     target=3.0, timeout_s=900.0),
     "paper": Config(depth=7, width=2048, stages=(2, 4), steps=5_000, eval_every=250,
-                    target=2.0, forced_cpu_devices=False),
+                    target=2.5, forced_cpu_devices=False),
 }
 PRESET_NOTES = {
     "smoke": "wiring only, numbers mean nothing: 3 layers of 32 units, 8 steps, 2 stages",
@@ -120,8 +120,8 @@ PRESET_NOTES = {
               "1.2k steps, test error every 100 steps, target 3 %; K = 2 and 4 stages on 2 and 4 "
               "forced CPU devices that share this machine's cores (see the limits)"),
     "paper": ("for an accelerator with at least 4 devices: MNIST FCN 7 (6 × 2048), 5k "
-              "steps, target 2 %; with fewer devices run only the one-device cells "
-              "(--only bprop-1dev 'cdni-*-1dev')"),
+              "steps, target 2.5 % (not yet calibrated on an accelerator); with fewer "
+              "devices run only the one-device cells (--only bprop-1dev 'cdni-*-1dev')"),
 }
 
 LIMITS = (
@@ -210,7 +210,8 @@ def train(config: Config, method: str, k: int, n_devices: int, seed: int) -> dic
     """Train one cell in this process and time it (see the module docstring's clock).
 
     Returns JSON data: ``curve`` (``[step, training seconds, test error %]`` from step 0),
-    ``time_to_target_s``/``steps_to_target`` (``None`` if never reached), ``train_s``,
+    ``time_to_target_s``/``steps_to_target`` (the first evaluation after training at or
+    below the target; ``None`` if none is), ``train_s``,
     ``cpu_s``, ``compile_s``, ``steps_per_s``, ``final_error``, ``devices``, ``cuts``."""
     import jax
     import numpy as np
@@ -283,7 +284,7 @@ def train(config: Config, method: str, k: int, n_devices: int, seed: int) -> dic
         cpu_s += time.process_time() - cpu
         curve.append([(c + 1) * config.eval_every, train_s, test_error(state)])
 
-    reached = next((p for p in curve if p[2] <= config.target), None)
+    reached = next((p for p in curve[1:] if p[2] <= config.target), None)
     steps = curve[-1][0]
     return {
         "curve": curve,
@@ -363,6 +364,8 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
 # --------------------------------------------------------------------------- claims
 
 
+STRICTLY = 1e-3
+"""The lead (seconds) a faster cell needs: one millisecond, so that a tie never holds."""
 PROMISE = ("The possibility to parallelise training of currently sequential systems could "
            "hugely speed up computation time.")
 
@@ -371,16 +374,17 @@ def claims(preset: str) -> list[Claim]:
     """Per ``K``: the decoupled stages on ``K`` devices reach the target sooner than
     backprop on one device (the promise), and sooner than the same stages on one device
     (the overlap, with staleness and synthetic gradient models the same on both sides).
-    Strict orderings of the training seconds to the target (no margin: the paper gives no
-    number); :data:`LIMITS` bounds what a CPU can show."""
+    Strict orderings of the training seconds to the target (:data:`STRICTLY`: the paper
+    gives no number, so any measurable lead holds); :data:`LIMITS` bounds what a CPU can
+    show."""
     out = []
     for k in PRESETS[preset].stages:
         cause = CAUSES.get((preset, k), "")
         out += [
             Claim.less(f"k{k}-devices-beat-bprop", PROMISE, cell_id("cdni", k, k),
-                       cell_id("bprop"), cause=cause),
+                       cell_id("bprop"), margin=STRICTLY, cause=cause),
             Claim.less(f"k{k}-devices-beat-one-device", PROMISE, cell_id("cdni", k, k),
-                       cell_id("cdni", k, 1), cause=cause),
+                       cell_id("cdni", k, 1), margin=STRICTLY, cause=cause),
         ]
     return out
 
@@ -400,9 +404,20 @@ def _label(cell: Cell) -> str:
             f"device{'s' if p['devices'] > 1 else ''}")
 
 
+def speedups(results: Sequence[CellResult]) -> dict[str, float]:
+    """Backprop's training seconds to the target ÷ each decoupled cell's (above 1: the
+    decoupled stages got there sooner), by cell id, for the cells that have both."""
+    by = {r.cell.id: r.metrics.get("time_to_target_s") for r in results}
+    base = by.get(cell_id("bprop"))
+    if not base:
+        return {}
+    return {c: base / t for c, t in by.items() if c != cell_id("bprop") and t}
+
+
 def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     """``wallclock``: test error against training seconds (compilation and evaluation
-    excluded) for every cell, the target marked; log error axis."""
+    excluded) for every cell, the target marked, each decoupled cell's speed-up over
+    backprop in its legend entry; log error axis."""
     from matplotlib.figure import Figure
 
     from experiments.framework.reports import log_axis
@@ -410,6 +425,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     styles = {1: "-", 2: "--", 4: ":"}
+    ratio = speedups(results)
     for r in results:
         to_target = r.metrics.get("time_to_target_s")
         seconds, errors = r.curves.get("train_seconds"), r.curves.get("test_error")
@@ -418,7 +434,9 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         p = r.cell.params
         color = "0.3" if p["method"] == "bprop" else (
             "tab:blue" if p["devices"] == 1 else "tab:green")
-        label = _label(r.cell) + (f": {to_target:.1f} s to target" if to_target else "")
+        label = _label(r.cell) + (f": {to_target:.3g} s to target" if to_target else "")
+        if r.cell.id in ratio:
+            label += f" (backprop ÷ this = {ratio[r.cell.id]:.2f})"
         ax.plot(seconds.value, errors.value, color=color, marker=".",
                 ls=styles.get(p["stages"], "-."), label=label)
     ax.axhline(config.target, color="tab:red", lw=0.8, ls="--",
