@@ -139,6 +139,67 @@ def host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def _to_bytes(trees) -> jax.Array:
+    """Every leaf of ``trees`` as its raw bytes, concatenated: ``(n,)`` uint8."""
+    parts = []
+    for leaf in jax.tree.leaves(trees):
+        if leaf.dtype == jnp.bool_ or leaf.dtype.itemsize == 1:
+            parts.append(jnp.ravel(leaf.astype(jnp.uint8) if leaf.dtype == jnp.bool_ else
+                                   jax.lax.bitcast_convert_type(leaf, jnp.uint8)))
+        else:
+            parts.append(jnp.ravel(jax.lax.bitcast_convert_type(leaf, jnp.uint8)))
+    return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.uint8)
+
+
+def _from_bytes(data: jax.Array, like):
+    """The pytree ``like`` read back from the front of :func:`_to_bytes`'s ``data``."""
+    leaves, treedef = jax.tree.flatten(like)
+    out, offset = [], 0
+    for leaf in leaves:
+        n = int(np.prod(leaf.shape, dtype=np.int64))
+        width = 1 if leaf.dtype == jnp.bool_ else leaf.dtype.itemsize
+        chunk = data[offset:offset + n * width]
+        offset += n * width
+        if leaf.dtype == jnp.bool_:
+            out.append(chunk.reshape(leaf.shape) != 0)
+        elif width == 1:
+            out.append(jax.lax.bitcast_convert_type(chunk, leaf.dtype).reshape(leaf.shape))
+        else:
+            out.append(jax.lax.bitcast_convert_type(chunk.reshape(*leaf.shape, width),
+                                                    leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _permutation_rounds(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """``pairs`` split greedily into rounds in which no device sends or receives twice
+    (each round is one ``ppermute``)."""
+    rounds: list[list[tuple[int, int]]] = []
+    for pair in pairs:
+        for r in rounds:
+            if all(pair[0] != s and pair[1] != d for s, d in r):
+                r.append(pair)
+                break
+        else:
+            rounds.append([pair])
+    return rounds
+
+
+def _sum_over_stages(info):
+    """``info`` (every device has zeros where another device owns the entry) summed over
+    the ``stage`` axis in one all-reduce, so that every device holds all of it."""
+    leaves, treedef = jax.tree.flatten(info)
+    if not leaves:
+        return info
+    flat = jnp.concatenate([jnp.ravel(a).astype(jnp.float32) for a in leaves])
+    flat = jax.lax.psum(flat, STAGE_AXIS)
+    out, offset = [], 0
+    for a in leaves:
+        n = int(np.prod(a.shape, dtype=np.int64))
+        out.append(flat[offset:offset + n].reshape(a.shape).astype(a.dtype))
+        offset += n
+    return jax.tree.unflatten(treedef, out)
+
+
 # ------------------------------------------------------------------------- the engine
 
 
@@ -159,12 +220,13 @@ class MeshState(NamedTuple):
 class Pipeline:
     """The compiled pipelined tick of ``split`` with stage *k* on ``devices[k]``.
 
-    ``tick(stages, state, message, pending) -> (state, up, down, info)`` is one stage's
-    share of a tick (``sgjax.train._pipelined_stage``); ``shapes`` is the single-device
+    ``share(stages, states, inbox, pending, x, y)`` gives, per stage of a device, its
+    share of a tick ``(state, up, down, info)`` (:func:`sgjax.train.pipelined_share`);
+    ``shapes`` is the single-device
     ``PipeState`` as ``jax.ShapeDtypeStruct`` (it fixes every message's shape).
     """
 
-    def __init__(self, split, devices: Sequence[jax.Device], stage_tick, shapes):
+    def __init__(self, split, devices: Sequence[jax.Device], share, shapes):
         self.split = split
         distinct = list(dict.fromkeys(devices))
         self.mesh = Mesh(np.array(distinct, dtype=object), (STAGE_AXIS,))
@@ -172,7 +234,7 @@ class Pipeline:
         self.members = tuple(tuple(k for k, g in enumerate(self.group) if g == j)
                              for j in range(len(distinct)))
         self.sharding = NamedSharding(self.mesh, PartitionSpec(STAGE_AXIS))
-        self._stage_tick = stage_tick
+        self._share = share
         self._shapes = shapes
         stage_shapes = shapes.train.stages
         self.layouts = tuple(layout_of(tuple(stage_shapes[k] for k in members))
@@ -241,7 +303,6 @@ class Pipeline:
         return body(state, x, y)
 
     def _local_tick(self, state: MeshState, x, y):
-        K = len(self.group)
         local = jax.tree.map(lambda a: a[0], state)
         out_shapes = jax.eval_shape(self._all_stages, self._shapes.train.stages,
                                     self._shapes.inbox, self._shapes.train.pending,
@@ -255,9 +316,12 @@ class Pipeline:
                 new, up, down, info = list(states), _zeros(ups), _zeros(downs), \
                     _zeros(infos)
                 up, down, info = list(up), list(down), list(info)
-                for i, k in enumerate(self.members[j]):
-                    new[i], up[k], down[k], info[k] = self._stage_tick(
-                        self.split.stages[k], states[i], inbox[k], pending[k], x, y)
+                members = self.members[j]
+                shares = self._share([self.split.stages[k] for k in members], states,
+                                     [inbox[k] for k in members],
+                                     [pending[k] for k in members], x, y)
+                for i, (k, out) in enumerate(zip(members, shares)):
+                    new[i], up[k], down[k], info[k] = out
                 return pack(self.layouts[j], tuple(new), self.sizes), tuple(up), \
                     tuple(down), tuple(info)
             return run
@@ -265,22 +329,51 @@ class Pipeline:
         buffers, up, down, info = jax.lax.switch(
             jax.lax.axis_index(STAGE_AXIS), [branch(j) for j in range(len(self.members))],
             local.stages, local.inbox, local.pending)
-        inbox = [None] * K
-        pending = [None] * K
+        inbox, pending = self._exchange(up, down)
+        new = MeshState(buffers, pending, inbox)
+        return jax.tree.map(lambda a: a[None], new), merge_infos(_sum_over_stages(info))
+
+    def _exchange(self, up, down) -> tuple[tuple, tuple]:
+        """Move every message one interface: ``up[k]`` into stage *k + 1*'s inbox and
+        ``down[k]`` into stage *k − 1*'s pending target. Messages between stages on one
+        device stay there; the others are byte-packed per (source, destination) pair and
+        sent in as few ``ppermute`` rounds as a permutation allows (one each way for a
+        chain of devices, both ways at once for two)."""
+        K = len(self.group)
+        inbox: list = [None] * K
+        pending: list = [None] * K
+        routes: dict[tuple[int, int], list] = {}  # (src, dst) -> [(kind, k, message)]
         for k in range(K):
             if k + 1 < K:
-                inbox[k + 1] = self._route(up[k], self.group[k], self.group[k + 1])
+                src, dst = self.group[k], self.group[k + 1]
+                if src == dst:
+                    inbox[k + 1] = up[k]
+                else:
+                    routes.setdefault((src, dst), []).append(("up", k + 1, up[k]))
             if k > 0:
-                pending[k - 1] = self._route(down[k], self.group[k], self.group[k - 1])
-        new = MeshState(buffers, tuple(pending), tuple(inbox))
-        info = jax.tree.map(lambda a: jax.lax.psum(a, STAGE_AXIS), info)
-        return jax.tree.map(lambda a: a[None], new), merge_infos(info)
+                src, dst = self.group[k], self.group[k - 1]
+                if src == dst:
+                    pending[k - 1] = down[k]
+                else:
+                    routes.setdefault((src, dst), []).append(("down", k - 1, down[k]))
+        g = jax.lax.axis_index(STAGE_AXIS)
+        for pairs in _permutation_rounds(list(routes)):
+            payloads = {pair: _to_bytes([m for _, _, m in routes[pair]]) for pair in pairs}
+            size = max(p.shape[0] for p in payloads.values())
+            send = jnp.zeros((size,), jnp.uint8)
+            for (src, _), p in payloads.items():
+                padded = jnp.pad(p, (0, size - p.shape[0]))
+                send = jnp.where(g == src, padded, send)
+            received = jax.lax.ppermute(send, STAGE_AXIS, pairs)
+            for pair in pairs:
+                messages = _from_bytes(received, [m for _, _, m in routes[pair]])
+                for (kind, k, _), message in zip(routes[pair], messages):
+                    (inbox if kind == "up" else pending)[k] = message
+        return tuple(inbox), tuple(pending)
 
     def _all_stages(self, stages, inbox, pending, x, y):
         """Every stage's share of a tick, on one device (only for its output shapes)."""
-        out = [self._stage_tick(s, st, m, p, x, y) for s, st, m, p in
-               zip(self.split.stages, stages, inbox, pending)]
-        return tuple(zip(*out)) if out else ((), (), (), ())
+        return tuple(zip(*self._share(self.split.stages, stages, inbox, pending, x, y)))
 
     @staticmethod
     def _route(message, src: int, dst: int):

@@ -345,7 +345,7 @@ class PipeState(NamedTuple):
 
 
 def _pipelined_stage(stage: Stage, state: StageState, message: Message | None,
-                     pending: Target | None, x, y):
+                     pending: Target | None, x, y, *, filling: bool = True):
     """Stage *k*'s share of a pipelined tick: ``(state, up, down, info)``.
 
     It reads only what it owns and what reached it on the previous tick: its input
@@ -354,26 +354,46 @@ def _pipelined_stage(stage: Stage, state: StageState, message: Message | None,
     :class:`Message` for stage *k + 1* (``None`` at the top), ``down`` the target for
     stage *k − 1* (``None`` at the bottom). A stage whose input is not valid yet (the
     pipeline is filling) stays unchanged and sends invalid messages both ways; its
-    float info entries (the top stage's ``loss``) are NaN."""
+    float info entries (the top stage's ``loss``) are NaN. ``filling=False`` promises a
+    valid input (the pipeline is full) and skips those selects."""
     if message is None:
         new, h, down, info = stage.update(state, x, y, pending)
         return new, Message(h, y, jnp.ones((), bool)), down, info
-
-    def run(state, h, y, pending):
-        return stage.update(state, h, y, pending)
-
-    shapes = jax.eval_shape(run, state, message.h, message.y, pending)
-
-    def skip(state, h, y, pending):
-        _, out, down, info = shapes
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (out, down))
-        nan = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(
-            s.dtype, jnp.inexact) else 0, s.dtype), info)
-        return (state, *zeros, nan)
-
-    new, h, down, info = jax.lax.cond(message.valid, run, skip, state, message.h,
-                                      message.y, pending)
+    new, h, down, info = stage.update(state, message.h, message.y, pending)
+    if filling:
+        # Computed whatever the input, kept only where it was valid: a select, not a
+        # lax.cond, so that the stage still fuses with the rest of the tick.
+        valid = message.valid
+        new = jax.tree.map(lambda a, b: b if _is_key(b) else jnp.where(valid, a, b),
+                           new, state)
+        h = jnp.where(valid, h, jnp.zeros_like(h))
+        if down is not None:
+            down = jax.tree.map(lambda a: jnp.where(valid, a, jnp.zeros_like(a)), down)
+        info = jax.tree.map(lambda a: jnp.where(valid, a, jnp.full_like(a, jnp.nan) if (
+            jnp.issubdtype(a.dtype, jnp.inexact)) else jnp.zeros_like(a)), info)
     return new, Message(h, message.y, message.valid), down, info
+
+
+def _is_key(a) -> bool:
+    return jax.dtypes.issubdtype(jnp.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype,
+                                 jax.dtypes.prng_key)
+
+
+def pipelined_share(stages: Sequence[Stage], states, inbox, pending, x, y):
+    """The share of a pipelined tick of consecutive-or-not ``stages`` (those on one
+    device): per stage ``(state, up, down, info)`` (:func:`_pipelined_stage`). Once the
+    highest of them has a valid input every one has (the pipeline fills bottom-up), and
+    the tick runs without the filling selects: one ``lax.cond`` per tick, not per stage."""
+    def share(filling):
+        def run(states, inbox, pending):
+            return tuple(_pipelined_stage(s, st, m, p, x, y, filling=filling)
+                         for s, st, m, p in zip(stages, states, inbox, pending))
+        return run
+
+    last = inbox[-1]
+    if last is None:  # only stage 0: always valid
+        return share(False)(states, inbox, pending)
+    return jax.lax.cond(last.valid, share(False), share(True), states, inbox, pending)
 
 
 def _pipelined_tick(stages: Sequence[Stage], ps: PipeState, x, y):
@@ -381,8 +401,7 @@ def _pipelined_tick(stages: Sequence[Stage], ps: PipeState, x, y):
     share (:func:`_pipelined_stage`) reads only the previous tick's messages, then the
     messages move one interface (``up`` into the inbox above, ``down`` into the pending
     target below)."""
-    out = [_pipelined_stage(s, st, m, p, x, y) for s, st, m, p in
-           zip(stages, ps.train.stages, ps.inbox, ps.train.pending)]
+    out = pipelined_share(stages, ps.train.stages, ps.inbox, ps.train.pending, x, y)
     new, ups, downs, infos = zip(*out)
     inbox = (None, *ups[:-1])
     pending = (*downs[1:], None)
@@ -505,7 +524,7 @@ class Runner:
             self.split.check_batch(b.x, b.y)
             shapes = jax.eval_shape(lambda k: self._local_init(k, b.x, b.y), key)
             if self._mesh is None:
-                self._mesh = Pipeline(self.split, self.devices, _pipelined_stage, shapes)
+                self._mesh = Pipeline(self.split, self.devices, pipelined_share, shapes)
             keys = jax.random.split(key, len(self.split.stages))
             return self._mesh.init(keys, shapes)
         ts = _init(self.split, key, b, pending=self.schedule == "pipelined")
