@@ -41,6 +41,31 @@ def test_cells_and_claims():
     assert all(W.PRESETS[p].forced_cpu_devices for p in ("smoke", "quick"))
 
 
+def _result(cell_id, seconds):
+    from experiments.framework import CellResult
+
+    cell = next(c for c in W.EXPERIMENT.cells_for("quick") if c.id == cell_id)
+    return CellResult(cell, seconds, {"time_to_target_s": seconds}, {}, 0, 0.0, {})
+
+
+def test_speedups_are_backprop_time_over_each_cell():
+    results = [_result("bprop-1dev", 10.0), _result("cdni-k2-1dev", 12.5),
+               _result("cdni-k2-2dev", 4.0)]
+    assert W.speedups(results) == {"cdni-k2-1dev": 0.8, "cdni-k2-2dev": 2.5}
+    assert W.speedups(results[1:]) == {}  # no baseline, no ratio
+
+
+@pytest.mark.parametrize("k2,holds", [(9.0, True), (10.0, False), (11.0, False)])
+def test_claim_needs_a_strict_lead(k2, holds):
+    from experiments.framework import verdicts as V
+
+    found = {r.cell.id: r for r in (_result("bprop-1dev", 10.0), _result("cdni-k2-1dev",
+                                                                         20.0),
+                                    _result("cdni-k2-2dev", k2))}
+    claim = next(c for c in W.claims("quick") if c.id == "k2-devices-beat-bprop")
+    assert (V.check(claim, found).status == V.HOLDS) is holds
+
+
 def test_worker_env_forces_the_largest_stage_count(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --foo")
     env = W.worker_env(W.PRESETS["quick"])

@@ -400,8 +400,24 @@ def claims(preset: str) -> list[Claim]:
     return out
 
 
-CAUSES: dict[tuple[str, int], str] = {}
-"""Cause of a "differs", per ``(preset, K)``, as measured (filled from a report)."""
+CAUSES: dict[tuple[str, int], str] = {
+    ("quick", 2): (
+        "cores, not the method, as far as measured: the machine's 2 cores were busy with "
+        "other work (load average 5-7), and the 2-device worker got 1.06 CPU-seconds per "
+        "training second (cpu_s 42.0 / train_s 39.6), so the two forced devices had no "
+        "idle core to overlap on; the one SPMD program per tick (exchange, packed states) "
+        "ran at 0.78x the one-device pipelined Runner's speed (30.3 vs 38.6 steps/s). "
+        "Staleness cost nothing here: 2 stages reached 3 % in the same 400 steps as "
+        "backprop (reports/wallclock/wallclock.png, right)"),
+    ("quick", 4): (
+        "cores, as for 2 stages: 4 forced devices on 2 busy cores got 0.68 CPU-seconds per "
+        "training second (58.0 / 85.8: device threads waiting for each other every tick), "
+        "14.0 vs 24.5 steps/s on one device; 4 stages also needed 700 steps to 3 % "
+        "against backprop's 400 (staleness and three synthetic gradient models; "
+        "reports/wallclock/wallclock.png)"),
+}
+"""Cause of a "differs", per ``(preset, K)``, found at ``quick`` (one run; the numbers
+are that run's, its commit in ``reports/wallclock/provenance.json``)."""
 
 
 # --------------------------------------------------------------------------- figures
@@ -426,15 +442,16 @@ def speedups(results: Sequence[CellResult]) -> dict[str, float]:
 
 
 def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
-    """``wallclock``: test error against training seconds (compilation and evaluation
-    excluded) for every cell, the target marked, each decoupled cell's speed-up over
-    backprop in its legend entry; log error axis."""
+    """``wallclock``: test error against training seconds (compilation, warm-up and
+    evaluation excluded; each decoupled cell's speed-up over backprop in its legend
+    entry) and against steps (what staleness and the synthetic gradient models cost per
+    step, whatever the devices), the target marked; log error axes."""
     from matplotlib.figure import Figure
 
     from experiments.framework.reports import log_axis
 
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(11.0, 4.8), layout="constrained")
+    by_time, by_step = fig.subplots(1, 2)
     styles = {1: "-", 2: "--", 4: ":"}
     ratio = speedups(results)
     for r in results:
@@ -443,23 +460,34 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         if seconds is None or errors is None:
             continue
         p = r.cell.params
-        color = "0.3" if p["method"] == "bprop" else (
-            "tab:blue" if p["devices"] == 1 else "tab:green")
+        style = dict(color="0.3" if p["method"] == "bprop" else (
+            "tab:blue" if p["devices"] == 1 else "tab:green"), marker=".",
+            ls=styles.get(p["stages"], "-."))
         label = _label(r.cell) + (f": {to_target:.3g} s to target" if to_target else "")
         if r.cell.id in ratio:
             label += f" (backprop ÷ this = {ratio[r.cell.id]:.2f})"
-        ax.plot(seconds.value, errors.value, color=color, marker=".",
-                ls=styles.get(p["stages"], "-."), label=label)
-    ax.axhline(config.target, color="tab:red", lw=0.8, ls="--",
-               label=f"target {config.target:g} %")
-    log_axis(ax)
-    ax.set_xlabel("training seconds (compilation and evaluation excluded)")
-    ax.set_ylabel("test error (%, log scale)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="x-small")
-    where = "forced CPU devices" if config.forced_cpu_devices else "accelerator devices"
-    ax.set_title(f"MNIST FCN {config.depth} × {config.width}: time to "
-                 f"{config.target:g} % test error ({where})", fontsize="small")
+        by_time.plot(seconds.value, errors.value, label=label, **style)
+        steps = r.metrics.get("steps_to_target")
+        by_step.plot(errors.step, errors.value, **style, label=_label(r.cell) + (
+            f": {steps} steps to target" if steps else ""))
+    for ax, xlabel in ((by_time, "training seconds (compilation, warm-up and evaluation "
+                                 "excluded)"), (by_step, "step")):
+        ax.axhline(config.target, color="tab:red", lw=0.8, ls="--",
+                   label=f"target {config.target:g} %")
+        log_axis(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test error (%, log scale)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
+    by_time.set_title("against wall-clock time: what overlap buys", fontsize="small")
+    by_step.set_title("against steps: what staleness and synthetic gradients cost\n"
+                      "(1 or K devices: the same numbers, the curves coincide)",
+                      fontsize="small")
+    where = ("forced CPU devices sharing this machine's cores" if config.forced_cpu_devices
+             else "one accelerator device each")
+    fig.suptitle(f"MNIST FCN {config.depth} × {config.width}: time to {config.target:g} % "
+                 f"test error, decoupled stages ({where}) vs backprop on one device",
+                 fontsize="medium")
     return {"wallclock": fig}
 
 
