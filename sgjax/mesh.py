@@ -28,6 +28,7 @@ every device (and every process) holds all of it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -243,6 +244,7 @@ class Pipeline:
         self.sizes = {n: max(max(lay.sizes.get(n, 0) for lay in self.layouts), 1)
                       for n in names}
         self.step = jax.jit(self._step)
+        self.steady_step = jax.jit(functools.partial(self._step, steady=True))
         self.apply = jax.jit(self._apply)
 
     # -- state
@@ -295,14 +297,14 @@ class Pipeline:
 
     # -- the compiled tick
 
-    def _step(self, state: MeshState, x, y):
+    def _step(self, state: MeshState, x, y, steady: bool = False):
         spec = PartitionSpec(STAGE_AXIS)
-        body = shard_map(self._local_tick, self.mesh, in_specs=(spec, PartitionSpec(),
-                                                                PartitionSpec()),
+        body = shard_map(functools.partial(self._local_tick, steady=steady), self.mesh,
+                         in_specs=(spec, PartitionSpec(), PartitionSpec()),
                          out_specs=(spec, PartitionSpec()))
         return body(state, x, y)
 
-    def _local_tick(self, state: MeshState, x, y):
+    def _local_tick(self, state: MeshState, x, y, steady: bool = False):
         local = jax.tree.map(lambda a: a[0], state)
         out_shapes = jax.eval_shape(self._all_stages, self._shapes.train.stages,
                                     self._shapes.inbox, self._shapes.train.pending,
@@ -319,7 +321,7 @@ class Pipeline:
                 members = self.members[j]
                 shares = self._share([self.split.stages[k] for k in members], states,
                                      [inbox[k] for k in members],
-                                     [pending[k] for k in members], x, y)
+                                     [pending[k] for k in members], x, y, steady=steady)
                 for i, (k, out) in enumerate(zip(members, shares)):
                     new[i], up[k], down[k], info[k] = out
                 return pack(self.layouts[j], tuple(new), self.sizes), tuple(up), \

@@ -303,10 +303,17 @@ def fused(trainer: Any, *, batch_fn: Callable | None = None, donate: bool = Fals
     ``data`` stays device-resident and each batch is gathered inside the compiled
     program, e.g. ``batch_fn=lambda d, t: Batch(d.x[t.idx], d.y[t.idx], t.key)``
     scanned over ``(chunk, B)`` indices and ``chunk`` keys.
+
+    A trainer with ``steady_step`` and ``fill_ticks`` (:mod:`sgjax.trainer`; the
+    pipelined :class:`Runner`) runs the first ``fill_ticks`` steps of each chunk with
+    ``step`` and the rest with ``steady_step``: the same numbers, without the masking
+    that only the pipeline's first ticks need.
     """
     step = trainer.step if hasattr(trainer, "step") else trainer
     if not callable(step):
         raise TypeError(f"fused needs a trainer or a step function, got {trainer!r}")
+    steady = getattr(trainer, "steady_step", None)
+    fill = getattr(trainer, "fill_ticks", None)
 
     def run(state, batches, data=None):
         lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
@@ -317,10 +324,22 @@ def fused(trainer: Any, *, batch_fn: Callable | None = None, donate: bool = Fals
                 f"lengths {sorted(str(n) for n in lengths)}"
             )
 
-        def body(state, b_t):
-            return step(state, batch_fn(data, b_t) if batch_fn is not None else b_t)
+        def body(step):
+            def scanned(state, b_t):
+                return step(state, batch_fn(data, b_t) if batch_fn is not None else b_t)
+            return scanned
 
-        return jax.lax.scan(body, state, batches)
+        n = lengths.pop()
+        if steady is None or fill is None or fill >= n:
+            return jax.lax.scan(body(step), state, batches)
+        # From any state, the first fill_ticks steps make steady_step exact.
+        first, rest = (jax.tree.map(lambda a, s=s: a[s], batches)
+                       for s in (slice(None, fill), slice(fill, None)))
+        state, infos = jax.lax.scan(body(step), state, first) if fill else (state, None)
+        state, more = jax.lax.scan(body(steady), state, rest)
+        if infos is None:
+            return state, more
+        return state, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), infos, more)
 
     return jax.jit(run, donate_argnums=(0,) if donate else ())
 
@@ -379,11 +398,14 @@ def _is_key(a) -> bool:
                                  jax.dtypes.prng_key)
 
 
-def pipelined_share(stages: Sequence[Stage], states, inbox, pending, x, y):
-    """The share of a pipelined tick of consecutive-or-not ``stages`` (those on one
-    device): per stage ``(state, up, down, info)`` (:func:`_pipelined_stage`). Once the
-    highest of them has a valid input every one has (the pipeline fills bottom-up), and
-    the tick runs without the filling selects: one ``lax.cond`` per tick, not per stage."""
+def pipelined_share(stages: Sequence[Stage], states, inbox, pending, x, y, *,
+                    steady: bool = False):
+    """The share of a pipelined tick of ``stages`` (those on one device): per stage
+    ``(state, up, down, info)`` (:func:`_pipelined_stage`). Once the highest of them has a
+    valid input every one has (the pipeline fills bottom-up) and the tick runs without
+    the filling selects (one ``lax.cond`` per tick, not per stage). ``steady=True``
+    promises a full pipeline (every input valid: ``K − 1`` ticks have run) and leaves
+    out the cond and the selects."""
     def share(filling):
         def run(states, inbox, pending):
             return tuple(_pipelined_stage(s, st, m, p, x, y, filling=filling)
@@ -391,17 +413,18 @@ def pipelined_share(stages: Sequence[Stage], states, inbox, pending, x, y):
         return run
 
     last = inbox[-1]
-    if last is None:  # only stage 0: always valid
+    if steady or last is None:  # (stage 0 alone: its input, the batch, is always valid)
         return share(False)(states, inbox, pending)
     return jax.lax.cond(last.valid, share(False), share(True), states, inbox, pending)
 
 
-def _pipelined_tick(stages: Sequence[Stage], ps: PipeState, x, y):
+def _pipelined_tick(stages: Sequence[Stage], ps: PipeState, x, y, *, steady: bool = False):
     """One pipelined tick of every stage on one device (pure, jittable): each stage's
     share (:func:`_pipelined_stage`) reads only the previous tick's messages, then the
     messages move one interface (``up`` into the inbox above, ``down`` into the pending
-    target below)."""
-    out = pipelined_share(stages, ps.train.stages, ps.inbox, ps.train.pending, x, y)
+    target below). ``steady``: see :func:`pipelined_share`."""
+    out = pipelined_share(stages, ps.train.stages, ps.inbox, ps.train.pending, x, y,
+                          steady=steady)
     new, ups, downs, infos = zip(*out)
     inbox = (None, *ups[:-1])
     pending = (*downs[1:], None)
@@ -511,6 +534,9 @@ class Runner:
                 )
         if schedule == "pipelined":
             tick = jax.jit(lambda ps, x, y: _pipelined_tick(split.stages, ps, x, y))
+            self._steady = jax.jit(lambda ps, x, y: _pipelined_tick(split.stages, ps, x, y,
+                                                                     steady=True))
+            self.fill_ticks = K - 1
         else:
             tick = jax.jit(lambda ts, x, y: _sync_tick(split.stages, ts, x, y))
         self._tick = tick
@@ -556,6 +582,18 @@ class Runner:
                 raise TypeError("this Runner's state comes from its own init(key, batch)")
             return self._mesh.step(state, b.x, b.y)
         return self._tick(state, b.x, b.y)
+
+    def steady_step(self, state, batch):
+        """``step`` for a full pipeline (``fill_ticks = K − 1`` ticks have run since
+        ``init``): the same numbers without the masking of the stages that have no input
+        yet. :func:`fused` uses it after a chunk's first ``fill_ticks`` ticks."""
+        if self.schedule != "pipelined":
+            return self.step(state, batch)
+        b = as_batch(batch, "Runner steady_step")
+        check_batch(self.split, b.x, b.y)
+        if self._mesh is not None:
+            return self._mesh.steady_step(state, b.x, b.y)
+        return self._steady(state, b.x, b.y)
 
     def gather(self, state):
         """Every stage's state as one device's :class:`PipeState` / :class:`TrainState`

@@ -30,6 +30,12 @@ trainer                                       ``batch``
 :func:`sgjax.multirate.decoupled`
 ============================================  ====================================
 
+A trainer may also offer ``steady_step`` and ``fill_ticks``: a faster step that equals
+``step`` once ``fill_ticks`` steps have run from any state (the pipelined
+:class:`sgjax.Runner`: once its pipeline is full, no stage needs masking).
+:func:`sgjax.fused` then runs the first ``fill_ticks`` steps of every chunk with ``step``
+and the rest with ``steady_step``.
+
 A plain tuple ``(x, y)``/``(x, y, key)`` is accepted wherever a :class:`Batch` is.
 Feedback state is threaded through one path in every trainer: whatever a feedback's
 ``grad`` or ``fit`` returns as its new state is what the next call sees, so a wrapper such

@@ -383,3 +383,27 @@ def test_cdni_learns_and_no_bprop_does_not():
     # layer (only the last layer learns) 0.51-0.56.
     assert acc_cdni >= 0.9, acc_cdni
     assert acc_none <= acc_cdni - 0.3, (acc_cdni, acc_none)
+
+
+@pytest.mark.parametrize("chunks", [(7,), (2, 5), (1, 1, 1, 4)])
+def test_pipelined_runner_fused_in_any_chunks_equals_its_steps(chunks):
+    """``fused`` runs a chunk's first ``fill_ticks`` ticks with ``step`` and the rest with
+    ``steady_step`` (no filling masks): chunks that start while the pipeline fills, or
+    after, give the tick-by-tick numbers (NaN losses while filling included)."""
+    split = make(feedback=F.synthetic(P.linear(conditioned=True)))
+    runner = sgjax.Runner(split, schedule="pipelined")
+    assert runner.fill_ticks == len(split.stages) - 1 == 2
+    xs, ys = batches(sum(chunks))
+    state = runner.init(jax.random.key(0), (xs[0], ys[0]))
+    stepped, losses = state, []
+    for x, y in zip(xs, ys):
+        stepped, info = runner.step(stepped, (x, y))
+        losses.append(float(info["loss"]))
+    run, start, fused_losses = sgjax.fused(runner), 0, []
+    for n in chunks:
+        state, infos = run(state, sgjax.Batch(xs[start:start + n], ys[start:start + n]))
+        fused_losses.extend(np.asarray(infos["loss"]).tolist())
+        start += n
+    chex.assert_trees_all_close(state, stepped, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fused_losses, losses, rtol=1e-6)
+    assert np.isnan(losses[:2]).all() and np.isfinite(losses[2:]).all()
