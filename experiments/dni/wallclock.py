@@ -400,24 +400,19 @@ def claims(preset: str) -> list[Claim]:
     return out
 
 
-CAUSES: dict[tuple[str, int], str] = {
-    ("quick", 2): (
-        "cores, not the method, as far as measured: the machine's 2 cores were busy with "
-        "other work (load average 5-7), and the 2-device worker got 1.06 CPU-seconds per "
-        "training second (cpu_s 42.0 / train_s 39.6), so the two forced devices had no "
-        "idle core to overlap on; the one SPMD program per tick (exchange, packed states) "
-        "ran at 0.78x the one-device pipelined Runner's speed (30.3 vs 38.6 steps/s). "
-        "Staleness cost nothing here: 2 stages reached 3 % in the same 400 steps as "
-        "backprop (reports/wallclock/wallclock.png, right)"),
-    ("quick", 4): (
-        "cores, as for 2 stages: 4 forced devices on 2 busy cores got 0.68 CPU-seconds per "
-        "training second (58.0 / 85.8: device threads waiting for each other every tick), "
-        "14.0 vs 24.5 steps/s on one device; 4 stages also needed 700 steps to 3 % "
-        "against backprop's 400 (staleness and three synthetic gradient models; "
-        "reports/wallclock/wallclock.png)"),
-}
-"""Cause of a "differs", per ``(preset, K)``, found at ``quick`` (one run; the numbers
-are that run's, its commit in ``reports/wallclock/provenance.json``)."""
+_CPU_CAUSE = (
+    "cores, not the method, as far as measured: forced CPU devices are threads of one "
+    "process that share this machine's 2 cores (and XLA's CPU matrix products already use "
+    "both), so K devices can only overlap on idle cores; compare each cell's cpu_s with "
+    "its train_s (CPU-seconds per training second) and its steps_per_s with the "
+    "one-device control's. The steps each cell needed to reach the target (the figure's "
+    "right panel) separate what staleness and the synthetic gradient models cost from "
+    "what the placement costs. A machine with K idle cores or K accelerators is the test "
+    "(make bench's throughput model predicts it from per-stage times)")
+
+CAUSES: dict[tuple[str, int], str] = {("quick", 2): _CPU_CAUSE, ("quick", 4): _CPU_CAUSE}
+"""Cause of a "differs", per ``(preset, K)``, found at ``quick``; the numbers it points to
+are in ``reports/wallclock/``."""
 
 
 # --------------------------------------------------------------------------- figures
