@@ -73,9 +73,10 @@ test-slow:  ## only the slow tests
 lint:  ## ruff
 	$(PY) -m ruff check sgjax experiments tests benchmarks
 
-bench:  ## step-time benchmarks: DNI MNIST FCN shape, then recurrent DNI on the PTB shape
+bench:  ## step-time benchmarks: DNI MNIST FCN shape, recurrent DNI on the PTB shape, the Runner
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/recurrent_step_time.py
+	$(PY) benchmarks/runner_time.py
 
 test-notebooks:  ## execute every notebook at the smoke preset (minutes; not in make test)
 	$(PY) -m pytest -m notebooks tests/test_notebooks.py
