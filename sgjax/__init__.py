@@ -7,8 +7,10 @@ only through messages, run by the schedules of :mod:`sgjax.train`. Every trainer
 implements one contract (:mod:`sgjax.trainer`): ``init(key, batch)``,
 ``step(state, batch) -> (state, info)``, ``apply(state, x)``. On top of these:
 complete unlock with synthetic inputs (:mod:`sgjax.unlock`), recurrent DNI
-(:mod:`sgjax.recurrent`), networks at different rates (:mod:`sgjax.multirate`) and the
-stale-gradient optax transformation (:mod:`sgjax.optim`). See the README.
+(:mod:`sgjax.recurrent`), networks at different rates (:mod:`sgjax.multirate`), the
+stale-gradient optax transformation (:mod:`sgjax.optim`), and the pipelined Runner's
+engine on several devices (:mod:`sgjax.mesh`) or processes (:mod:`sgjax.launch`). See the
+README.
 """
 
 from sgjax import (
@@ -29,6 +31,7 @@ from sgjax.layers import Layer
 from sgjax.predictors import Predictor
 from sgjax.split import Split, Stage, StageState, split_at
 from sgjax.train import (
+    Message,
     NonFiniteError,
     Runner,
     Schedule,
@@ -44,7 +47,7 @@ __version__ = "0.3.0"
 
 __all__ = [
     "Batch", "Trainer", "trainer", "vmap_seeds",
-    "Feedback", "Layer", "NonFiniteError", "Predictor", "Runner", "Schedule", "Split", "Stage",
+    "Feedback", "Layer", "Message", "NonFiniteError", "Predictor", "Runner", "Schedule", "Split", "Stage",
     "StageState", "Target", "TrainState", "check_finite", "feedback", "fused", "layers",
     "losses", "metrics", "multirate", "optim", "predictors", "recurrent", "split_at",
     "stochastic", "sync", "train", "unlock",
