@@ -47,7 +47,8 @@ __version__ = "0.3.0"
 
 __all__ = [
     "Batch", "Trainer", "trainer", "vmap_seeds",
-    "Feedback", "Layer", "Message", "NonFiniteError", "Predictor", "Runner", "Schedule", "Split", "Stage",
+    "Feedback", "Layer", "Message", "NonFiniteError", "Predictor", "Runner", "Schedule",
+    "Split", "Stage",
     "StageState", "Target", "TrainState", "check_finite", "feedback", "fused", "layers",
     "losses", "metrics", "multirate", "optim", "predictors", "recurrent", "split_at",
     "stochastic", "sync", "train", "unlock",
