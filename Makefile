@@ -54,7 +54,8 @@ MIN_TESTS := tests/test_layers.py tests/test_losses_metrics.py tests/test_optim.
 	tests/test_predictors.py tests/test_feedback.py tests/test_split.py tests/test_train.py \
 	tests/test_semantics.py tests/test_recurrent.py tests/test_multirate.py \
 	tests/test_unlock.py tests/test_step_cost.py tests/test_bench_reference.py \
-	tests/test_multidevice.py tests/test_contract.py tests/test_models.py
+	tests/test_multidevice.py tests/test_contract.py tests/test_models.py \
+	tests/test_launch.py tests/test_multiprocess.py
 MIN_DESELECT := not experiment and not quick_is and not r_squared and not input_fit
 
 test-min:  ## the library tests at the lowest declared jax/flax/optax/numpy (own venv, .venv-min)
