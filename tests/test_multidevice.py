@@ -273,3 +273,40 @@ else:
         state = runner.init(jax.random.key(0), (xs[0], ys[0]))
         with pytest.raises(ValueError, match="cannot be traced"):
             sgjax.fused(runner)(state, sgjax.Batch(xs, ys))
+
+    def test_pipelined_stages_with_dropout_on_devices_equal_one_device():
+        """A stage with a stochastic layer keeps its PRNG key in its packed state (as raw
+        key data): on 3 devices the dropout masks, hence the numbers, are one device's."""
+        from flax import nnx
+
+        if not hasattr(nnx, "view"):
+            pytest.skip("flax.nnx modules need flax >= 0.12.4 (nnx.view)")
+
+        class Block(nnx.Module):
+            def __init__(self, din, dout, *, rngs):
+                self.linear = nnx.Linear(din, dout, rngs=rngs)
+                self.dropout = nnx.Dropout(0.25, rngs=rngs)
+
+            def __call__(self, x):
+                return self.dropout(nnx.relu(self.linear(x)))
+
+        rngs = nnx.Rngs(0)
+        layers = [L.from_flax(Block(D, W, rngs=rngs)), L.from_flax(Block(W, W, rngs=rngs)),
+                  L.from_flax(nnx.Linear(W, C, rngs=rngs))]
+        split = sgjax.split_at(layers, "every", feedback=F.synthetic(P.linear()),
+                               loss=losses.softmax_cross_entropy, optimizer=optax.adam(1e-2),
+                               input_shape=(D,), batch_size=B, num_classes=C)
+        xs, ys = batches(6, seed=5)
+        results = []
+        for devices in (None, jax.devices()[:3]):
+            runner = sgjax.Runner(split, schedule="pipelined", devices=devices)
+            state = runner.init(jax.random.key(2), (xs[0], ys[0]))
+            state, info = sgjax.fused(runner)(state, sgjax.Batch(xs, ys))
+            results.append((runner.gather(state), np.asarray(info["loss"])))
+        (one, loss_one), (three, loss_three) = results
+        assert jax.dtypes.issubdtype(one.train.stages[0].rng.dtype, jax.dtypes.prng_key)
+        np.testing.assert_array_equal(jax.random.key_data(three.train.stages[0].rng),
+                                      jax.random.key_data(one.train.stages[0].rng))
+        strip = lambda s: [st._replace(rng=()) for st in s.train.stages]  # noqa: E731
+        chex.assert_trees_all_close(strip(three), strip(one), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(loss_three, loss_one, rtol=1e-6)
