@@ -240,8 +240,9 @@ else:
             infos.append(info)
         return runner.gather(state), jax.device_get(infos)
 
-    @pytest.mark.parametrize("placement", PLACEMENTS)
-    @pytest.mark.parametrize("kind", PIPELINED)
+    @pytest.mark.parametrize("kind, placement", [
+        ("dni", "3 devices"), ("cdni", "1 device"), ("cdni", "3 devices"),
+        ("cdni-mixed", "4 devices")])
     def test_pipelined_on_devices_equals_one_device_and_fuses(kind, placement):
         """Stepped tick by tick and fused into one program (sgjax.fused), the pipelined
         Runner on several devices gives the one-device numbers; inference too."""
