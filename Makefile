@@ -21,7 +21,7 @@ DEVICE_PY := $(if $(wildcard $(PY)),$(PY),python3)
 DEVICE_PRESET := $(if $(filter command line environment,$(origin PRESET)),$(PRESET),paper)
 DATA_SRC ?= $(or $(SGJAX_DATA_DIR),../shared/data)
 
-.PHONY: install test test-min test-slow test-notebooks lint bench notebooks reproduce-all \
+.PHONY: install test test-min test-slow test-distributed test-notebooks lint bench notebooks reproduce-all \
 	reports list help \
 	device-paper device-import device-data
 
@@ -67,6 +67,10 @@ test-min:  ## the library tests at the lowest declared jax/flax/optax/numpy (own
 	'flax', flax.__version__, 'optax', optax.__version__, 'numpy', numpy.__version__)"
 	$(MIN_PY) -m pytest -x -q -m 'not slow' -p no:cacheprovider -p no:xdist \
 	-k '$(MIN_DESELECT)' $(MIN_TESTS)
+
+test-distributed:  ## stages on several devices and processes: forced-device and multi-process runs (~3 min)
+	$(PY) -m pytest -n $(TEST_JOBS) -m 'distributed and not slow' tests/test_multidevice.py \
+	tests/test_launch.py tests/test_multiprocess.py
 
 test-slow:  ## only the slow tests
 	$(PY) -m pytest -m slow

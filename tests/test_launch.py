@@ -20,6 +20,8 @@ import pytest
 
 from sgjax import launch
 
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # One script for every test: argv[1] says how it behaves.

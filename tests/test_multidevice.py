@@ -19,6 +19,9 @@ N_DEVICES = 4
 FLAG = "SGJAX_TEST_MULTIDEVICE"
 
 if os.environ.get(FLAG) != "1":
+    import pytest
+
+    pytestmark = pytest.mark.distributed
 
     def test_multidevice_in_subprocess():
         env = dict(os.environ)

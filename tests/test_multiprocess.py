@@ -18,6 +18,8 @@ import chex
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "pipeline_processes.py"
 TIMEOUT = 240
