@@ -68,7 +68,7 @@ test-min:  ## the library tests at the lowest declared jax/flax/optax/numpy (own
 	$(MIN_PY) -m pytest -x -q -m 'not slow' -p no:cacheprovider -p no:xdist \
 	-k '$(MIN_DESELECT)' $(MIN_TESTS)
 
-test-distributed:  ## stages on several devices and processes: forced-device and multi-process runs (~3 min)
+test-distributed:  ## stages on several devices and processes: forced-device and multi-process runs (~2 min)
 	$(PY) -m pytest -n $(TEST_JOBS) -m 'distributed and not slow' tests/test_multidevice.py \
 	tests/test_launch.py tests/test_multiprocess.py
 
