@@ -281,22 +281,20 @@ else:
     def test_pipelined_stages_with_dropout_on_devices_equal_one_device():
         """A stage with a stochastic layer keeps its PRNG key in its packed state (as raw
         key data): on 3 devices the dropout masks, hence the numbers, are one device's."""
-        from flax import nnx
+        from flax import linen as nn
 
-        if not hasattr(nnx, "view"):
-            pytest.skip("flax.nnx modules need flax >= 0.12.4 (nnx.view)")
+        class Block(nn.Module):
+            features: int
 
-        class Block(nnx.Module):
-            def __init__(self, din, dout, *, rngs):
-                self.linear = nnx.Linear(din, dout, rngs=rngs)
-                self.dropout = nnx.Dropout(0.25, rngs=rngs)
+            @nn.compact
+            def __call__(self, x, train=True):
+                return nn.Dropout(0.25, deterministic=not train)(
+                    nn.relu(nn.Dense(self.features)(x)))
 
-            def __call__(self, x):
-                return self.dropout(nnx.relu(self.linear(x)))
+        def call(m, x, train):
+            return m(x, train=train)
 
-        rngs = nnx.Rngs(0)
-        layers = [L.from_flax(Block(D, W, rngs=rngs)), L.from_flax(Block(W, W, rngs=rngs)),
-                  L.from_flax(nnx.Linear(W, C, rngs=rngs))]
+        layers = [L.from_flax(Block(W), call), L.from_flax(Block(W), call), L.dense(C)]
         split = sgjax.split_at(layers, "every", feedback=F.synthetic(P.linear()),
                                loss=losses.softmax_cross_entropy, optimizer=optax.adam(1e-2),
                                input_shape=(D,), batch_size=B, num_classes=C)
