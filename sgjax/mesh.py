@@ -249,10 +249,9 @@ class Pipeline:
 
     # -- state
 
-    def init(self, keys, batch_shapes) -> MeshState:
+    def init(self, keys) -> MeshState:
         """Each process initialises only the groups on its own devices, from the same
         per-stage keys as ``Split.init`` (``keys[k]`` for stage *k*)."""
-        del batch_shapes
         local = set(jax.local_devices())
         G = len(self.members)
         rows: dict[str, list] = {n: [] for n in self.sizes}

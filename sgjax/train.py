@@ -394,8 +394,7 @@ def _pipelined_stage(stage: Stage, state: StageState, message: Message | None,
 
 
 def _is_key(a) -> bool:
-    return jax.dtypes.issubdtype(jnp.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype,
-                                 jax.dtypes.prng_key)
+    return jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
 
 
 def pipelined_share(stages: Sequence[Stage], states, inbox, pending, x, y, *,
@@ -552,7 +551,7 @@ class Runner:
             if self._mesh is None:
                 self._mesh = Pipeline(self.split, self.devices, pipelined_share, shapes)
             keys = jax.random.split(key, len(self.split.stages))
-            return self._mesh.init(keys, shapes)
+            return self._mesh.init(keys)
         ts = _init(self.split, key, b, pending=self.schedule == "pipelined")
         stages = tuple(jax.device_put(s, d) for s, d in zip(ts.stages, self.devices))
         pending = tuple(jax.device_put(p, d) for p, d in zip(ts.pending, self.devices))
