@@ -37,7 +37,7 @@ install:  ## create .venv and install sgjax (editable) with the experiments and 
 # cores busy (the default suite: 7.4 min in one process, 5.3 min in two, same machine).
 TEST_JOBS ?= 2
 
-test:  ## the default test suite (a few minutes; slow tests and notebook runs excluded)
+test:  ## the default test suite (~4 min on 2 cores; slow, notebook, distributed and reproduce tests excluded)
 	$(PY) -m pytest -n $(TEST_JOBS)
 
 # The declared floors (pyproject's dependencies), pinned exactly, with the test tools of their
@@ -71,6 +71,9 @@ test-min:  ## the library tests at the lowest declared jax/flax/optax/numpy (own
 test-distributed:  ## stages on several devices and processes: forced-device and multi-process runs (~2 min)
 	$(PY) -m pytest -n $(TEST_JOBS) -m 'distributed and not slow' tests/test_multidevice.py \
 	tests/test_launch.py tests/test_multiprocess.py
+
+test-reproduce:  ## experiments end to end through the CLI at the smoke preset (~1 min)
+	$(PY) -m pytest -n $(TEST_JOBS) -m 'reproduce and not slow'
 
 test-slow:  ## only the slow tests
 	$(PY) -m pytest -m slow

@@ -39,6 +39,7 @@ SMOKE = [
 ]
 
 
+@pytest.mark.reproduce
 @pytest.mark.parametrize("name,only,figs,keys", SMOKE)
 def test_smoke_run(tmp_path, name, only, figs, keys):
     assert main(["run", name, "--preset", "smoke", "--out", str(tmp_path),

@@ -186,6 +186,7 @@ def test_cells_train_on_the_ordinary_batch_mean_loss(monkeypatch):
 SOME = ["mnist-fcn3-*", "mnist-cnn3-dni", "cifar10-fcn3-cdni", "cifar10-cnn3-nobprop"]
 
 
+@pytest.mark.reproduce
 def test_smoke_cells_end_to_end(tmp_path, capsys):
     start = time.monotonic()
     assert main(["run", "table1", "--preset", "smoke", "--out", str(tmp_path),
@@ -230,6 +231,7 @@ def test_smoke_preset_all_cells(tmp_path):
     assert len(rows) == 52 and all(r["status"] == "done" for r in rows)
 
 
+@pytest.mark.reproduce
 def test_paper_preset_cell_resumes_after_a_kill_with_identical_numbers(tmp_path, monkeypatch,
                                                                        capsys):
     """``--preset paper`` at a tiny scale: interrupt a DNI cell right after its step-4

@@ -172,6 +172,7 @@ def test_table2_figures_show_the_default_reading_and_readings_png_compares():
     assert "readings" not in T2.figures([consumed], T2.QUICK)
 
 
+@pytest.mark.reproduce
 @pytest.mark.usefixtures("monkeypatch")
 def test_smoke_cells_end_to_end(tmp_path):
     pytest.importorskip("matplotlib")

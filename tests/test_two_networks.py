@@ -55,6 +55,7 @@ def test_verdicts(dni_a, dni_b, none_b, expected):
     assert tn.verdicts([e2e]) == {"speed": None, "dni_matches": None, "none_poor": None}
 
 
+@pytest.mark.reproduce
 def test_smoke_run(tmp_path):
     assert main(["run", "two-networks", "--preset", "smoke", "--out", str(tmp_path)]) == 0
     out = tmp_path / "two-networks" / "smoke"

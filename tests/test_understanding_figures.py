@@ -198,6 +198,7 @@ def _check_run(module, tmp_path, only):
     return summary
 
 
+@pytest.mark.reproduce
 @pytest.mark.parametrize("module", [fig2, fig4, fig5], ids=lambda m: m.__name__[-4:])
 def test_smoke_subset(module, tmp_path):
     summary = _check_run(module, tmp_path, SMOKE_SUBSETS[module])
@@ -212,6 +213,7 @@ def test_smoke_subset(module, tmp_path):
         assert len(summary.results[0].metrics["normalised"]) == nets.SMOKE.depth
 
 
+@pytest.mark.reproduce
 def test_smoke_fig3_then_fig8_reuses_the_nets(tmp_path):
     s3 = _check_run(fig3, tmp_path, SMOKE_SUBSETS[fig3])
     r3 = s3.results[0]
