@@ -67,7 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         default=framework.DEFAULT_OUT,
         help="results root (default: ./results); writes OUT/NAME/PRESET/",
     )
-    run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="random seed (default 0); another seed N writes a repeat under "
+                          "OUT/NAME/PRESET/seeds/N/, and tables, verdicts and reports then "
+                          "give each cell's mean over its seeds")
     run.add_argument(
         "--only",
         nargs="+",

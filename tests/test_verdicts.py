@@ -119,8 +119,13 @@ def test_table_md_has_a_verdict_column_and_a_claims_section():
     assert "| A | x | 1 | 2 | +1 | differs (a-near); holds (a-beats-b) |" in table
     assert "| C | x | — | missing (not run) | — |  |" in table
     assert "## Claims" in table
-    assert f"| a-near | {WORDS} | 1 ± 0.5 | 2 | **differs** | budget: x |" in table
-    assert "| a-beats-b | " in table and "| a < b | 2 vs 2.5 | **holds** | — |" in table
+    # both verdicts are decided by under one point from one seed: said next to them
+    assert (f"| a-near | {WORDS} | 1 ± 0.5 | 2 | **differs**, margin -0.50 points from 1 "
+            "seed: needs 3 seeds | budget: x |") in table
+    assert "| a-beats-b | " in table and ("| a < b | 2 vs 2.5 | **holds**, margin +0.50 "
+                                          "points from 1 seed: needs 3 seeds | — |") in table
+    far = R.render_table(exp, "quick", found(a=5.0, b=7.5))
+    assert f"| a-near | {WORDS} | 1 ± 0.5 | 5 | **differs** | budget: x |" in far
     plain = R.render_table(experiment(), "quick", found(a=2.0))
     assert "| row | column | paper | ours | diff |\n" in plain and "Claims" not in plain
 
@@ -267,3 +272,55 @@ def test_keys_index_into_lists_and_less_compares_two_numbers_of_one_cell():
 def test_bad_comparisons_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Claim.less("z", WORDS, **kwargs)
+
+
+def test_other_seeds_are_repeats_averaged_into_one_verdict(tmp_path, monkeypatch):
+    """``--seed N`` writes under ``seeds/N/`` (seed 0's record stays); tables, verdicts, the
+    CSV and the published report give the mean over the seeds with their range, and a
+    verdict decided by under one point stops asking for seeds once it has three."""
+    from experiments import framework
+    from experiments.framework import store
+
+    def run_cell(cell, config, ctx):
+        return {"metric": {"a": 1.7, "b": 5.0}[cell.id] + 0.2 * ctx.seed,
+                "score": float(ctx.seed)}
+
+    exp = Experiment(name="vseeds", paper="DNI (Jaderberg et al. 2016)", title="seeds toy",
+                     metric="error (%)", cells=CELLS[:2],
+                     presets={"smoke": {}, "quick": {}, "paper": {}},
+                     run_cell=run_cell, claims=[Claim.near("a-near", WORDS, "a", 1.0, 0.5),
+                                                Claim.near("b-near", WORDS, "b", 1.0, 0.5)])
+    monkeypatch.setattr(R, "_save_figures", lambda *a, **k: [])
+    out = tmp_path / "results"
+    framework.run_experiment(exp, "quick", out=out, echo=False)
+    one = V.check_all(exp, "quick", store.load_results(exp, "quick", out / "vseeds" / "quick"))
+    assert one[0].needs_seeds and "margin -0.20 points from 1 seed" in one[0].note
+    assert not one[1].needs_seeds  # 3.5 points off: one seed settles it
+    for seed in (1, 2):
+        framework.run_experiment(exp, "quick", out=out, seed=seed, echo=False)
+    base = out / "vseeds" / "quick"
+    assert json.loads((base / "cells" / "a.json").read_text())["seed"] == 0
+    assert json.loads((base / "seeds" / "2" / "cells" / "a.json").read_text())["seed"] == 2
+    found = store.load_results(exp, "quick", base)
+    a = found["a"]
+    assert a.metric == pytest.approx(1.9) and a.metrics["score"] == pytest.approx(1.0)
+    assert V.describe_value(a, None) == "1.9 (3 seeds, 1.7–2.1)"
+    v = V.check_all(exp, "quick", found)[0]
+    assert v.status == "differs" and v.seeds == 3 and not v.needs_seeds and v.note == ""
+    dest = R.publish_report(exp, out, reports_root=tmp_path / "reports")
+    record = json.loads((dest / "cells" / "a.json").read_text())
+    assert [r["seed"] for r in record["other_seeds"]] == [1, 2]
+    table = (dest / "table.md").read_text()
+    assert "| A | x | 1 | 1.9 (3 seeds, 1.7–2.1) | +0.9 | differs (a-near) |" in table
+    assert "seeds: 0, 1, 2" in table
+    again = R.load_report(exp, "quick", dest)["a"]
+    assert again.metric == pytest.approx(1.9)
+    rows = {row["cell"]: row for row in csv.DictReader((dest / "results.csv").open())}
+    assert rows["a"]["seed"] == "0 1 2" and float(rows["a"]["ours"]) == pytest.approx(1.9)
+    # a repeat that ran another config is not a repeat of seed 0's cell
+    stale = json.loads((base / "seeds" / "1" / "cells" / "a.json").read_text())
+    (base / "seeds" / "1" / "cells" / "a.json").write_text(
+        json.dumps({**stale, "config": {"changed": 1}}))
+    a = store.load_results(exp, "quick", base)["a"]
+    assert [r["seed"] for r in a.record["other_seeds"]] == [2]
+    assert V.describe_value(a, None) == "1.9 (2 seeds, 1.7–2.1)"

@@ -23,7 +23,7 @@ from experiments.framework.declare import (
     Experiment,
     reproduce_command,
 )
-from experiments.framework.store import REPO_ROOT, load_results
+from experiments.framework.store import REPO_ROOT, load_results, seed_records
 
 REPORTS_DIR = REPO_ROOT / "reports"
 """The committed reference reports: ``reports/<name>/`` holds the latest ``quick`` run's
@@ -75,18 +75,20 @@ def provenance(results: Sequence[CellResult]) -> dict[str, Any]:
     """Where the numbers come from, summarised over the cells' records: commits, dates,
     machines (CPU and cores, devices), commands and total wall time."""
 
+    runs = [run for r in results for run in seed_records(r.record)]  # every seed's record
+
     def distinct(key):
-        return sorted({str(r.record.get(key)) for r in results if r.record.get(key) is not None})
+        return sorted({str(run.get(key)) for run in runs if run.get(key) is not None})
 
     def commit(record):
         version = record.get("code_version") or {}
         sha = version.get("commit") or "unknown commit"
         return sha + (" with uncommitted changes" if version.get("dirty") else "")
 
-    commits = sorted({commit(r.record) for r in results})
+    commits = sorted({commit(run) for run in runs})
     machines = sorted({
-        f"{r.record.get('cpu', '?')}, {r.record.get('cpu_cores', '?')} cores "
-        f"({r.record.get('device', '?')})" for r in results
+        f"{run.get('cpu', '?')}, {run.get('cpu_cores', '?')} cores "
+        f"({run.get('device', '?')})" for run in runs
     })
     stamps = distinct("timestamp")
     return {
@@ -94,9 +96,9 @@ def provenance(results: Sequence[CellResult]) -> dict[str, Any]:
         "dates": [stamps[0], stamps[-1]] if stamps else [],
         "machines": machines,
         "commands": distinct("command"),
-        "seeds": sorted({r.seed for r in results}),
+        "seeds": sorted({int(run.get("seed", 0)) for run in runs}),
         "cells_done": len(results),
-        "wall_time_s": sum(r.wall_time_s for r in results),
+        "wall_time_s": sum(float(run.get("wall_time_s", 0.0) or 0.0) for run in runs),
     }
 
 
@@ -110,8 +112,15 @@ def _cause(v: V.Verdict) -> str:
     return "—" if v.status == V.HOLDS or not v.claim.cause else _md(v.claim.cause)
 
 
+def _verdict_text(v: V.Verdict) -> str:
+    """``**holds**``, or ``**holds**, margin +0.23 points from 1 seed: needs 3 seeds``."""
+    return f"**{v.text}**" + (f", {v.note}" if v.note else "")
+
+
 def _ours(r: CellResult, exp: Experiment) -> str:
-    return V.describe_value(r, None, exp.metric_curve) if V.is_partial(r) else fmt(r.metric)
+    if V.is_partial(r) or V.n_seeds(r) > 1:
+        return V.describe_value(r, None, exp.metric_curve)
+    return fmt(r.metric)
 
 
 def _diff(r: CellResult, cell: Cell, exp: Experiment) -> float | None:
@@ -196,12 +205,13 @@ def render_table(exp: Experiment, preset: str, found: Mapping[str, CellResult | 
             c = v.claim
             ours = v.ours + (f" ({c.key})" if isinstance(c.key, str) else "")
             lines.append(f"| {c.id} | {_md(c.words)} | {_md(c.paper_text)} | "
-                         f"{_md(ours)} | **{v.text}** | {_cause(v)} |")
+                         f"{_md(ours)} | {_verdict_text(v)} | {_cause(v)} |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, exp: Experiment, preset: str, found: Mapping) -> None:
-    """results.csv: one row per cell of ``preset`` (unrun ones with their status)."""
+    """results.csv: one row per cell of ``preset`` (unrun ones with their status; ``ours``
+    is the mean over a cell's seeds, ``seed`` lists them)."""
     results = [r for r in found.values() if isinstance(r, CellResult)]
     extra = sorted({
         k for r in results for k, v in r.metrics.items()
@@ -221,7 +231,10 @@ def write_csv(path: Path, exp: Experiment, preset: str, found: Mapping) -> None:
                 diff = _diff(r, cell, exp)
                 w.writerow(base + ["partial" if V.is_partial(r) else "done", cell.paper,
                                    V.value_of(r, None, exp.metric_curve),
-                                   "" if diff is None else diff, r.seed, r.wall_time_s]
+                                   "" if diff is None else diff,
+                                   " ".join(str(run.get("seed", 0))
+                                            for run in seed_records(r.record)),
+                                   r.wall_time_s]
                            + [r.record.get(k, "") for k in flags]
                            + [r.metrics.get(k, "") for k in extra])
             else:
@@ -537,7 +550,8 @@ def load_report(exp: Experiment, preset: str, directory: str | os.PathLike
             found[cell.id] = row.get("status") or "missing (not run)"
         else:
             metric = _number(row.get("ours", ""))
-            record = {"metric": metric, "seed": _number(row.get("seed", "")) or 0,
+            seed = (row.get("seed") or "0").split()[0]  # "0 1 2": the cell's seeds
+            record = {"metric": metric, "seed": _number(seed) or 0,
                       "wall_time_s": _number(row.get("wall_time_s", "")) or 0.0,
                       "metrics": {k: _number(v) for k, v in row.items()
                                   if k not in CSV_BASE and k is not None},
@@ -674,7 +688,7 @@ def claim_rows(exp: Experiment, reports_root: str | os.PathLike | None = None
         (vq, quick), (vp, paper) = at(REPORT_PRESET), at("paper")
         best = next(((v, p) for v, p in ((vp, "paper"), (vq, REPORT_PRESET))
                      if v is not None and v.status != V.NOT_RUN), None)
-        verdict = f"**{best[0].text}** ({best[1]})" if best else V.NOT_RUN
+        verdict = f"{_verdict_text(best[0])} ({best[1]})" if best else V.NOT_RUN
         cause = _cause(best[0]) if best else "—"
         rows.append(f"| {_source(exp)} | {name} | {cid}: {_md(_short(claim.words))} | "
                     f"{_md(claim.paper_text)} | {_md(quick)} | {_md(paper)} | "

@@ -73,6 +73,7 @@ from experiments.framework.store import (
     is_partial,
     load_matching,
     load_record,
+    run_dir,
 )
 
 DEFAULT_OUT = "results"
@@ -303,7 +304,7 @@ def run_cells(
     limits = Deadlines.after(check_time_limit(time_limit_min))
     config = exp.presets[preset]
     out_root = check_out_dir(out)
-    out_dir = out_root / exp.name / preset
+    out_dir = run_dir(out_root, exp.name, preset, seed)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if echo else (lambda msg: None)
     times, plan = estimate(exp, preset, cells)
@@ -349,7 +350,7 @@ def run_one_cell(exp: Experiment, preset: str, cell: Cell, *, out: str | os.Path
     ``"ran"``, ``"skipped"`` (finished earlier), ``"partial"`` (stopped at the time limit)
     or ``"not_run"`` (stopped before its first evaluation). What a worker process of
     :func:`run_cells` does."""
-    out_dir = check_out_dir(out) / exp.name / preset
+    out_dir = run_dir(check_out_dir(out), exp.name, preset, seed)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if echo else (lambda msg: None)
     return _run_or_skip(exp, preset, cell, exp.presets[preset], seed, out_dir, fresh,
                         check_interval(checkpoint_interval_s), log,

@@ -87,6 +87,19 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
+SEEDS_DIR = "seeds"
+"""A run with ``--seed N`` (N ≠ 0) writes under ``<out>/<name>/<preset>/seeds/<N>/``, so
+that it never replaces seed 0's records; :func:`load_results` reads those repeats with
+seed 0's cells."""
+
+
+def run_dir(out_root: str | os.PathLike, name: str, preset: str, seed: int = 0) -> Path:
+    """Where a run of ``name`` at ``preset`` with ``seed`` writes: ``<out>/<name>/<preset>/``
+    for seed 0, ``<out>/<name>/<preset>/seeds/<seed>/`` for a repeat with another seed."""
+    base = Path(out_root) / name / preset
+    return base if seed == 0 else base / SEEDS_DIR / str(int(seed))
+
+
 def load_record(path: Path) -> dict[str, Any] | None:
     """A cell's JSON, or ``None`` if it is missing or unreadable."""
     try:
@@ -118,16 +131,44 @@ def load_matching(out_dir: Path, cell: Cell, identity: Mapping) -> CellResult | 
     return to_result(cell, record)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def seed_records(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The runs a record holds: itself (its own seed) and the finished repeats with other
+    seeds it carries under ``"other_seeds"`` (see :func:`load_results`)."""
+    return [record, *record.get("other_seeds", ())]
+
+
+def _mean_over_seeds(runs: list[Mapping[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """The main metric and every scalar numeric metric averaged over ``runs`` (where every
+    run has a number for it); other metrics are the first run's."""
+    metrics = dict(runs[0].get("metrics", {}))
+    for k in list(metrics):
+        values = [r.get("metrics", {}).get(k) for r in runs]
+        if all(_is_number(x) for x in values):
+            metrics[k] = float(np.mean(values))
+    metric = [r.get("metric") for r in runs]
+    return (float(np.mean(metric)) if all(_is_number(x) for x in metric)
+            else runs[0].get("metric")), metrics
+
+
 def to_result(cell: Cell, record: Mapping[str, Any]) -> CellResult:
-    """A record as a :class:`CellResult` (``metric`` is ``None`` for a partial record)."""
+    """A record as a :class:`CellResult` (``metric`` is ``None`` for a partial record). A
+    record carrying repeats with other seeds (``"other_seeds"``) gives the mean over its
+    seeds: the main metric and each scalar numeric metric; curves are its own seed's."""
     curves = {
         k: Curve(np.asarray(v["step"]), np.asarray(v["value"]))
         for k, v in record.get("curves", {}).items()
     }
+    metric, metrics = record.get("metric"), record.get("metrics", {})
+    if record.get("other_seeds") and not is_partial(record):
+        metric, metrics = _mean_over_seeds(seed_records(record))
     return CellResult(
         cell=cell,
-        metric=record.get("metric"),
-        metrics=record.get("metrics", {}),
+        metric=metric,
+        metrics=metrics,
         curves=curves,
         seed=record["seed"],
         wall_time_s=record.get("wall_time_s", 0.0),
@@ -135,12 +176,28 @@ def to_result(cell: Cell, record: Mapping[str, Any]) -> CellResult:
     )
 
 
+def _repeats(out_dir: Path, cell: Cell, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The finished records of ``cell`` under ``out_dir/seeds/*/`` that ran with the same
+    params and config as ``record`` and another seed, in seed order."""
+    found = []
+    for path in sorted((out_dir / SEEDS_DIR).glob(f"*/cells/{cell.id}.json")):
+        other = load_record(path)
+        if (other is not None and not is_partial(other)
+                and other.get("seed") != record.get("seed")
+                and all(other.get(k) == record.get(k) for k in ("params", "config"))):
+            found.append(other)
+    return sorted(found, key=lambda r: r.get("seed", 0))
+
+
 def load_results(exp: Experiment, preset: str, out_dir: Path, *, partial: bool = False
                  ) -> dict[str, CellResult | str]:
     """Each cell's result, or why it has none: ``"missing (not run)"``, stale config, or
-    ``"partial (stopped at step N)"``. With ``partial=True`` a partial record matching the
-    config comes back as a :class:`CellResult` too (check :func:`is_partial`; its
-    ``metric`` is ``None``, its curves are those logged so far)."""
+    ``"partial (stopped at step N)"``. A finished cell's repeats with other seeds
+    (``out_dir/seeds/<N>/cells/``, same params and config) come with it: the record gets
+    them under ``"other_seeds"`` and the result is their mean (:func:`to_result`). With
+    ``partial=True`` a partial record matching the config comes back as a
+    :class:`CellResult` too (check :func:`is_partial`; its ``metric`` is ``None``, its
+    curves are those logged so far)."""
     config = canonical(exp.presets[preset])
     found: dict[str, CellResult | str] = {}
     for cell in exp.cells_for(preset):
@@ -152,5 +209,8 @@ def load_results(exp: Experiment, preset: str, out_dir: Path, *, partial: bool =
         elif is_partial(record) and not partial:
             found[cell.id] = partial_status(record)
         else:
+            repeats = [] if is_partial(record) else _repeats(Path(out_dir), cell, record)
+            if repeats:
+                record = {**record, "other_seeds": repeats}
             found[cell.id] = to_result(cell, record)
     return found

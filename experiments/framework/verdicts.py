@@ -20,9 +20,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from experiments.framework.declare import CellResult, Claim, Experiment
+from experiments.framework.store import seed_records
 
 HOLDS, DIFFERS, PARTIAL, NOT_RUN = "holds", "differs", "partial", "not run"
 STATUSES = (HOLDS, DIFFERS, PARTIAL, NOT_RUN)
+CLOSE_MARGIN = 1.0
+"""A verdict on a number in percentage points decided by less than this many points…"""
+SEEDS_WHEN_CLOSE = 3
+"""…needs this many seeds per cell (mean and spread) before it counts as settled."""
 
 
 def is_partial(result: CellResult) -> bool:
@@ -92,9 +97,21 @@ def value_of(result: CellResult, key: str | None,
     return value
 
 
+def seed_values(result: CellResult, key: str | None) -> list[float | None]:
+    """The number a claim reads (``key``, or the main metric) in each of the result's seeds
+    (one entry for a single-seed result)."""
+    return [_number(r.get("metric") if key is None else lookup(r.get("metrics", {}), key))
+            for r in seed_records(result.record)]
+
+
+def n_seeds(result: CellResult) -> int:
+    return len(seed_records(result.record))
+
+
 def describe_value(result: CellResult | None, key: str | None,
                    metric_curve: str = "test_error") -> str:
-    """``4.6``, ``4.6 (partial, 80k)``, or why there is no number."""
+    """``4.6``, ``4.6 (3 seeds, 4.2–5.1)`` (the mean and the range over the seeds),
+    ``4.6 (partial, 80k)``, or why there is no number."""
     if result is None:
         return NOT_RUN
     value = value_of(result, key, metric_curve)
@@ -103,6 +120,10 @@ def describe_value(result: CellResult | None, key: str | None,
             return f"partial, {format_step(last_step(result) or 0)}, no {key or metric_curve}"
         return f"no {key!r} in record" if key else NOT_RUN
     text = format_number(value)
+    per_seed = seed_values(result, key)
+    if len(per_seed) > 1 and all(v is not None for v in per_seed):
+        text += (f" ({len(per_seed)} seeds, {format_number(min(per_seed))}–"
+                 f"{format_number(max(per_seed))})")
     if is_partial(result):
         step = last_step(result)
         text += f" (partial, {format_step(step)})" if step is not None else " (partial)"
@@ -113,13 +134,35 @@ def describe_value(result: CellResult | None, key: str | None,
 class Verdict:
     """A claim checked at one preset: ``status`` is one of :data:`STATUSES`; ``values``
     are the numbers read (one per ``claim.cells``, ``None`` where missing); ``ours`` says
-    them in words; ``would`` is what the comparison gives on partial values."""
+    them in words; ``would`` is what the comparison gives on partial values. ``margin`` is
+    how far the comparison is from flipping (positive where it holds, in the values'
+    units), ``seeds`` the fewest seeds among the cells read, ``points`` whether the values
+    are percentages (then a margin under :data:`CLOSE_MARGIN` needs
+    :data:`SEEDS_WHEN_CLOSE` seeds: :attr:`needs_seeds`)."""
 
     claim: Claim
     status: str
     values: tuple[float | None, ...]
     ours: str
     would: str | None = None
+    margin: float | None = None
+    seeds: int = 1
+    points: bool = False
+
+    @property
+    def needs_seeds(self) -> bool:
+        """A verdict on percentages decided by under one point from fewer than 3 seeds."""
+        return (self.points and self.margin is not None and not math.isnan(self.margin)
+                and abs(self.margin) < CLOSE_MARGIN and self.seeds < SEEDS_WHEN_CLOSE)
+
+    @property
+    def note(self) -> str:
+        """``""``, or what keeps the verdict unsettled: ``margin +0.23 points from 1 seed:
+        needs 3 seeds``."""
+        if not self.needs_seeds:
+            return ""
+        return (f"margin {self.margin:+.2f} points from {self.seeds} "
+                f"seed{'s' if self.seeds > 1 else ''}: needs {SEEDS_WHEN_CLOSE} seeds")
 
     @property
     def text(self) -> str:
@@ -129,21 +172,27 @@ class Verdict:
         return self.status
 
 
-def _compare(claim: Claim, values: tuple[float, ...]) -> bool:
+def margin(claim: Claim, values: tuple[float, ...]) -> float:
+    """How far ``values`` are from flipping ``claim``'s comparison: ≥ 0 where it holds."""
     if claim.kind == "near":
-        return abs(values[0] - claim.paper) <= claim.tolerance
+        return claim.tolerance - abs(values[0] - claim.paper)
     if claim.kind == "at_most":
-        return values[0] <= claim.paper
+        return claim.paper - values[0]
     lower, higher = values
-    return lower + claim.tolerance <= higher
+    return higher - lower - claim.tolerance
+
+
+def _compare(claim: Claim, values: tuple[float, ...]) -> bool:
+    return margin(claim, values) >= 0
 
 
 def check(claim: Claim, found: Mapping[str, CellResult | str],
-          metric_curve: str = "test_error") -> Verdict:
+          metric_curve: str = "test_error", *, points: bool = False) -> Verdict:
     """The verdict of ``claim`` from ``found`` (cell id → result, or why there is none):
     ``not run`` when a cell it reads has no result (or no such number), ``partial`` when
     any of them is a partial record, otherwise ``holds``/``differs`` (NaN differs).
-    ``metric_curve``: see :func:`value_of`."""
+    ``metric_curve``: see :func:`value_of`; ``points``: the values are percentages (see
+    :attr:`Verdict.needs_seeds`)."""
     results = [found.get(c) for c in claim.cells]
     results = [r if isinstance(r, CellResult) else None for r in results]
     values = tuple(None if r is None else value_of(r, key, metric_curve)
@@ -152,17 +201,26 @@ def check(claim: Claim, found: Mapping[str, CellResult | str],
     ours = words[0] if len(words) == 1 else " vs ".join(words)
     if any(v is None for v in values):
         return Verdict(claim, NOT_RUN, values, ours)
-    holds = not any(math.isnan(v) for v in values) and _compare(claim, values)
+    nan = any(math.isnan(v) for v in values)
+    holds = not nan and _compare(claim, values)
     status = HOLDS if holds else DIFFERS
     if any(is_partial(r) for r in results):
         return Verdict(claim, PARTIAL, values, ours, would=status)
-    return Verdict(claim, status, values, ours)
+    return Verdict(claim, status, values, ours, margin=None if nan else margin(claim, values),
+                   seeds=min(n_seeds(r) for r in results), points=points)
+
+
+def in_points(exp: Experiment, claim: Claim) -> bool:
+    """Whether ``claim`` compares percentages: it reads the main metric of an experiment
+    whose metric is in % (an error rate or an accuracy)."""
+    return "%" in exp.metric and all(k is None for k in claim.keys)
 
 
 def check_all(exp: Experiment, preset: str,
               found: Mapping[str, CellResult | str]) -> tuple[Verdict, ...]:
     """Every claim of ``exp`` at ``preset``, in declaration order."""
-    return tuple(check(c, found, exp.metric_curve) for c in exp.claims_for(preset))
+    return tuple(check(c, found, exp.metric_curve, points=in_points(exp, c))
+                 for c in exp.claims_for(preset))
 
 
 def cell_verdicts(verdicts: tuple[Verdict, ...],
