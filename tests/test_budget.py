@@ -73,18 +73,16 @@ def _result(depth, steps, metric, lr=3e-4):
                       wall_time_s=1.0, record={})
 
 
-def test_verdicts_say_whether_the_gap_closes():
-    closing = B.verdicts([_result(3, 5_000, 3.9), _result(3, 50_000, 2.9)])
-    (claim, verdict), = closing.items()
+def test_effects_say_how_much_of_the_gap_closes():
+    closing = B.effects([_result(3, 5_000, 3.9), _result(3, 50_000, 2.9)])
+    (claim, effect), = closing.items()
     assert claim == "3 layers, Adam 0.0003: 5k→50k steps"
-    assert verdict.startswith("holds (3.90 → 2.90 %, paper 1.9; 50 % of the gap closed")
-    opening = B.verdicts([_result(6, 5_000, 10.0), _result(6, 20_000, 12.0)])
-    assert next(iter(opening.values())).startswith("differs")
-    assert B.verdicts([_result(6, 5_000, 10.0)]) == {}  # one budget: nothing to say
+    assert effect == "3.90 → 2.90 %, paper 1.9; 50 % of the gap closed"
+    assert B.effects([_result(6, 5_000, 10.0)]) == {}  # one budget: nothing to say
 
 
-def test_verdicts_name_the_best_learning_rate_at_one_budget():
-    v = B.verdicts([_result(3, 5_000, 3.0), _result(3, 5_000, 2.5, lr=1e-4)])
+def test_effects_name_the_best_learning_rate_at_one_budget():
+    v = B.effects([_result(3, 5_000, 3.0), _result(3, 5_000, 2.5, lr=1e-4)])
     assert v == {"3 layers, 5k steps: learning rate":
                  "best Adam 0.0001 (0.0001: 2.50 %, 0.0003: 3.00 %; paper 1.9 after 500k)"}
 
@@ -105,12 +103,12 @@ def test_claims_read_every_cell_and_each_budget_pair():
     assert len([c for c in B.claims("paper") if c.kind == "less"]) == 4 + 2
 
 
-def test_verdicts_keep_no_bprop_apart_from_dni():
+def test_effects_keep_no_bprop_apart_from_dni():
     nob = [CellResult(cell=c, metric=m, metrics={}, curves={}, seed=0, wall_time_s=1.0,
                       record={})
            for c, m in zip([c for c in B.cells("quick") if B.method_of(c) == "nobprop"
                             and c.params["depth"] == 3], (11.0, 10.0))]
-    v = B.verdicts([_result(3, 5_000, 3.9), _result(3, 20_000, 2.9), *nob])
-    assert v["3 layers, Adam 0.0003: 5k→20k steps"].startswith("holds (3.90 → 2.90")
+    v = B.effects([_result(3, 5_000, 3.9), _result(3, 20_000, 2.9), *nob])
+    assert v["3 layers, Adam 0.0003: 5k→20k steps"].startswith("3.90 → 2.90")
     assert v["No Bprop, 3 layers, Adam 0.0003: 5k→20k steps"].startswith(
-        "holds (11.00 → 10.00 %, paper 9.3")
+        "11.00 → 10.00 %, paper 9.3")

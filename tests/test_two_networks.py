@@ -38,21 +38,25 @@ def _result(system, a_curve, b_final, a_final=None):
 
 
 @pytest.mark.parametrize("dni_a,dni_b,none_b,expected", [
-    ([50, 20, 10, 10], 30.0, 60.0, (False, True, True)),  # A at e2e's final + 2 only at 3/4
-    ([50, 11, 10, 10], 34.0, 60.0, (True, True, True)),  # at 2/4: half the steps
-    ([50, 40, 30, 11], 40.0, 34.0, (False, False, False)),
+    ([50, 20, 10, 10], 30.0, 60.0, (False, "holds", "holds")),  # A at e2e + 2 only at 3/4
+    ([50, 11, 10, 10], 34.0, 60.0, (True, "holds", "holds")),  # at 2/4: half the steps
+    ([50, 40, 30, 11], 40.0, 34.0, (False, "differs", "differs")),
 ])
-def test_verdicts(dni_a, dni_b, none_b, expected):
+def test_speed_and_the_figure_title_verdicts(dni_a, dni_b, none_b, expected):
     e2e = _result("e2e", [60, 50, 30, 10], 30.0)  # reaches its final + 2 at window 4
     dni = _result("dni", dni_a, dni_b)
     none = _result("none", [50, 20, 10, 10], none_b)
-    v = tn.verdicts([e2e, dni, none])
+    v = tn.a_speed([e2e, dni, none])
     first = next(i for i, e in enumerate(dni_a) if e <= 12) + 1
     assert v["a_steps_to_target"] == {"e2e": 64, "dni": 16 * first, "none": 48,
                                       "target": 12.0}
-    assert (v["speed"], v["dni_matches"], v["none_poor"]) == expected
-    assert v["speed"] == (first <= 2)
-    assert tn.verdicts([e2e]) == {"speed": None, "dni_matches": None, "none_poor": None}
+    assert v["speed"] == expected[0] == (first <= 2)
+    assert tn.a_speed([e2e]) == {"speed": None}
+    title = tn.figures([e2e, dni, none], tn.PRESETS["quick"])["fig8"]._suptitle.get_text()
+    speed = "holds" if expected[0] else "differs"
+    assert f"A faster decoupled: {speed}" in title
+    assert f"b-with-dni-matches-end-to-end: {expected[1]}" in title  # the declared claims
+    assert f"b-without-dni-poor: {expected[2]}" in title
 
 
 @pytest.mark.reproduce

@@ -324,3 +324,19 @@ def test_other_seeds_are_repeats_averaged_into_one_verdict(tmp_path, monkeypatch
     a = store.load_results(exp, "quick", base)["a"]
     assert [r["seed"] for r in a.record["other_seeds"]] == [2]
     assert V.describe_value(a, None) == "1.9 (2 seeds, 1.7–2.1)"
+
+
+def test_judge_checks_each_claim_on_the_cells_a_figure_has():
+    """What a figure prints: each claim id once, in the version (preset) whose cells are all
+    among the results, computed by :func:`check`; ids without their cells are left out."""
+    def claims(preset):
+        cell = "c" if preset == "smoke" else "a"
+        return [Claim.near("x", WORDS, cell, 1.0, 0.5), Claim.less("y", WORDS, "a", "b")]
+
+    exp = experiment(claims)
+    v, = V.judge(exp, [result(CELLS[0], 1.2)])
+    assert v.claim.cells == ("a",) and v.text == "holds"
+    both = V.judge(exp, [result(CELLS[0], 1.2), result(CELLS[1], 0.5)])
+    assert [(w.claim.id, w.text) for w in both] == [("x", "holds"), ("y", "differs")]
+    assert V.title_line(both, width=12) == "x: holds;\ny: differs"
+    assert V.judge(exp, [result(CELLS[0], 1.2)], lambda c: c.id != "x") == ()

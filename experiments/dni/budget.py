@@ -19,8 +19,8 @@ the DNI cells' identity (params and preset config) unchanged.
 The question: for every depth, does the test error at the largest budget fall below the
 error at the smallest (``gap closes with budget``), and how much of the distance to the
 paper's number is left? The claims (:func:`claims`) answer it from the cell records, with
-the cause found where the answer is no; :func:`verdicts` gives the share of the gap closed
-(the figure's title).
+the cause found where the answer is no; :func:`effects` gives the share of the gap closed
+(the figure's title, with the claims' verdicts).
 
 Reproduce with ``python -m experiments run table1-budget --preset quick``
 (``make reproduce-table1-budget PRESET=quick``); ``--preset paper`` runs the full grid
@@ -36,6 +36,7 @@ from typing import Any
 import sgjax
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework import verdicts as V
 from experiments.framework.reports import log_axis
 
 
@@ -163,11 +164,11 @@ def _grouped(results: Sequence[CellResult], keys: tuple[str, ...], within: str
     return groups
 
 
-def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
-    """Per depth (and learning rate) with at least two budgets: whether the largest
-    budget's error is below the smallest's, and the share of the distance to the paper's
-    number it removed. Per depth and budget with at least two learning rates: which rate
-    gave the lowest error."""
+def effects(results: Sequence[CellResult]) -> dict[str, str]:
+    """What the budget did, in numbers (the verdicts are the declared claims'): per depth
+    (and learning rate) with at least two budgets, the error at the smallest and largest
+    budget and the share of the distance to the paper's number removed; per depth and
+    budget with at least two learning rates, which rate gave the lowest error."""
     out = {}
     for (method, depth, steps), by in sorted(
             _grouped(results, ("method", "depth", "steps"), "lr").items()):
@@ -186,10 +187,9 @@ def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
         lo, hi = by[min(by)], by[max(by)]
         gap = lo.metric - lo.cell.paper
         closed = (lo.metric - hi.metric) / gap if gap > 0 else float("nan")
-        verdict = "holds" if hi.metric < lo.metric else "differs"
         out[f"{name}{depth} layers, Adam {lr:g}: {min(by) // 1000}k→{max(by) // 1000}k steps"] = (
-            f"{verdict} ({lo.metric:.2f} → {hi.metric:.2f} %, paper {lo.cell.paper}; "
-            f"{100 * closed:.0f} % of the gap closed)")
+            f"{lo.metric:.2f} → {hi.metric:.2f} %, paper {lo.cell.paper}; "
+            f"{100 * closed:.0f} % of the gap closed")
     return out
 
 
@@ -231,9 +231,10 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.16),
                   ncols=ncols)
-    claims = "\n".join(f"{c}: {v}" for c, v in verdicts(results).items())
-    fig.suptitle(f"Does the gap to the paper close with budget?\n{claims}",
-                 fontsize="small")
+    lines = [f"{c}: {v}" for c, v in effects(results).items()]
+    closes = V.title_line(V.judge(EXPERIMENT, results, lambda c: "closes" in c.id), 160)
+    fig.suptitle("\n".join(["Does the gap to the paper close with budget?", *lines,
+                            *([closes] if closes else [])]), fontsize="small")
     return {"budget": fig}
 
 

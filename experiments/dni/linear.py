@@ -8,7 +8,7 @@ Fig. 12 gives curves only; §3.1 adds that "the best results obtained with cDNI 
 *linear* synthetic gradient models".
 
 The claims (:func:`claims`; verdicts computed into ``table.md`` and ``reports/README.md``,
-summarised by :func:`verdicts` in ``fig12.png``'s title): linear DNI trains every depth
+the same verdicts in ``fig12.png``'s title): linear DNI trains every depth
 (far below Table 1's No Bprop); conditioning on the label helps the linear model; for
 unconditioned DNI, A.1's two-hidden-layer model (chosen by A.1's search over 0–2 hidden
 layers) is at least as good as the linear one.
@@ -35,6 +35,7 @@ from typing import Any
 import sgjax
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework import verdicts as V
 from experiments.framework.reports import log_axis, mark_paper, paper_legend_entry
 
 MODELS = ("dni-linear", "cdni-linear", "dni-mlp")
@@ -130,28 +131,6 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
             "sg_model": predictor.description}
 
 
-def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
-    """"holds"/"differs" for each claim of the module docstring the results cover (preset
-    cells only; the budget cells have their own claims)."""
-    results = [r for r in results if "steps" not in r.cell.params]
-    by = {(r.cell.params["depth"], r.cell.params["model"]): r.metric for r in results}
-    depths = sorted({d for d, _ in by})
-    out = {}
-    lin = [d for d in depths if (d, "dni-linear") in by]
-    if lin:
-        ok = all(by[(d, "dni-linear")] < NO_BPROP[d] / 2 for d in lin)
-        out["linear DNI trains (< ½ No Bprop)"] = "holds" if ok else "differs"
-    both = [d for d in lin if (d, "cdni-linear") in by]
-    if both:
-        ok = all(by[(d, "cdni-linear")] < by[(d, "dni-linear")] for d in both)
-        out["cDNI-linear < DNI-linear"] = "holds" if ok else "differs"
-    mlp = [d for d in lin if (d, "dni-mlp") in by]
-    if mlp:
-        ok = all(by[(d, "dni-mlp")] <= by[(d, "dni-linear")] + 0.5 for d in mlp)
-        out["DNI: MLP ≤ linear + 0.5"] = "holds" if ok else "differs"
-    return out
-
-
 _STYLE = {"dni-linear": dict(color="tab:blue", ls="--"),
           "cdni-linear": dict(color="tab:green", ls="--"),
           "dni-mlp": dict(color="tab:purple", ls="-")}
@@ -194,7 +173,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         paper_legend_entry(ax, "paper, Table 1 (★)")
         ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
     axes[0].set_ylabel("test error (%, log scale)")
-    claims = "; ".join(f"{c}: {v}" for c, v in verdicts(results).items())
+    claims = V.title_line(V.judge(EXPERIMENT, results))  # the preset cells' claims
     fig.suptitle(f"DNI Fig. 12: linear synthetic gradient models, MNIST FCNs\n{claims}",
                  fontsize="small")
     return {"fig12": fig}

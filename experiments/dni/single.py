@@ -19,7 +19,7 @@ unlocked halves by one DNI after layer ``k`` (Fig. 1 (c)), for ``k = 1 … 5``:
   not seem to impact the ability to train the classifiers."
 
 The claims (:func:`claims`; verdicts computed into ``table.md`` and ``reports/README.md``,
-and summarised by :func:`verdicts` in the figures' titles): the published errors; a single
+and the same verdicts in the figures' titles): the published errors; a single
 DNI beats no gradient at every position; DNI after layer 1 beats DNI after layer 5; and
 (Fig. 10) the cosine between synthetic and true gradient, averaged over training, is very
 slightly positive.
@@ -50,6 +50,7 @@ import numpy as np
 import sgjax
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework import verdicts as V
 from experiments.framework.reports import log_axis, mark_paper, paper_legend_entry
 
 DEPTH = 6
@@ -152,28 +153,6 @@ def _by(results: Sequence[CellResult]) -> dict[tuple[str, int], CellResult]:
     return {(r.cell.params["kind"], r.cell.params["k"]): r for r in results}
 
 
-def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
-    """"holds"/"differs" for each claim of the module docstring that the results cover."""
-    by = _by(results)
-    out = {}
-    ks = sorted(k for kind, k in by if kind == "dni" and ("none", k) in by)
-    if ks:
-        ok = all(by[("dni", k)].metric < by[("none", k)].metric for k in ks)
-        out["DNI < no gradient at every position"] = "holds" if ok else "differs"
-    dni_ks = sorted(k for kind, k in by if kind == "dni")
-    if len(dni_ks) >= 2:
-        lo, hi = by[("dni", dni_ks[0])].metric, by[("dni", dni_ks[-1])].metric
-        out[f"DNI after {dni_ks[-1]} worse than after {dni_ks[0]}"] = (
-            "holds" if hi > lo else "differs")
-    cos = [by[("dni", k)].metrics.get("mean_cosine") for k in dni_ks]
-    sign = [by[("dni", k)].metrics.get("mean_sign_error") for k in dni_ks]
-    if cos and all(c is not None for c in cos):
-        out["mean cosine > 0 at every position"] = "holds" if min(cos) > 0 else "differs"
-    if sign and all(s is not None for s in sign):
-        out["mean sign error < 0.5"] = "holds" if max(sign) < 0.5 else "differs"
-    return out
-
-
 def _curve(ax, r: CellResult | None, name: str, **style) -> None:
     """``r``'s curve ``name``, its final number in the legend, and the paper's number
     (where it gives one) as a star at the last step."""
@@ -192,7 +171,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     from matplotlib.figure import Figure
 
     by = _by(results)
-    judged = verdicts(results)
+    judged = V.judge(EXPERIMENT, results)
     figs = {}
     for name, kinds, ks, title in (
             ("fig9a", ("dni", "none"), config.positions, "(a) single DNI after layer k"),
@@ -215,8 +194,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
             paper_legend_entry(ax)
             ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
         axes[0].set_ylabel("test error (%, log scale)")
-        claims = "; ".join(f"{c}: {v}" for c, v in judged.items() if "cosine" not in c
-                           and "sign" not in c)
+        claims = V.title_line(tuple(v for v in judged if "beats" in v.claim.id))
         fig.suptitle(f"DNI Fig. 9 {title}, 6-layer MNIST FCN\n{claims}", fontsize="small")
         figs[name] = fig
     dni = [(k, by[("dni", k)]) for k in config.positions if ("dni", k) in by]
@@ -237,8 +215,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         axes[1].axhline(0, color="k", lw=0.8)
         axes[2].axhline(0.5, color="k", lw=0.8, ls=":")
         axes[0].legend(fontsize="x-small")
-        claims = "; ".join(f"{c}: {v}" for c, v in judged.items() if "cosine" in c
-                           or "sign" in c)
+        claims = V.title_line(tuple(v for v in judged if "cosine" in v.claim.id))
         fig.suptitle(f"DNI Fig. 10: synthetic vs true gradient, single DNI\n{claims}",
                      fontsize="small")
         figs["fig10"] = fig

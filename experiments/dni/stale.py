@@ -8,7 +8,7 @@ on MNIST classification were 9.1%, 11.8%, 15.4%, 19.0% for 3 to 6 layer FCNs res
 associated cDNI results of 2.2%, 1.9%, 1.7%, 1.6%."
 
 The claims (:func:`claims`; verdicts computed into ``table.md`` and ``reports/README.md``,
-and per depth by :func:`verdicts` in the panels' titles of ``stale-sweep.png``): the
+and per depth the same verdicts in the panels' titles of ``stale-sweep.png``): the
 published best stale errors, and at every depth the best stale-gradient network is at most
 marginally better than No Bprop and far worse than cDNI (``cDNI + 3 < Stale ≤ No Bprop + 1``,
 percentage points).
@@ -52,6 +52,7 @@ import sgjax
 from experiments import training
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework import verdicts as V
 
 PAPER: Mapping[int, tuple[float, float, float]] = {
     # layers: (No Bprop, best Stale, cDNI) final test error (%), §3.1 and Table 1.
@@ -191,22 +192,6 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
             "decays": list(config.decays), "errors": errors}
 
 
-def verdicts(results: Sequence[CellResult]) -> dict[int, dict[str, Any]]:
-    """Per depth with all three methods done: the errors and "holds"/"differs" for the
-    claim ``cDNI + MARGIN_ABOVE_CDNI < Stale ≤ No Bprop + MARGIN_ABOVE_NOBPROP``."""
-    by = {(r.cell.params["depth"], r.cell.params["method"]): r.metric for r in results
-          if not is_probe(r.cell)}
-    out = {}
-    for depth in sorted({d for d, _ in by}):
-        if not all((depth, m) in by for m in METHODS):
-            continue
-        nob, st, cd = (by[(depth, m)] for m in METHODS)
-        holds = cd + MARGIN_ABOVE_CDNI < st <= nob + MARGIN_ABOVE_NOBPROP
-        out[depth] = {"nobprop": nob, "stale": st, "cdni": cd,
-                      "verdict": "holds" if holds else "differs"}
-    return out
-
-
 def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     """``stale-sweep``: final test error against the decay rate, one panel per depth, with
     our No Bprop and cDNI as lines and the paper's three numbers as dotted lines."""
@@ -215,7 +200,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
     by = {(r.cell.params["depth"], r.cell.params["method"]): r for r in results
           if not is_probe(r.cell)}
     depths = sorted({d for d, _ in by})
-    judged = verdicts(results)
+    judged = V.judge(EXPERIMENT, [r for r in results if not is_probe(r.cell)])
     fig = Figure(figsize=(3.3 * max(len(depths), 1), 3.8), layout="constrained")
     axes = fig.subplots(1, max(len(depths), 1), squeeze=False)[0]
     for ax, depth in zip(axes, depths):
@@ -231,8 +216,10 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         for color, v, name in zip(("tab:red", "tab:orange", "tab:green"), PAPER[depth],
                                   ("No Bprop", "Stale", "cDNI")):
             ax.axhline(v, color=color, ls=":", lw=1.2, label=f"{name} (paper)")
-        verdict = judged.get(depth, {}).get("verdict", "")
-        ax.set_title(f"{depth} layers {('— ' + verdict) if verdict else ''}", fontsize="small")
+        verdicts = "\n".join(f"{v.claim.id.removesuffix(f'-fcn{depth}')}: {v.text}"
+                             for v in judged if v.claim.id.endswith(f"-fcn{depth}"))
+        ax.set_title(f"{depth} layers" + (f"\n{verdicts}" if verdicts else ""),
+                     fontsize="x-small")
         ax.set_xlabel("decay rate")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final test error (%)")

@@ -8,8 +8,8 @@ the training data much better, however using synthetic gradients still acts like
 regulariser".
 
 The claims (:func:`claims`, per network; verdicts computed from the final training errors
-into ``table.md`` and ``reports/README.md``, summarised by :func:`verdicts` in
-``fig13.png``'s title): DNI underfits (its training error is above Bprop's), and cDNI fits
+into ``table.md`` and ``reports/README.md``, the same verdicts in ``fig13.png``'s
+title): DNI underfits (its training error is above Bprop's), and cDNI fits
 the training data better than DNI.
 
 What is built. The cells are Table 1's (:mod:`experiments.dni.table1`: same networks,
@@ -35,6 +35,7 @@ from typing import Any
 
 from experiments.dni import fcn, table1
 from experiments.framework import Cell, CellResult, Claim, Experiment
+from experiments.framework import verdicts as V
 from experiments.framework.reports import log_if_spread
 
 METHODS = ("bprop", "dni", "cdni")
@@ -102,19 +103,6 @@ def run_cell(cell: Cell, config: Config, ctx) -> dict[str, Any]:
             "gap": final["test_error"] - final["train_error"], "dataset": ds.label}
 
 
-def verdicts(results: Sequence[CellResult]) -> dict[str, str]:
-    """"holds"/"differs" for the two claims, over the networks with all three methods."""
-    by = {(r.cell.params["dataset"], r.cell.params["kind"], r.cell.params["depth"],
-           r.cell.params["method"]): r.metrics["train_error"] for r in results}
-    nets = sorted({k[:3] for k in by if all(k[:3] + (m,) in by for m in METHODS)})
-    if not nets:
-        return {}
-    under = all(by[n + ("dni",)] > by[n + ("bprop",)] for n in nets)
-    fits = all(by[n + ("cdni",)] < by[n + ("dni",)] for n in nets)
-    return {"DNI train error > Bprop's": "holds" if under else "differs",
-            "cDNI train error < DNI's": "holds" if fits else "differs"}
-
-
 UNDERFIT = ("it is easy to notice that the large test error (and its degradation with depth) "
             "is actually an effect of underfitting and not lack of ability to generalise or "
             "lack of convergence of learning process.")
@@ -174,7 +162,7 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.16),
                   ncols=3)
     axes[0].set_ylabel("error (%)")
-    claims = "; ".join(f"{c}: {v}" for c, v in verdicts(results).items())
+    claims = V.title_line(V.judge(EXPERIMENT, results))
     fig.suptitle(f"DNI Fig. 13: training (solid) and test (dotted) error\n{claims}",
                  fontsize="small")
     return {"fig13": fig}

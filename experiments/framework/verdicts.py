@@ -232,3 +232,34 @@ def cell_verdicts(verdicts: tuple[Verdict, ...],
         for cell in dict.fromkeys(v.claim.cells):
             out.setdefault(cell, []).append(f"{v.text} ({label(v)})")
     return {cell: "; ".join(texts) for cell, texts in out.items()}
+
+
+def judge(exp: Experiment, results, select: Callable[[Claim], bool] = lambda claim: True
+          ) -> tuple[Verdict, ...]:
+    """The verdicts of ``exp``'s claims (those of any preset, once each) that ``select``
+    keeps and whose cells are all among ``results`` (finished :class:`CellResult` s): what a
+    figure function may print, computed exactly as ``table.md`` computes it."""
+    found = {r.cell.id: r for r in results}
+    declared = [c for preset in exp.presets for c in exp.claims_for(preset)]
+    claims: dict[str, Claim] = {}
+    for claim in declared:  # a claim id may read other cells at another preset
+        if claim.id not in claims and all(cid in found for cid in claim.cells):
+            claims[claim.id] = claim
+    order = dict.fromkeys(c.id for c in declared)  # the declaration order
+    return tuple(check(claims[i], found, exp.metric_curve, points=in_points(exp, claims[i]))
+                 for i in order if i in claims and select(claims[i]))
+
+
+def title_line(verdicts: tuple[Verdict, ...], width: int = 120) -> str:
+    """``"claim-id: holds; other-id: differs"``, broken into lines of at most ``width``
+    characters between claims, never inside one (a figure title's verdict line; the claims
+    themselves are in ``table.md``)."""
+    lines: list[str] = []
+    for item in (f"{v.claim.id}: {v.text}" for v in verdicts):
+        if lines and len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += f"; {item}"
+        else:
+            if lines:
+                lines[-1] += ";"
+            lines.append(item)
+    return "\n".join(lines)
