@@ -340,3 +340,15 @@ def test_judge_checks_each_claim_on_the_cells_a_figure_has():
     assert [(w.claim.id, w.text) for w in both] == [("x", "holds"), ("y", "differs")]
     assert V.title_line(both, width=12) == "x: holds;\ny: differs"
     assert V.judge(exp, [result(CELLS[0], 1.2)], lambda c: c.id != "x") == ()
+
+
+def test_a_cell_that_averages_its_own_networks_counts_them_as_seeds():
+    """The blog's post arm trains 3 networks per cell and reports their mean
+    (``metrics["seeds"] = 3``): a close verdict on it is already a 3-seed mean."""
+    a = CELLS[0]
+    claim = Claim.near("n", WORDS, "a", 1.0, 0.5)
+    one = V.check(claim, found(a=result(a, 1.3)), points=True)
+    three = V.check(claim, found(a=result(a, 1.3, metrics={"seeds": 3})), points=True)
+    assert (one.seeds, one.needs_seeds) == (1, True)
+    assert (three.seeds, three.needs_seeds, three.note) == (3, False, "")
+    assert not V.check(claim, found(a=result(a, 1.3)), points=False).needs_seeds  # not %

@@ -105,7 +105,15 @@ def seed_values(result: CellResult, key: str | None) -> list[float | None]:
 
 
 def n_seeds(result: CellResult) -> int:
-    return len(seed_records(result.record))
+    """How many seeds the result's number averages: its records (:func:`seed_records`),
+    each counting ``metrics["seeds"]`` when its cell already trains that many networks and
+    reports their mean (the blog's post arm)."""
+    count = 0
+    for run in seed_records(result.record):
+        inner = run.get("metrics", {}).get("seeds", 1)
+        count += inner if isinstance(inner, int) and not isinstance(inner, bool) and inner > 0 \
+            else 1
+    return count
 
 
 def describe_value(result: CellResult | None, key: str | None,
