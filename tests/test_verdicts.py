@@ -352,3 +352,25 @@ def test_a_cell_that_averages_its_own_networks_counts_them_as_seeds():
     assert (one.seeds, one.needs_seeds) == (1, True)
     assert (three.seeds, three.needs_seeds, three.note) == (3, False, "")
     assert not V.check(claim, found(a=result(a, 1.3)), points=False).needs_seeds  # not %
+
+
+def test_repeats_alone_join_the_committed_cells_they_repeat(tmp_path, monkeypatch):
+    """A fresh checkout has the committed report but no results/: running only
+    ``--seed 1`` and ``--seed 2`` and publishing adds them to the committed cells."""
+    from experiments import framework
+
+    def run_cell(cell, config, ctx):
+        return 1.0 + ctx.seed
+
+    exp = Experiment(name="vrepeat", paper="DNI (Jaderberg et al. 2016)", title="repeats",
+                     metric="error (%)", cells=CELLS[:1],
+                     presets={"smoke": {}, "quick": {}, "paper": {}}, run_cell=run_cell)
+    monkeypatch.setattr(R, "_save_figures", lambda *a, **k: [])
+    reports = tmp_path / "reports"
+    framework.run_experiment(exp, "quick", out=tmp_path / "first", echo=False)
+    R.publish_report(exp, tmp_path / "first", reports_root=reports)
+    for seed in (1, 2):
+        framework.run_experiment(exp, "quick", out=tmp_path / "later", seed=seed, echo=False)
+    assert R.publish_report(exp, tmp_path / "later", reports_root=reports) is not None
+    a = R.load_report(exp, "quick", reports / "vrepeat")["a"]
+    assert a.metric == pytest.approx(2.0) and V.n_seeds(a) == 3

@@ -23,7 +23,14 @@ from experiments.framework.declare import (
     Experiment,
     reproduce_command,
 )
-from experiments.framework.store import REPO_ROOT, load_results, seed_records
+from experiments.framework.store import (
+    REPO_ROOT,
+    SEEDS_DIR,
+    load_results,
+    seed_records,
+    seed_repeats,
+    to_result,
+)
 
 REPORTS_DIR = REPO_ROOT / "reports"
 """The committed reference reports: ``reports/<name>/`` holds the latest ``quick`` run's
@@ -448,7 +455,9 @@ def publish_report(
     cells in a fresh checkout, whose ``results/`` is not committed) keeps the record the
     report already has, if that record still matches the cell's params and config; a cell
     that ``results_root`` holds replaces it. Copying ``reports/<name>/cells/`` to
-    ``results/<name>/quick/cells/`` lets a run skip the committed cells.
+    ``results/<name>/quick/cells/`` lets a run skip the committed cells. Repeats with other
+    seeds under ``results_root/<name>/<preset>/seeds/`` join the cell they repeat, whether
+    that cell's record is fresh or committed (same params and config).
 
     Returns the report folder, or ``None`` if ``results_root`` holds no finished cell of
     ``exp`` at ``preset`` (an existing report is then left as it is)."""
@@ -457,11 +466,19 @@ def publish_report(
                          f"{', '.join(exp.presets)}")
     src = Path(results_root) / exp.name / preset
     found = load_results(exp, preset, src, partial=True)
-    if not any(isinstance(r, CellResult) for r in found.values()):
+    if not any(isinstance(r, CellResult) for r in found.values()) and not any(
+            (src / SEEDS_DIR).glob("*/cells/*.json")):
         return None
     dest = report_dir(exp.name, preset, reports_root)
     committed = load_results(exp, preset, dest, partial=True)
     found = {cid: _newer(r, committed[cid]) for cid, r in found.items()}
+    for cell in exp.cells_for(preset):  # a committed cell, repeated here with other seeds
+        r = found[cell.id]
+        if (isinstance(r, CellResult) and not V.is_partial(r)
+                and not r.record.get("other_seeds")):
+            repeats = seed_repeats(src, cell, r.record)
+            if repeats:
+                found[cell.id] = to_result(cell, {**r.record, "other_seeds": repeats})
     records = tuple(r for r in found.values() if isinstance(r, CellResult))
     _clear_report(dest, keep=set(exp.presets))
     (dest / "cells").mkdir(parents=True)

@@ -176,7 +176,8 @@ def to_result(cell: Cell, record: Mapping[str, Any]) -> CellResult:
     )
 
 
-def _repeats(out_dir: Path, cell: Cell, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+def seed_repeats(out_dir: Path, cell: Cell, record: Mapping[str, Any]
+                 ) -> list[dict[str, Any]]:
     """The finished records of ``cell`` under ``out_dir/seeds/*/`` that ran with the same
     params and config as ``record`` and another seed, in seed order."""
     found = []
@@ -209,7 +210,7 @@ def load_results(exp: Experiment, preset: str, out_dir: Path, *, partial: bool =
         elif is_partial(record) and not partial:
             found[cell.id] = partial_status(record)
         else:
-            repeats = [] if is_partial(record) else _repeats(Path(out_dir), cell, record)
+            repeats = [] if is_partial(record) else seed_repeats(Path(out_dir), cell, record)
             if repeats:
                 record = {**record, "other_seeds": repeats}
             found[cell.id] = to_result(cell, record)
