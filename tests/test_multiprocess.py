@@ -27,7 +27,13 @@ TIMEOUT = 240
 
 def launch(K: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT / "tests")}
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    # one CPU device per process; the other flags (the tests' XLA optimisation level, see
+    # conftest.py) stay, so that the processes compute what this process compares them with
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env.pop("XLA_FLAGS", None)
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     cmd = [sys.executable, "-m", "sgjax.launch", "--processes", str(K), "--timeout",
            str(TIMEOUT), str(SCRIPT), *args]
     start = time.monotonic()
