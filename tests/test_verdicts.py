@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from experiments.framework import Cell, CellResult, Claim, Experiment
@@ -185,6 +186,26 @@ def test_reports_readme_is_generated_from_reports(tmp_path):
     assert "| A | x | 1 | 1.2 (partial, 80k) | +0.2 |" in paper
 
 
+def test_reports_readme_shows_the_version_of_a_claim_its_verdict_read(tmp_path):
+    """Presets may declare one claim id on different cells: the row gives the words and
+    number of the version the verdict was computed from; a claim no run can judge yet says
+    which preset declares it and the command that runs it."""
+    def claims(preset):
+        lower = "c" if preset == "paper" else "a"
+        extra = [Claim.at_most("only-paper", WORDS, "c", 1.0)] if preset == "paper" else []
+        return [Claim.less("closes", WORDS, lower, "b"), *extra]
+
+    exp = experiment(claims)
+    _write_report(tmp_path / "vtoy", exp, "quick", {"a": 2.0, "b": 3.0})
+    rows = [line for line in R.write_index(tmp_path, [exp]).read_text().splitlines()
+            if line.startswith("| DNI |")]
+    closes, only_paper = rows
+    assert f"| closes: {WORDS} | a < b | 2 vs 3: holds | not run | **holds** (quick) |" \
+        in closes
+    assert ("| not run | declared at the `paper` preset only; waits for "
+            "`python -m experiments run vtoy --preset paper` |") in only_paper
+
+
 def test_publish_report_for_the_paper_preset_keeps_the_quick_report(tmp_path, monkeypatch):
     from experiments.framework import store
 
@@ -324,6 +345,28 @@ def test_other_seeds_are_repeats_averaged_into_one_verdict(tmp_path, monkeypatch
     a = store.load_results(exp, "quick", base)["a"]
     assert [r["seed"] for r in a.record["other_seeds"]] == [2]
     assert V.describe_value(a, None) == "1.9 (2 seeds, 1.7–2.1)"
+
+
+def test_curves_of_a_cell_with_seeds_are_their_pointwise_mean():
+    """A figure draws a 3-seed cell's curve as the seeds' mean, so its line ends at the
+    number its legend and table give; a curve the seeds logged at different steps stays
+    the cell's own seed's."""
+    from experiments.framework import store
+
+    def run(seed, error, loss_steps):
+        return {"seed": seed, "metric": error[-1], "metrics": {},
+                "curves": {"test_error": {"step": [0, 10], "value": error},
+                           "loss": {"step": loss_steps, "value": [1.0, 0.5]}}}
+
+    record = {**run(0, [9.0, 3.0], [0, 10]),
+              "other_seeds": [run(1, [7.0, 2.0], [0, 10]), run(2, [8.0, 7.0], [0, 20])]}
+    r = store.to_result(CELLS[0], record)
+    np.testing.assert_allclose(r.curves["test_error"].value, [8.0, 4.0])
+    assert r.curves["test_error"].value[-1] == pytest.approx(r.metric)
+    np.testing.assert_array_equal(r.curves["test_error"].step, [0, 10])
+    np.testing.assert_array_equal(r.curves["loss"].value, [1.0, 0.5])
+    assert store.to_result(CELLS[0], {**record, "other_seeds": []}).curves[
+        "test_error"].value[-1] == 3.0
 
 
 def test_judge_checks_each_claim_on_the_cells_a_figure_has():

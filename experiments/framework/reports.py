@@ -673,6 +673,17 @@ def _short(text: str, limit: int = 140) -> str:
 CLAIMS_PRESETS = (REPORT_PRESET, "paper")
 
 
+def _waiting(exp: Experiment, cid: str,
+             declared: Mapping[str, Mapping[str, Any]]) -> str:
+    """Why a claim has no verdict yet: the presets that declare it and the command that
+    runs them."""
+    presets = [p for p in CLAIMS_PRESETS if cid in declared[p]]
+    runs = " or ".join(f"`python -m experiments run {exp.name} --preset {p}`"
+                       for p in presets)
+    only = "" if REPORT_PRESET in presets else f"declared at the `{presets[0]}` preset only; "
+    return f"{only}waits for {runs}"
+
+
 def claim_rows(exp: Experiment, reports_root: str | os.PathLike | None = None
                ) -> list[str]:
     """The index rows of ``exp``: one per claim, its verdict at ``quick`` and (where a
@@ -687,7 +698,11 @@ def claim_rows(exp: Experiment, reports_root: str | os.PathLike | None = None
         found = load_report(exp, preset, dest) if present[preset] else {
             c.id: "missing (not run)" for c in exp.cells_for(preset)}
         checked[preset] = {v.claim.id: v for v in V.check_all(exp, preset, found)}
-    claims = {c.id: c for p in CLAIMS_PRESETS for c in exp.claims_for(p)}
+    declared = {p: {c.id: c for c in exp.claims_for(p)} for p in CLAIMS_PRESETS}
+    claims: dict[str, Any] = {}
+    for preset in CLAIMS_PRESETS:
+        for cid, c in declared[preset].items():
+            claims.setdefault(cid, c)
     link = f"[{name}]({name}/table.md#claims)"
     if present["paper"]:
         link += f", [paper]({name}/paper/table.md#claims)"
@@ -706,7 +721,10 @@ def claim_rows(exp: Experiment, reports_root: str | os.PathLike | None = None
         best = next(((v, p) for v, p in ((vp, "paper"), (vq, REPORT_PRESET))
                      if v is not None and v.status != V.NOT_RUN), None)
         verdict = f"{_verdict_text(best[0])} ({best[1]})" if best else V.NOT_RUN
-        cause = _cause(best[0]) if best else "—"
+        cause = _cause(best[0]) if best else _md(_waiting(exp, cid, declared))
+        # the words and number of the version whose cells the verdict read (presets may
+        # declare one claim id on different cells)
+        claim = best[0].claim if best else claim
         rows.append(f"| {_source(exp)} | {name} | {cid}: {_md(_short(claim.words))} | "
                     f"{_md(claim.paper_text)} | {_md(quick)} | {_md(paper)} | "
                     f"{verdict} | {cause} | {link} |")

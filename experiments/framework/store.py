@@ -154,10 +154,30 @@ def _mean_over_seeds(runs: list[Mapping[str, Any]]) -> tuple[Any, dict[str, Any]
             else runs[0].get("metric")), metrics
 
 
+def _mean_curve(runs: list[Mapping[str, Any]], name: str) -> Curve:
+    """Curve ``name`` averaged pointwise over ``runs`` where every run logged it at the
+    same steps (so a figure's line and its legend's number, the seeds' mean, agree);
+    otherwise the first run's."""
+    own = runs[0]["curves"][name]
+    steps = np.asarray(own["step"])
+    values = []
+    for run in runs:
+        other = run.get("curves", {}).get(name)
+        if other is None or not np.array_equal(np.asarray(other["step"]), steps):
+            return Curve(steps, np.asarray(own["value"]))
+        value = np.asarray(other["value"])
+        if not np.issubdtype(value.dtype, np.number):
+            return Curve(steps, np.asarray(own["value"]))
+        values.append(value)
+    return Curve(steps, np.mean(values, axis=0))
+
+
 def to_result(cell: Cell, record: Mapping[str, Any]) -> CellResult:
     """A record as a :class:`CellResult` (``metric`` is ``None`` for a partial record). A
     record carrying repeats with other seeds (``"other_seeds"``) gives the mean over its
-    seeds: the main metric and each scalar numeric metric; curves are its own seed's."""
+    seeds: the main metric, each scalar numeric metric, and each curve that every seed
+    logged at the same steps (pointwise; other curves are its own seed's). The seeds'
+    records stay under ``result.record``."""
     curves = {
         k: Curve(np.asarray(v["step"]), np.asarray(v["value"]))
         for k, v in record.get("curves", {}).items()
@@ -165,6 +185,7 @@ def to_result(cell: Cell, record: Mapping[str, Any]) -> CellResult:
     metric, metrics = record.get("metric"), record.get("metrics", {})
     if record.get("other_seeds") and not is_partial(record):
         metric, metrics = _mean_over_seeds(seed_records(record))
+        curves = {k: _mean_curve(seed_records(record), k) for k in curves}
     return CellResult(
         cell=cell,
         metric=metric,
