@@ -177,6 +177,38 @@ def test_table2_linear_sg_matches_backprop_for_mse_but_not_for_separable_log_los
     assert out["log"]["metric"] > 5e-3 and out["log"]["different"]
 
 
+@pytest.mark.parametrize("k, same", [(2, True), (100, False)])
+def test_table2_fitted_linear_sg_gives_the_true_weight_gradient_when_logits_span_inputs(
+        k, same):
+    """Why noisy2's shallow log-loss SG reaches backprop's solution (the cause shown for
+    ``noisy2-shallow-log-bold``): the full-batch least-squares fit of ``SG(p, y) = pA + yB
+    + C`` to ``dL/dp`` leaves a residual orthogonal to ``p`` and to 1; with ``k = 2``
+    inputs and 2 logits ``x`` is an affine function of ``p = xW + b``, so the residual is
+    orthogonal to ``x`` too and the weights receive exactly ``jax.grad``'s gradient. With
+    ``k = 100`` the logits do not span the inputs and the two differ."""
+    x, y = table2.make_dataset(jax.random.key(3), "noisy", k)
+    w = jax.random.normal(jax.random.key(4), (k, 2))
+    b = jnp.array([0.1, -0.2])
+
+    def loss(w, b, p=None):
+        logits = x @ w + b if p is None else p
+        return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), axis=-1))
+
+    p = x @ w + b
+    dl_dp = jax.grad(lambda p: loss(w, b, p))(p)
+    features = jnp.concatenate([p, y, jnp.ones((len(x), 1))], axis=1)
+    coef, *_ = jnp.linalg.lstsq(features, dl_dp)
+    synthetic = features @ coef  # the fitted linear SG's prediction of dL/dp
+    via_sg = x.T @ synthetic  # what the weights receive from the SG
+    true = jax.grad(loss)(w, b)
+    scale = float(jnp.max(jnp.abs(dl_dp)))
+    assert float(jnp.max(jnp.abs(synthetic - dl_dp))) > 0.1 * scale  # the fit is not exact
+    np.testing.assert_allclose(jnp.sum(synthetic, 0), jnp.sum(dl_dp, 0), rtol=1e-5,
+                               atol=1e-4 * scale)
+    gap = float(jnp.max(jnp.abs(via_sg - true)) / jnp.max(jnp.abs(true)))
+    assert (gap < 1e-4) if same else (gap > 1e-2), gap
+
+
 # ----------------------------------------------------------------------------- Fig. 6
 
 
