@@ -19,11 +19,14 @@ def test_registered_with_every_preset():
                    "mnist-fcn3-dni-5000-lr1e-04", "mnist-fcn3-dni-5000-lr1e-03",
                    "mnist-fcn6-dni-5000-lr1e-04", "mnist-fcn6-dni-10000-lr1e-04",
                    "mnist-fcn3-nobprop-5000-lr3e-04", "mnist-fcn3-nobprop-20000-lr3e-04",
-                   "mnist-fcn6-nobprop-5000-lr3e-04", "mnist-fcn6-nobprop-20000-lr3e-04"]
-    # Table 1's DNI and No Bprop, 3 and 6 layers
+                   "mnist-fcn6-nobprop-5000-lr3e-04", "mnist-fcn6-nobprop-20000-lr3e-04",
+                   "mnist-fcn4-nobprop-5000-lr3e-04", "mnist-fcn4-nobprop-20000-lr3e-04",
+                   "mnist-fcn5-nobprop-5000-lr3e-04", "mnist-fcn5-nobprop-20000-lr3e-04"]
+    # Table 1's DNI at 3 and 6 layers, and its No Bprop at 3 to 6
     assert {(B.method_of(c), c.paper) for c in B.cells("quick")} == {
-        ("dni", 1.9), ("dni", 4.3), ("nobprop", 9.3), ("nobprop", 21.4)}
-    assert len(B.cells("paper")) == 2 * 3 * 2 + 2 * 3
+        ("dni", 1.9), ("dni", 4.3), ("nobprop", 9.3), ("nobprop", 12.6), ("nobprop", 16.2),
+        ("nobprop", 21.4)}
+    assert len(B.cells("paper")) == 2 * 3 * 2 + 4 * 3
 
 
 def test_nobprop_cells_leave_the_dni_cells_identity_alone():
@@ -100,7 +103,7 @@ def test_claims_read_every_cell_and_each_budget_pair():
     assert nobprop.cells == ("mnist-fcn3-nobprop-20000-lr3e-04",
                              "mnist-fcn3-nobprop-5000-lr3e-04")
     assert claims["mnist-fcn6-nobprop-5000-lr3e-04"].cause.startswith("budget")
-    assert len([c for c in B.claims("paper") if c.kind == "less"]) == 4 + 2
+    assert len([c for c in B.claims("paper") if c.kind == "less"]) == 4 + 4
 
 
 def test_effects_keep_no_bprop_apart_from_dni():

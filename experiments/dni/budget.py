@@ -91,17 +91,17 @@ PRESET_NOTES = {
               "60 %/80 % of the budget; 3 layers at 5k and 20k steps, 6 layers at 5k and 10k; "
               "the 3-layer 5k cell also at Adam 1e-4 and 1e-3, both 6-layer cells also at "
               "1e-4 (CPU time: a 6-layer DNI step with A.1's model takes ~85 ms here); No Bprop "
-              "at 3 and 6 layers × 5k and 20k steps, Adam 3e-4"),
+              "at 3 to 6 layers × 5k and 20k steps, Adam 3e-4"),
     "paper": ("the full grid: 3 and 6 layers × 5k, 20k, 50k steps × Adam 3e-4 and 1e-4 "
-              "(still 10× fewer steps than A.1's 500k); No Bprop at 3 and 6 layers × the same "
+              "(still 10× fewer steps than A.1's 500k); No Bprop at 3 to 6 layers × the same "
               "budgets, Adam 3e-4"),
 }
 
 
 NOBPROP: dict[str, tuple[tuple[int, int], ...]] = {
     "smoke": ((3, 4), (3, 8)),
-    "quick": ((3, 5_000), (3, 20_000), (6, 5_000), (6, 20_000)),
-    "paper": tuple((d, s) for d in (3, 6) for s in (5_000, 20_000, 50_000)),
+    "quick": tuple((d, s) for d in (3, 6, 4, 5) for s in (5_000, 20_000)),
+    "paper": tuple((d, s) for d in (3, 6, 4, 5) for s in (5_000, 20_000, 50_000)),
 }
 """Per preset, the ``(depth, steps)`` No Bprop cells, each at the preset's first learning
 rate (a No Bprop step trains no synthetic gradient model, so larger budgets are cheap)."""
@@ -205,7 +205,8 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         p = r.cell.params
         groups.setdefault((method_of(r.cell), p["depth"], p["lr"]), []).append(r)
     colors = {("dni", 3): "tab:blue", ("dni", 6): "tab:purple",
-              ("nobprop", 3): "tab:red", ("nobprop", 6): "tab:brown"}
+              ("nobprop", 3): "tab:red", ("nobprop", 4): "tab:orange",
+              ("nobprop", 5): "tab:pink", ("nobprop", 6): "tab:brown"}
     for (method, depth, lr), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r.cell.params["steps"])
         ls = "-" if lr == config.lrs[0] else ("--" if lr < config.lrs[0] else "-.")
