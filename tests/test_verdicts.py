@@ -417,3 +417,12 @@ def test_repeats_alone_join_the_committed_cells_they_repeat(tmp_path, monkeypatc
     assert R.publish_report(exp, tmp_path / "later", reports_root=reports) is not None
     a = R.load_report(exp, "quick", reports / "vrepeat")["a"]
     assert a.metric == pytest.approx(2.0) and V.n_seeds(a) == 3
+    # repeats published one at a time, from separate runs, add up; a seed run again replaces
+    # the repeat it had
+    framework.run_experiment(exp, "quick", out=tmp_path / "third", seed=3, echo=False)
+    R.publish_report(exp, tmp_path / "third", reports_root=reports)
+    framework.run_experiment(exp, "quick", out=tmp_path / "again", seed=1, echo=False)
+    R.publish_report(exp, tmp_path / "again", reports_root=reports)
+    a = R.load_report(exp, "quick", reports / "vrepeat")["a"]
+    assert [r["seed"] for r in a.record["other_seeds"]] == [1, 2, 3]
+    assert a.metric == pytest.approx(2.5) and V.n_seeds(a) == 4

@@ -472,12 +472,12 @@ def publish_report(
     dest = report_dir(exp.name, preset, reports_root)
     committed = load_results(exp, preset, dest, partial=True)
     found = {cid: _newer(r, committed[cid]) for cid, r in found.items()}
-    for cell in exp.cells_for(preset):  # a committed cell, repeated here with other seeds
+    for cell in exp.cells_for(preset):  # a cell (committed or fresh) repeated here
         r = found[cell.id]
-        if (isinstance(r, CellResult) and not V.is_partial(r)
-                and not r.record.get("other_seeds")):
-            repeats = seed_repeats(src, cell, r.record)
-            if repeats:
+        if isinstance(r, CellResult) and not V.is_partial(r):
+            had = list(r.record.get("other_seeds", ()))
+            repeats = _join_seeds(had, seed_repeats(src, cell, r.record))
+            if repeats != had:
                 found[cell.id] = to_result(cell, {**r.record, "other_seeds": repeats})
     records = tuple(r for r in found.values() if isinstance(r, CellResult))
     _clear_report(dest, keep=set(exp.presets))
@@ -496,6 +496,15 @@ def publish_report(
             "regenerate": "make reports"}
     atomic_write(dest / "provenance.json", lambda f: json.dump(prov, f, indent=1))
     return dest
+
+
+def _join_seeds(had: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]
+                ) -> list[Mapping[str, Any]]:
+    """The repeats a cell already carries and those found now, one per seed (a repeat
+    found now replaces the one carried with its seed), in seed order."""
+    by_seed = {r.get("seed"): r for r in had}
+    by_seed.update({r.get("seed"): r for r in new})
+    return sorted(by_seed.values(), key=lambda r: r.get("seed", 0))
 
 
 def _newer(new: CellResult | str, old: CellResult | str) -> CellResult | str:
