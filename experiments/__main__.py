@@ -303,8 +303,13 @@ def _cell(reg: registry.Registry, args: argparse.Namespace) -> int:
 def _report(reg: registry.Registry, args: argparse.Namespace) -> int:
     names = args.names or reg.names()
     exps = [reg.get(n) for n in names]
-    if args.preset not in framework.PRESETS:
-        raise UsageError(f"--preset {args.preset!r}: valid presets: "
+    lacking = [e for e in exps if args.preset not in e.presets]
+    if args.names and lacking:  # an experiment's own preset (table2's long) is fine
+        raise UsageError(f"--preset {args.preset!r}: {lacking[0].name} has no such preset; "
+                         f"its presets: {', '.join(lacking[0].presets)}")
+    exps = [e for e in exps if args.preset in e.presets]
+    if not exps:
+        raise UsageError(f"--preset {args.preset!r}: no experiment has it; valid presets: "
                          + ", ".join(framework.PRESETS))
     if not os.path.isdir(args.results):
         raise UsageError(f"--results {args.results}: no such directory (run an experiment "

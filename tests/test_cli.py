@@ -294,3 +294,21 @@ def test_a_stopped_cell_resumes_only_under_the_same_overrides(tmp_path, monkeypa
     assert toy.STARTS["a-x"] == start
     record = _record(tmp_path, "quick")
     assert record["config"]["steps"] == steps and record["metric"] == 1 - 0.5 ** steps
+
+
+def test_report_publishes_an_experiments_own_preset(tmp_path, monkeypatch, capsys):
+    """``run`` accepts a preset only some experiments have (table2's ``long``), and so does
+    ``report``, into ``reports/NAME/PRESET/``; a preset the named experiment lacks is one
+    clear error naming its presets."""
+    own = dataclasses.replace(toy.EXPERIMENT,
+                              presets={**toy.EXPERIMENT.presets, "long": toy.Config(steps=4)})
+    monkeypatch.setattr(toy, "EXPERIMENT", own)
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    assert main(["run", "toy", "--preset", "long", "--out", str(results), "--only", "a-x"]) == 0
+    args = ["--results", str(results), "--to", str(reports)]
+    assert main(["report", "toy", "--preset", "long", *args]) == 0
+    assert (reports / "toy" / "long" / "table.md").is_file()
+    capsys.readouterr()
+    assert main(["report", "toy", "--preset", "longer", *args]) == 2
+    assert capsys.readouterr().err == ("error: --preset 'longer': toy has no such preset; its "
+                                       "presets: smoke, quick, paper, long\n")
