@@ -192,5 +192,6 @@ def test_smoke_cells_end_to_end(tmp_path):
     assert "| Repeat Copy | DNI T=5 | 59 | missing (not run) | — |" in table
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 41 and sum(r["status"] == "done" for r in rows) == 2
-    for name in ("fig7-left", "fig7-right", "fig14", "fig15"):
+    for name in ("fig7-right", "fig14", "fig15"):
         assert (out / f"{name}.png").stat().st_size > 1000, name
+    assert not (out / "fig7-left.png").exists()  # Fig. 7 left is Repeat Copy: none ran
