@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocess_env import subprocess_env
 
 from sgjax import launch
 
@@ -68,15 +69,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def child_env():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    # one CPU device per process; the other flags (the tests' XLA optimisation level, see
-    # conftest.py) stay, so that the processes compute what this process compares them with
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env.pop("XLA_FLAGS", None)
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-    return env
+    return subprocess_env()  # one CPU device per process
 
 
 def run(tmp_path, mode, k, *, cli, timeout=60, grace=launch.DEFAULT_GRACE,

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from subprocess_env import DEVICE_COUNT, subprocess_env
+
 N_DEVICES = 4
 FLAG = "SGJAX_TEST_MULTIDEVICE"
 
@@ -24,18 +26,13 @@ if os.environ.get(FLAG) != "1":
     pytestmark = pytest.mark.distributed
 
     def test_multidevice_in_subprocess():
-        env = dict(os.environ)
-        env[FLAG] = "1"
-        env["JAX_PLATFORMS"] = "cpu"
         # XLA's default optimisation level here, not the tests' level 0 (conftest.py): the
         # one-device and K-device programs compile differently, and at level 0 (jax 0.5)
         # their rounding differs enough for Adam to turn it into a visible step; at the
         # default level they agree to 1e-6, which is what these tests pin
-        env["SGJAX_TEST_XLA_OPT"] = "1"
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_backend_optimization_level")]
-        env["XLA_FLAGS"] = " ".join(
-            [*flags, f"--xla_force_host_platform_device_count={N_DEVICES}"])
+        env = subprocess_env(drop=("--xla_backend_optimization_level",),
+                             add=(f"{DEVICE_COUNT}={N_DEVICES}",),
+                             **{FLAG: "1", "SGJAX_TEST_XLA_OPT": "1"})
         env.pop("PYTEST_XDIST_WORKER", None)
         root = Path(__file__).resolve().parents[1]
         cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x",

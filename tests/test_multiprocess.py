@@ -7,7 +7,6 @@ Every launch has a timeout; ports are free ones (the file runs under ``pytest -n
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 pytestmark = pytest.mark.distributed
 
@@ -26,14 +26,7 @@ TIMEOUT = 240
 
 
 def launch(K: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT / "tests")}
-    # one CPU device per process; the other flags (the tests' XLA optimisation level, see
-    # conftest.py) stay, so that the processes compute what this process compares them with
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env.pop("XLA_FLAGS", None)
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
+    env = subprocess_env(PYTHONPATH=str(ROOT / "tests"))  # one CPU device per process
     cmd = [sys.executable, "-m", "sgjax.launch", "--processes", str(K), "--timeout",
            str(TIMEOUT), str(SCRIPT), *args]
     start = time.monotonic()

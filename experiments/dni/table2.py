@@ -866,13 +866,14 @@ def figures(results: Sequence[CellResult], config: Config) -> dict[str, Any]:
         _bpc_axes(bottom, results, ("bptt", "dniaux"), "Fig. 14 bottom: DNI + Aux vs BPTT")
         figs["fig14"] = fig
     rows = [t for t in ("copy", "repeatcopy") if t in tasks]
-    fig = Figure(figsize=(10, 3.75 * max(len(rows), 1) + 0.5 * (len(rows) < 2)),
-                 layout="constrained")
-    axes = fig.subplots(max(len(rows), 1), 2, squeeze=False)
-    for i, task in enumerate(rows):
-        _progress_axes(axes[i, 0], results, task, ("bptt", "dni"), f"{ROWS[task]}: DNI")
-        _progress_axes(axes[i, 1], results, task, ("bptt", "dniaux"), f"{ROWS[task]}: DNI + Aux")
-    figs["fig15"] = fig
+    if rows:
+        fig = Figure(figsize=(10, 0.5 + 3.5 * len(rows)), layout="constrained")
+        axes = fig.subplots(len(rows), 2, squeeze=False)
+        for i, task in enumerate(rows):
+            _progress_axes(axes[i, 0], results, task, ("bptt", "dni"), f"{ROWS[task]}: DNI")
+            _progress_axes(axes[i, 1], results, task, ("bptt", "dniaux"),
+                           f"{ROWS[task]}: DNI + Aux")
+        figs["fig15"] = fig
     if any(_reading(r) != DEFAULT_READING for r in results):
         fig = Figure(figsize=(12, 9), layout="constrained")
         axes = fig.subplots(2, 2)
